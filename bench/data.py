@@ -1,0 +1,111 @@
+"""Data sets as uint8 tensors resident on the trial's device.
+
+Each set is read once per process (torchvision's readers, torchvision's folder layout) and
+kept on the CPU; device copies are cached too, so the trials a worker runs one after another
+share one copy. Images stay uint8 until a batch is formed; batches are index slices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.errors import DataError
+
+DEFAULT_ROOT = Path.home() / ".cache" / "bench" / "data"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    torchvision_class: str
+    folder: str  # where torchvision keeps it under the root
+    classes: int
+
+
+DATASETS = {
+    "mnist": DatasetSpec("mnist", "MNIST", "MNIST/raw", 10),
+    "fashion-mnist": DatasetSpec("fashion-mnist", "FashionMNIST", "FashionMNIST/raw", 10),
+    "cifar10": DatasetSpec("cifar10", "CIFAR10", "cifar-10-batches-py", 10),
+}
+
+_CPU: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+_DEVICE: dict[tuple[str, str, bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def data_root(data_dir: str | Path | None = None) -> Path:
+    """--data-dir, else $BENCH_DATA, else ~/.cache/bench/data."""
+    chosen = data_dir or os.environ.get("BENCH_DATA")
+    return Path(chosen).expanduser().resolve() if chosen else DEFAULT_ROOT
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _to_nchw(data: Any) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(data))
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N,H,W) or (N,H,W,C)
+
+
+def _read(spec: DatasetSpec, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, spec.torchvision_class)
+    try:
+        ds = cls(root=str(root), train=train, download=False)
+    except RuntimeError:
+        if os.environ.get("BENCH_NO_DOWNLOAD"):
+            ds = None
+        else:
+            try:
+                ds = cls(root=str(root), train=train, download=True)
+            except Exception:  # no network, read-only root, interrupted download
+                ds = None
+    if ds is None:
+        raise DataError(
+            f"dataset {spec.name!r} not found: looked in {root / spec.folder} and torchvision's "
+            f"download into {root} failed. Put it there in torchvision's layout "
+            f"(torchvision.datasets.{spec.torchvision_class}(root={str(root)!r}, download=True) "
+            f"on a machine with internet), or point --data-dir / BENCH_DATA at a folder that has it."
+        )
+    x = _to_nchw(ds.data).to(torch.uint8).contiguous()
+    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    return x, y
+
+
+def load_images(name: str, train: bool, data_dir: str | Path | None = None,
+                device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N,C,H,W], labels int64 [N]) for the train or test split, on `device`."""
+    spec, root = dataset_spec(name), data_root(data_dir)
+    key = (name, str(root), train)
+    if key not in _CPU:
+        _CPU[key] = _read(spec, root, train)
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return _CPU[key]
+    dkey = (*key, str(dev))
+    if dkey not in _DEVICE:
+        x, y = _CPU[key]
+        _DEVICE[dkey] = (x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+    return _DEVICE[dkey]
+
+
+def split_indices(n: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, holdout) index tensors: a fixed-seed permutation, the same in every trial."""
+    if not 0 < holdout < n:
+        raise DataError(f"holdout size must be in (0, {n}), got {holdout}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[holdout:], perm[:holdout]
+
+
+def cap(idx: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The first `size` indices (all when size is None or larger)."""
+    return idx if size is None or size >= len(idx) else idx[: int(size)]

@@ -1,0 +1,38 @@
+"""Exceptions. The CLI prints a `BenchError` without a traceback and exits with its code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class BenchError(Exception):
+    """Root of bench's errors: a message that names the thing, the rule and the value."""
+
+    exit_code = 2
+
+
+class ConfigError(BenchError):
+    """A search-space file, a variant or a `--set` value breaks a rule.
+
+    Carries every problem found, so the user fixes them all in one pass.
+    """
+
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class UnknownTaskError(BenchError):
+    """A task name that is not registered."""
+
+
+class DataError(BenchError):
+    """A data set that cannot be found or read."""
+
+
+class TrialFailed(BenchError):
+    """A trial ended without a usable result (non-finite objective, missing metric)."""
+
+
+class TrialPruned(Exception):  # noqa: N818 - mirrors optuna.TrialPruned
+    """Raised by `TrialContext.report` when the backend's pruner stops the trial."""

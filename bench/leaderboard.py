@@ -1,0 +1,170 @@
+"""The Parquet leaderboard: one file per finished trial, curves in long format.
+
+`<out>/<task>/trials/<trial_uid>.parquet` is written to a temporary name that starts with
+`.` and moved into place with `os.replace`, so concurrent writers never share a file and a
+reader never sees half of one. Readers union the schemas of all files (a new parameter is
+a new nullable column) and skip, with a warning, any file that cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IDENTITY = ["task", "study", "variant", "trial_uid", "trial_number", "backend", "sampler",
+            "pruner", "seed"]
+RESULTS = ["state", "objective", "direction", "error"]
+COST = ["started_at", "finished_at", "duration_s", "epochs_done", "peak_mem_gb"]
+PROVENANCE = ["config_hash", "git_sha", "bench_version", "torch_version", "device", "gpu_name",
+              "host"]
+STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def task_dir(out: str | Path, task: str) -> Path:
+    return Path(out) / task
+
+
+def _cell(value: Any) -> Any:
+    """Parquet-friendly scalar: containers become JSON text so every column has one type."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_trial(out: str | Path, row: Mapping[str, Any],
+                curve: Sequence[tuple[int, str, float]] = ()) -> Path:
+    """Write a trial's curve (if any), then its row; the row's presence implies its curve's."""
+    base = task_dir(out, row["task"])
+    uid = row["trial_uid"]
+    if curve:
+        steps, names, values = zip(*curve)
+        ctab = pa.table({"trial_uid": [uid] * len(curve), "step": pa.array(steps, pa.int64()),
+                         "metric": list(names), "value": pa.array(values, pa.float64())})
+        _write_atomic(ctab, base / "curves" / f"{uid}.parquet")
+    table = pa.Table.from_pylist([{k: _cell(v) for k, v in row.items()}])
+    path = base / "trials" / f"{uid}.parquet"
+    _write_atomic(table, path)
+    return path
+
+
+def trial_exists(out: str | Path, task: str, uid: str) -> bool:
+    return (task_dir(out, task) / "trials" / f"{uid}.parquet").exists()
+
+
+def _read_dir(folder: Path) -> pd.DataFrame:
+    tables = []
+    for path in sorted(folder.glob("[!.]*.parquet")):
+        try:
+            tables.append(pq.read_table(path))
+        except (OSError, pa.ArrowException) as exc:
+            warnings.warn(f"{path}: unreadable leaderboard file skipped ({exc})", stacklevel=2)
+    if not tables:
+        return pd.DataFrame()
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def read_trials(out: str | Path, task: str, study: str | None = None,
+                variant: str | None = None) -> pd.DataFrame:
+    df = _read_dir(task_dir(out, task) / "trials")
+    if df.empty:
+        return df
+    if study is not None:
+        df = df[df["study"] == study]
+    if variant is not None:
+        df = df[df["variant"] == variant]
+    return df.reset_index(drop=True)
+
+
+def read_curves(out: str | Path, task: str, uids: Iterable[str] | None = None) -> pd.DataFrame:
+    folder = task_dir(out, task) / "curves"
+    if uids is None:
+        return _read_dir(folder)
+    frames = []
+    for uid in uids:
+        path = folder / f"{uid}.parquet"
+        if path.exists():
+            frames.append(pq.read_table(path).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=["trial_uid", "step", "metric", "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("param_")]
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("metric_")]
+
+
+def rank(df: pd.DataFrame, by: str = "config_hash") -> pd.DataFrame:
+    """Group COMPLETE rows by configuration; mean, std and n over seeds; best first.
+
+    `objective_*` summarise the objective; `metric_*` columns hold means. The varying
+    parameters are kept (first value of the group: they are equal within a config).
+    """
+    done = df[df["state"] == "COMPLETE"] if not df.empty else df
+    if done.empty:
+        return pd.DataFrame()
+    direction = done["direction"].iloc[0]
+    params = [c for c in param_columns(done) if done[c].astype(str).nunique(dropna=False) > 1]
+    keys = [by] if by == "config_hash" else [by, "config_hash"]
+    grouped = done.groupby(keys, dropna=False, sort=False)
+    table = grouped.agg(
+        objective_mean=("objective", "mean"), objective_std=("objective", "std"),
+        n=("objective", "size"), variant=("variant", "first"), study=("study", "first"),
+        **{c: (c, "first") for c in params},
+        **{c: (c, "mean") for c in metric_columns(done)},
+    ).reset_index()
+    table["objective_std"] = table["objective_std"].fillna(0.0)
+    table = table.sort_values("objective_mean", ascending=direction == "minimize")
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def format_table(df: pd.DataFrame, fmt: str = "table", float_digits: int = 4) -> str:
+    """Render a ranked table as an aligned table, CSV, Markdown or JSON records."""
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return df.to_json(orient="records", indent=2, date_format="iso")
+    shown = df.rename(columns=lambda c: c.removeprefix("param_").removeprefix("metric_"))
+    if fmt == "markdown":
+        return shown.to_markdown(index=False, floatfmt=f".{float_digits}g")
+    if fmt == "table":
+        return shown.to_string(index=False, float_format=lambda x: f"{x:.{float_digits}g}")
+    raise ValueError(f"format must be table, csv, markdown or json, got {fmt!r}")
+
+
+def board(out: str | Path, task: str, study: str | None = None, variant: str | None = None,
+          top: int | None = None, by: str = "config_hash") -> pd.DataFrame:
+    """The ranked table of `bench board`, with a per-state count of the rows it came from."""
+    rows = read_trials(out, task, study, variant)
+    table = rank(rows, by)
+    return table.head(top) if top else table

@@ -1,0 +1,92 @@
+"""Task registry: `@register_task` fills one dict; `get_task(name)` fails with the known names."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bench.errors import UnknownTaskError
+
+if TYPE_CHECKING:
+    from bench.trial import TrialContext
+
+Objective = Callable[[Mapping[str, Any], "TrialContext"], Mapping[str, float]]
+PlotHook = Callable[..., list]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    objective: Objective
+    metric: str
+    direction: str
+    defaults: Mapping[str, Any]  # every parameter the task knows, with its default
+    doc: str = ""
+    smoke: Mapping[str, Any] = field(default_factory=dict)  # overrides for a seconds-long CPU run
+    plots: PlotHook | None = field(default=None, compare=False)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(
+    name: str, *, metric: str, direction: str, defaults: Mapping[str, Any],
+    smoke: Mapping[str, Any] | None = None,
+) -> Callable[[Objective], Objective]:
+    """Register an objective under `name`.
+
+    `defaults` lists every parameter the objective reads (anything else is rejected before a
+    run); `smoke` overrides them for a tiny CPU run: the contract tests use it.
+    """
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
+
+    def wrap(fn: Objective) -> Objective:
+        if name in _TASKS and _TASKS[name].objective is not fn:
+            raise ValueError(f"task {name!r} is registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        unknown = set(smoke or {}) - set(defaults)
+        if unknown:
+            raise ValueError(f"task {name!r}: smoke keys {sorted(unknown)} are not in defaults")
+        _TASKS[name] = Task(name, fn, metric, direction, dict(defaults),
+                            doc[0] if doc else "", dict(smoke or {}))
+        return fn
+
+    return wrap
+
+
+def register_plots(name: str) -> Callable[[PlotHook], PlotHook]:
+    """Register task-specific figures: `fn(rows, curves, plot_dir, **kw) -> list[Path]`."""
+
+    def wrap(fn: PlotHook) -> PlotHook:
+        task = get_task(name)
+        _TASKS[name] = dataclasses.replace(task, plots=fn)
+        return fn
+
+    return wrap
+
+
+def _load_builtin_tasks() -> None:
+    import bench.tasks
+
+    for mod in pkgutil.iter_modules(bench.tasks.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"bench.tasks.{mod.name}")
+
+
+def list_tasks() -> list[Task]:
+    _load_builtin_tasks()
+    return [_TASKS[k] for k in sorted(_TASKS)]
+
+
+def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        _load_builtin_tasks()
+    if name not in _TASKS:
+        known = ", ".join(sorted(_TASKS)) or "(none)"
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}")
+    return _TASKS[name]

@@ -1,0 +1,1 @@
+"""Task families. Every module here is imported by the registry; each registers its tasks."""

@@ -1,0 +1,62 @@
+"""Shared training helpers: seeding, devices, bf16 autocast, batches from resident tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import resource
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from bench.errors import ConfigError
+
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, device: torch.device, gen: torch.Generator,
+            shuffle: bool = True, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    """Index tensors on `device`: a permutation sliced into batches, no host round trip."""
+    order = torch.randperm(n, device=device, generator=gen) if shuffle else torch.arange(n, device=device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mem_gb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak RSS (monotonic)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
