@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -27,10 +26,10 @@ class Task:
     defaults: Mapping[str, Any]  # every parameter the task knows, with its default
     doc: str = ""
     smoke: Mapping[str, Any] = field(default_factory=dict)  # overrides for a seconds-long CPU run
-    plots: PlotHook | None = field(default=None, compare=False)
 
 
 _TASKS: dict[str, Task] = {}
+_PLOTS: dict[str, list[PlotHook]] = {}
 
 
 def register_task(
@@ -60,14 +59,22 @@ def register_task(
 
 
 def register_plots(name: str) -> Callable[[PlotHook], PlotHook]:
-    """Register task-specific figures: `fn(rows, curves, plot_dir, **kw) -> list[Path]`."""
+    """Register a task's own figures: `fn(inp: bench.plots.PlotInput) -> list[Path]`.
+
+    Import matplotlib inside the hook, not at module level: the registry imports every
+    task module, and `bench list` should not pay for a plotting stack.
+    """
 
     def wrap(fn: PlotHook) -> PlotHook:
-        task = get_task(name)
-        _TASKS[name] = dataclasses.replace(task, plots=fn)
+        _PLOTS.setdefault(name, []).append(fn)
         return fn
 
     return wrap
+
+
+def get_plots(name: str) -> list[PlotHook]:
+    get_task(name)
+    return list(_PLOTS.get(name, []))
 
 
 def _load_builtin_tasks() -> None:
