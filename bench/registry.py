@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 Objective = Callable[[Mapping[str, Any], "TrialContext"], Mapping[str, float]]
 PlotHook = Callable[..., list]
+Check = Callable[[Mapping[str, Any], Any], None]  # (params, data_dir) -> None or raise BenchError
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Task:
     defaults: Mapping[str, Any]  # every parameter the task knows, with its default
     doc: str = ""
     smoke: Mapping[str, Any] = field(default_factory=dict)  # overrides for a seconds-long CPU run
+    check: Check | None = None  # preflight: bad values, missing data -> BenchError before a run
 
 
 _TASKS: dict[str, Task] = {}
@@ -34,12 +36,13 @@ _PLOTS: dict[str, list[PlotHook]] = {}
 
 def register_task(
     name: str, *, metric: str, direction: str, defaults: Mapping[str, Any],
-    smoke: Mapping[str, Any] | None = None,
+    smoke: Mapping[str, Any] | None = None, check: Check | None = None,
 ) -> Callable[[Objective], Objective]:
     """Register an objective under `name`.
 
     `defaults` lists every parameter the objective reads (anything else is rejected before a
-    run); `smoke` overrides them for a tiny CPU run: the contract tests use it.
+    run); `smoke` overrides them for a tiny CPU run: the contract tests use it; `check` is
+    called with the merged parameters before anything runs or is written (exit 2 on error).
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
@@ -52,7 +55,7 @@ def register_task(
         if unknown:
             raise ValueError(f"task {name!r}: smoke keys {sorted(unknown)} are not in defaults")
         _TASKS[name] = Task(name, fn, metric, direction, dict(defaults),
-                            doc[0] if doc else "", dict(smoke or {}))
+                            doc[0] if doc else "", dict(smoke or {}), check)
         return fn
 
     return wrap

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ PARAM_KEYS = {
     "categorical": {"type", "choices"},
 }
 DIRECTIONS = ("minimize", "maximize")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1e-3: YAML 1.1 reads a str
 
 
 @dataclass(frozen=True)
@@ -305,10 +307,7 @@ def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> 
             errs.append(f"{source} {key}: `{key}` is not a parameter of task {task.name!r}; "
                         f"known: {', '.join(sorted(task.defaults))}")
             continue
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
+        parsed = _scalar(value)
         rule = _type_rule(task.defaults[key], parsed)
         if rule:
             errs.append(f"{source} {key}={value}: {rule}")
@@ -316,6 +315,17 @@ def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> 
     if errs:
         raise ConfigError(errs)
     return out
+
+
+def _scalar(text: str) -> Any:
+    """A --set value as YAML reads it, except that `1e-3` is a number (YAML 1.1 says str)."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _type_rule(default: Any, value: Any) -> str | None:

@@ -64,6 +64,18 @@ class Outcome:
     row: dict[str, Any]
 
 
+def preflight(task: Task, param_sets: list[Mapping[str, Any]], data_dir: Path | None) -> None:
+    """Run the task's own checks on every known parameter set before anything is written."""
+    if task.check is None:
+        return
+    seen: set[str] = set()
+    for params in param_sets:
+        key = config_hash(task.name, params)
+        if key not in seen:
+            seen.add(key)
+            task.check(params, data_dir)
+
+
 def new_trial_uid() -> str:
     return uuid.uuid4().hex[:16]
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import math
@@ -30,7 +31,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bench import leaderboard
-from bench.backends._base import Outcome, RunOptions, build_row, execute_trial, new_trial_uid
+from bench.backends._base import (
+    Outcome,
+    RunOptions,
+    build_row,
+    execute_trial,
+    new_trial_uid,
+    preflight,
+)
 from bench.errors import ConfigError, TrialFailed
 from bench.registry import Task, get_task
 from bench.space import Param, Space, Variant, load_space, merge_params, space_for
@@ -87,6 +95,9 @@ def make_plan(opts: RunOptions) -> Plan:
     if opts.sampler == "grid" and not (variant and variant.enumerated):
         for p in plan.searched().values():
             p.grid_values()  # raises ConfigError naming a param without a finite grid
+    points = variant.points() if variant and variant.enumerated else [{}]
+    preflight(task, [merge_params(task, space, variant, pt, opts.overrides) for pt in points],
+              opts.data_dir)
     return plan
 
 
@@ -200,7 +211,8 @@ def _stale_row(plan: Plan, t: FrozenTrial) -> None:
         return  # the killed run wrote its row before the storage heard of the outcome
     point = {k: v for k, v in t.params.items()}
     params = merge_params(plan.task, plan.space, plan.variant, point, plan.opts.overrides)
-    started = t.datetime_start or time_now()
+    # Optuna stores naive local times; rows carry UTC.
+    started = t.datetime_start.astimezone(dt.timezone.utc) if t.datetime_start else time_now()
     steps = max(t.intermediate_values, default=-1) + 1
     row = build_row(identity(plan, t.number, uid, t.user_attrs.get("seed", plan.opts.seed)),
                     params, state="FAIL", objective=None, direction=plan.direction, metrics={},
@@ -210,9 +222,7 @@ def _stale_row(plan: Plan, t: FrozenTrial) -> None:
     leaderboard.write_trial(plan.opts.out, row)
 
 
-def time_now() -> Any:
-    import datetime as dt
-
+def time_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 

@@ -53,7 +53,8 @@ def synthetic(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
             if params["fail"] == "nan":
                 loss = math.nan
                 break
-        # The curve decays towards the final value, like a training loss.
-        loss = final + 10.0 * math.exp(-3.0 * (step + 1) / epochs) + rng.normal(0, params["noise"])
+        # The curve decays like a training loss and ends exactly at the final value.
+        decay = 10.0 * (math.exp(-3.0 * (step + 1) / epochs) - math.exp(-3.0))
+        loss = final + decay + rng.normal(0, params["noise"])
         ctx.report(step, loss=loss)
     return {"loss": loss, "distance": math.hypot(float(params["x"]) - 1, float(params["y"]) - 1)}

@@ -259,7 +259,8 @@ def build_model(params: Mapping[str, Any], shape: tuple[int, ...], device: torch
     return model
 
 
-def check_params(params: Mapping[str, Any]) -> None:
+def check_params(params: Mapping[str, Any], data_dir: Path | None = None) -> None:
+    """Preflight: every bad value at once, then the data set's presence (DataError)."""
     rules = [("model", params["model"] in ("vae", "ae"), "must be vae or ae"),
              ("likelihood", params["likelihood"] in ("bernoulli", "gaussian"),
               "must be bernoulli or gaussian"),
@@ -267,10 +268,13 @@ def check_params(params: Mapping[str, Any]) -> None:
              ("beta", float(params["beta"]) >= 0, "must be >= 0"),
              ("depth", int(params["depth"]) >= 1, "must be >= 1"),
              ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
-             ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1")]
+             ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
+             ("val_size", 0 < int(params["val_size"]) < 60_000, "must be in (0, 60000)")]
     bad = [f"vae: {k}: {rule}, got {params[k]!r}" for k, ok, rule in rules if not ok]
     if bad:
         raise ConfigError(bad)
+    load_images(params["dataset"], True, data_dir)
+    load_images(params["dataset"], False, data_dir)
 
 
 def save_checkpoint(model: VAE, path: Path, metrics: Mapping[str, float]) -> None:
@@ -293,10 +297,11 @@ SMOKE = {"epochs": 2, "train_size": 512, "val_size": 256, "test_size": 64, "iwae
          "latent_dim": 4, "width": 8, "batch_size": 64}
 
 
-@register_task("vae", metric="val_elbo", direction="maximize", defaults=DEFAULTS, smoke=SMOKE)
+@register_task("vae", metric="val_elbo", direction="maximize", defaults=DEFAULTS, smoke=SMOKE,
+               check=check_params)
 def vae(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Convolutional VAE/AE on binarized MNIST; ELBO and IWAE log-likelihood in nats."""
-    check_params(params)
+    check_params(params, ctx.data_dir)
     data = load_split(params, ctx.device, ctx.data_dir)
     model = build_model(params, tuple(data["train"].shape[1:]), ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]))
