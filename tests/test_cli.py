@@ -1,0 +1,121 @@
+"""The `bench` command line: bad input exits 2 with every problem and writes nothing;
+an end-to-end run, board and plot read back what they wrote."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import bench_cli, needs_mnist
+
+from bench import leaderboard
+
+SMOKE = ["--set", "epochs=1", "--set", "train_size=256", "--set", "val_size=128",
+         "--set", "test_size=64", "--set", "iwae_k=4", "--set", "width=8"]
+
+
+def test_list_shows_tasks_spaces_and_variants() -> None:
+    res = bench_cli("list")
+    assert res.returncode == 0, res.stderr
+    assert "vae: Convolutional VAE/AE" in res.stdout
+    assert "variant beta-sweep: grid {'beta': [0.0, 0.0001" in res.stdout
+    assert "objective: maximize val_elbo" in res.stdout
+
+
+def test_validate_shipped_spaces() -> None:
+    res = bench_cli("validate")
+    assert res.returncode == 0, res.stderr
+    assert "ok: " in res.stdout and "vae.yaml" in res.stdout
+
+
+def test_validate_lists_every_error_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: vae\nparams:\n  beta: {type: float, low: 10, high: 1}\n"
+                   "  lr: {type: float, low: 0, high: 1, log: true}\nfixed: {colour: 1}\n")
+    res = bench_cli("validate", str(bad), "--set", "epochz=3")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    for text in (f"{bad}: params.beta: `low <= high` must hold, got low=10, high=1",
+                 f"{bad}: params.lr: `log: true` needs `low > 0`, got low=0",
+                 f"{bad}: fixed.colour: `colour` is not a parameter of task 'vae'",
+                 "--set epochz: `epochz` is not a parameter of task 'vae'"):
+        assert text in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "unknown task 'nope'; known tasks:"),
+    (["run", "vae", "--set", "betta=1", "--set", "epochs=x"], "`betta` is not a parameter"),
+    (["run", "vae", "--variant", "nope"], "unknown variant 'nope'; known variants: beta-sweep"),
+    (["run", "vae", "--set", "model=gan", "--set", "beta=-1"], "vae: model: must be vae or ae"),
+    (["run", "synthetic", "--trials", "-1"], "--trials: must be >= 0"),
+])
+def test_bad_run_input_exits_2_and_writes_nothing(tmp_path: Path, args, message) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli(*args, "--out", str(out))
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_missing_data_exits_2_naming_where_it_looked(tmp_path: Path) -> None:
+    out, empty = tmp_path / "lb", tmp_path / "nodata"
+    empty.mkdir()
+    res = bench_cli("run", "vae", "--out", str(out), "--data-dir", str(empty), *SMOKE)
+    assert res.returncode == 2
+    assert f"looked in {empty / 'MNIST' / 'raw'}" in res.stderr
+    assert "BENCH_DATA" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+@needs_mnist
+def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli("run", "vae", "--trials", "3", "--out", str(out), "--sampler", "random",
+                    "--pruner", "none", *SMOKE)
+    assert res.returncode == 0, res.stderr
+    assert "3 COMPLETE, 0 PRUNED, 0 FAIL" in res.stdout
+    assert "top configurations (maximize val_elbo)" in res.stdout
+    assert (out / "vae" / "optuna.db").exists()
+
+    rows = leaderboard.read_trials(out, "vae")
+    assert len(rows) == 3 and (rows["state"] == "COMPLETE").all()
+    for col in ("param_beta", "param_latent_dim", "metric_test_iwae_ll", "metric_val_elbo",
+                "metric_active_units", "peak_mem_gb", "git_sha", "torch_version", "host"):
+        assert col in rows.columns, col
+    assert (rows["metric_val_elbo"] == rows["objective"]).all()
+    assert (rows["metric_test_iwae_ll"] >= rows["metric_test_elbo"] - 1.0).all()
+    curves = leaderboard.read_curves(out, "vae")
+    assert set(curves["metric"]) >= {"val_elbo", "val_recon", "val_kl", "train_loss"}
+    for uid in rows["trial_uid"]:
+        assert (out / "vae" / "artifacts" / uid / "model.pt").stat().st_size > 1000
+
+    formats = {f: bench_cli("board", "vae", "--out", str(out), "--format", f)
+               for f in ("table", "csv", "markdown", "json")}
+    assert all(r.returncode == 0 for r in formats.values())
+    csv = pd.read_csv(StringIO(formats["csv"].stdout))
+    best = rows["objective"].max()
+    assert csv["objective_mean"].iloc[0] == pytest.approx(best) and len(csv) == 3
+    records = json.loads(formats["json"].stdout)
+    assert [r["rank"] for r in records] == [1, 2, 3]
+    assert formats["markdown"].stdout.startswith("|")
+    top = bench_cli("board", "vae", "--out", str(out), "--top", "1", "--format", "csv")
+    assert len(pd.read_csv(StringIO(top.stdout))) == 1
+
+    plot = bench_cli("plot", "vae", "--out", str(out))
+    assert plot.returncode == 0, plot.stderr
+    pngs = [Path(p) for p in plot.stdout.split()]
+    assert pngs and all(p.suffix == ".png" and p.parent == out / "vae" / "plots" for p in pngs)
+    from PIL import Image
+
+    for p in pngs:
+        with Image.open(p) as im:
+            lo, hi = im.convert("L").getextrema()
+            assert im.size[0] > 200 and hi - lo > 50, f"{p} is blank"
+
+
+def test_board_without_rows_says_so(tmp_path: Path) -> None:
+    res = bench_cli("board", "vae", "--out", str(tmp_path))
+    assert res.returncode == 1 and "no COMPLETE trials" in res.stderr
