@@ -74,7 +74,8 @@ def _read(spec: DatasetSpec, root: Path, train: bool) -> tuple[torch.Tensor, tor
             f"dataset {spec.name!r} not found: looked in {root / spec.folder} and torchvision's "
             f"download into {root} failed. Put it there in torchvision's layout "
             f"(torchvision.datasets.{spec.torchvision_class}(root={str(root)!r}, download=True) "
-            f"on a machine with internet), or point --data-dir / BENCH_DATA at a folder that has it."
+            f"on a machine with internet), or point --data-dir / BENCH_DATA at a folder that "
+            f"has it."
         )
     x = _to_nchw(ds.data).to(torch.uint8).contiguous()
     y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)

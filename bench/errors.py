@@ -36,3 +36,7 @@ class TrialFailed(BenchError):
 
 class TrialPruned(Exception):  # noqa: N818 - mirrors optuna.TrialPruned
     """Raised by `TrialContext.report` when the backend's pruner stops the trial."""
+
+
+class TrialSuspended(Exception):  # noqa: N818 - a control-flow signal, like TrialPruned
+    """Raised by `TrialContext.suspend`: the trial saved its state and will be resumed later."""

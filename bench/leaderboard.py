@@ -59,7 +59,7 @@ def write_trial(out: str | Path, row: Mapping[str, Any],
     base = task_dir(out, row["task"])
     uid = row["trial_uid"]
     if curve:
-        steps, names, values = zip(*curve)
+        steps, names, values = zip(*curve, strict=True)
         ctab = pa.table({"trial_uid": [uid] * len(curve), "step": pa.array(steps, pa.int64()),
                          "metric": list(names), "value": pa.array(values, pa.float64())})
         _write_atomic(ctab, base / "curves" / f"{uid}.parquet")

@@ -36,8 +36,8 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1e-3: YAML 1.1 re
 class Param:
     name: str
     type: str  # float | int | categorical
-    low: float | None = None
-    high: float | None = None
+    low: float = 0.0  # bounds: numeric types only
+    high: float = 0.0
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] = ()
@@ -49,8 +49,8 @@ class Param:
             return d.CategoricalDistribution(self.choices)
         if self.type == "int":
             step = int(self.step or 1)
-            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=step)  # type: ignore[arg-type]
-        return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)  # type: ignore[arg-type]
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=step)
+        return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
     def to_ray(self) -> Any:
         """Ray Tune domain with the same support (Ray's integer `upper` is exclusive)."""
@@ -62,10 +62,10 @@ class Param:
         if self.type == "int":
             q = int(self.step or 1)
             if self.log:
-                return tune.lograndint(int(lo), int(hi) + 1)  # type: ignore[arg-type]
+                return tune.lograndint(int(lo), int(hi) + 1)
             if q > 1:  # qrandint's upper is inclusive and rounds to multiples of q
-                return tune.qrandint(int(lo), int(hi), q)  # type: ignore[arg-type]
-            return tune.randint(int(lo), int(hi) + 1)  # type: ignore[arg-type]
+                return tune.qrandint(int(lo), int(hi), q)
+            return tune.randint(int(lo), int(hi) + 1)
         if self.step:
             return tune.quniform(lo, hi, self.step)
         return tune.loguniform(lo, hi) if self.log else tune.uniform(lo, hi)
@@ -75,10 +75,10 @@ class Param:
         if self.type == "categorical":
             return list(self.choices)
         if self.type == "int" and not self.log:
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))  # type: ignore[arg-type]
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.type == "float" and self.step and not self.log:
-            n = int(round((self.high - self.low) / self.step))  # type: ignore[operator]
-            return [self.low + i * self.step for i in range(n + 1)]  # type: ignore[operator]
+            n = int(round((self.high - self.low) / self.step))
+            return [self.low + i * self.step for i in range(n + 1)]
         raise ConfigError(
             f"params.{self.name}: the grid sampler needs a finite set (categorical, int, or "
             f"float with `step`), got type={self.type} log={self.log} step={self.step}"
@@ -103,7 +103,8 @@ class Variant:
 
     def points(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
-        return [dict(zip(keys, vals)) for vals in itertools.product(*self.grid.values())]
+        product = itertools.product(*self.grid.values())
+        return [dict(zip(keys, vals, strict=True)) for vals in product]
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,10 @@ def _parse_param(where: str, name: str, spec: Any, errs: list[str]) -> Param | N
             errs.append(f"{where}.{name}.choices: must be a non-empty list, got {choices!r}")
             return None
         return None if len(errs) > n0 else Param(name, kind, choices=tuple(choices))
-    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    low: Any = spec.get("low")
+    high: Any = spec.get("high")
+    log: Any = spec.get("log", False)
+    step: Any = spec.get("step")
     for key, val in (("low", low), ("high", high)):
         if not _is_num(val):
             errs.append(f"{where}.{name}.{key}: must be a finite number, got {val!r}")
@@ -173,7 +177,7 @@ def _parse_param(where: str, name: str, spec: Any, errs: list[str]) -> Param | N
         errs.append(f"{where}.{name}: `log` and `step` cannot be used together, got step={step}")
     if len(errs) > n0:
         return None
-    return Param(name, kind, low, high, log, step)
+    return Param(name, kind, float(low), float(high), log, step)
 
 
 def _parse_params(where: str, raw: Any, task: Task | None, errs: list[str]) -> dict[str, Param]:
@@ -244,7 +248,8 @@ def parse_space(raw: Any, source: str, expect_task: str | None = None) -> Space:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
     for key in sorted(set(raw) - TOP_KEYS):
-        errs.append(f"{source}: unknown top-level key `{key}`; allowed: {', '.join(sorted(TOP_KEYS))}")
+        errs.append(f"{source}: unknown top-level key `{key}`; "
+                    f"allowed: {', '.join(sorted(TOP_KEYS))}")
     name = raw.get("task")
     task: Task | None = None
     if not isinstance(name, str):
@@ -263,11 +268,13 @@ def parse_space(raw: Any, source: str, expect_task: str | None = None) -> Space:
     if not isinstance(variants_raw, Mapping):
         errs.append(f"{source}: variants: must be a mapping, got {type(variants_raw).__name__}")
         variants_raw = {}
-    variants = {str(k): _parse_variant(source, str(k), v, task, errs) for k, v in variants_raw.items()}
+    variants = {str(k): _parse_variant(source, str(k), v, task, errs)
+                for k, v in variants_raw.items()}
     if errs:
         raise ConfigError(errs)
     assert task is not None
-    return Space(task.name, raw.get("metric") or task.metric, raw.get("direction") or task.direction,
+    metric, direction = raw.get("metric") or task.metric, raw.get("direction") or task.direction
+    return Space(task.name, metric, direction,
                  fixed, params, variants, source)
 
 

@@ -43,7 +43,10 @@ def generator(device: torch.device, seed: int) -> torch.Generator:
 def batches(n: int, batch_size: int, device: torch.device, gen: torch.Generator,
             shuffle: bool = True, drop_last: bool = False) -> Iterator[torch.Tensor]:
     """Index tensors on `device`: a permutation sliced into batches, no host round trip."""
-    order = torch.randperm(n, device=device, generator=gen) if shuffle else torch.arange(n, device=device)
+    if shuffle:
+        order = torch.randperm(n, device=device, generator=gen)
+    else:
+        order = torch.arange(n, device=device)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]

@@ -101,7 +101,7 @@ def main() -> None:
         dl.append(dataloader(params, device, args.n, args.epochs, args.workers))
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    ratios = [a / b for a, b in zip(res, dl)]
+    ratios = [a / b for a, b in zip(res, dl, strict=True)]
     print(json.dumps({
         "device": str(device), "hardware": hw, "torch": torch.__version__,
         "batch_size": args.batch_size, "images_per_epoch": args.n, "epochs": args.epochs,

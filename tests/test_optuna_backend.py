@@ -1,8 +1,7 @@
-"""The Optuna backend end to end on the synthetic task: states, resume, kills, variants, workers."""
+"""The Optuna backend end to end on the synthetic task: states, resume, kills, variants."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -39,11 +38,12 @@ def test_search_writes_one_row_per_trial_with_seeds(out: Path) -> None:
     assert (df["state"] == "COMPLETE").all() and df["error"].isna().all()
     # the objective is the task's own value at the sampled point
     x, y = df["param_x"], df["param_y"]
-    assert df["objective"].tolist() == pytest.approx(((1 - x) ** 2 + 100 * (y - x * x) ** 2).tolist())
+    expected = (1 - x) ** 2 + 100 * (y - x * x) ** 2
+    assert df["objective"].tolist() == pytest.approx(expected.tolist())
     assert (df["backend"] == "optuna").all() and (df["sampler"] == "tpe").all()
     assert df["config_hash"].is_unique and (df["epochs_done"] == 5).all()
     values = {t.number: t.value for t in study_trials(out)}
-    assert values == dict(zip(df["trial_number"], df["objective"]))
+    assert values == dict(zip(df["trial_number"], df["objective"], strict=True))
 
 
 def test_exception_and_nan_fail_the_trial_and_the_study_goes_on(out: Path) -> None:
@@ -182,5 +182,5 @@ def test_grid_sampler_and_hyperband(out: Path, tmp_path: Path) -> None:
     assert run(out, "--space", str(space), "--sampler", "grid", "--trials", "6",
                "--pruner", "hyperband") == 0
     df = rows(out)
-    assert sorted(zip(df["param_x"], df["param_y"])) == [
+    assert sorted(zip(df["param_x"], df["param_y"], strict=True)) == [
         (x, y) for x in (0.0, 0.5, 1.0) for y in (0.0, 1.0)]

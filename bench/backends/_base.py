@@ -27,7 +27,7 @@ import torch
 
 import bench
 from bench import leaderboard
-from bench.errors import TrialPruned
+from bench.errors import TrialPruned, TrialSuspended
 from bench.registry import Task
 from bench.train import peak_mem_gb, reset_peak_memory, seed_everything
 from bench.trial import TrialContext
@@ -57,7 +57,7 @@ class RunOptions:
 
 @dataclass
 class Outcome:
-    state: str  # COMPLETE | PRUNED | FAIL
+    state: str  # COMPLETE | PRUNED | FAIL, or SUSPENDED (no row: the trial will resume)
     objective: float | None
     metrics: dict[str, float]
     error: str | None
@@ -127,7 +127,8 @@ def build_row(identity: Mapping[str, Any], params: Mapping[str, Any], *, state: 
 
 def _check_metrics(metrics: Any, metric: str) -> tuple[dict[str, float], float]:
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"objective must return a mapping of metrics, got {type(metrics).__name__}")
+        kind = type(metrics).__name__
+        raise TypeError(f"objective must return a mapping of metrics, got {kind}")
     values = {str(k): float(v) for k, v in metrics.items()}
     if metric not in values:
         raise KeyError(f"objective metric {metric!r} not among the returned metrics "
@@ -149,13 +150,16 @@ def execute_trial(task: Task, params: Mapping[str, Any], ctx: TrialContext,
     seed_everything(ctx.seed)
     reset_peak_memory(ctx.device)
     started, t0 = _now(), time.perf_counter()
-    state, value, metrics, error = "FAIL", None, {}, None
+    state, value, error = "FAIL", None, None
+    metrics: dict[str, float] = {}
     interrupt: BaseException | None = None
     try:
         metrics, value = _check_metrics(task.objective(params, ctx), ctx.metric)
         state = "COMPLETE"
     except TrialPruned as exc:
         state, error = "PRUNED", str(exc)
+    except TrialSuspended as exc:  # not finished: no row; the backend resumes it later
+        return Outcome("SUSPENDED", None, {}, str(exc), {})
     except Exception as exc:
         error = _error_text(exc)
         _save_traceback(ctx.artifact_dir)
@@ -166,8 +170,10 @@ def execute_trial(task: Task, params: Mapping[str, Any], ctx: TrialContext,
         value = next((v for s, k, v in reversed(ctx.curve) if k == ctx.metric), None)
     row = build_row(identity, params, state=state, objective=value, direction=direction,
                     metrics=metrics, error=error, started_at=started, finished_at=finished,
-                    epochs_done=ctx.steps_done, peak_mem=peak_mem_gb(ctx.device), device=ctx.device)
+                    epochs_done=ctx.steps_done, peak_mem=peak_mem_gb(ctx.device),
+                    device=ctx.device)
     leaderboard.write_trial(out, row, ctx.curve)
+    ctx.state_path.unlink(missing_ok=True)  # a finished trial is never resumed
     if interrupt is not None:
         raise interrupt
     return Outcome(state, value, metrics, error, row)

@@ -9,6 +9,12 @@
 - Enumerated variants (a grid, or just fixed values, times `seeds`) are enqueued: every
   (point, seed) pair not already COMPLETE, PRUNED, RUNNING or WAITING in the study is
   enqueued once, so a resumed sweep runs each missing pair exactly once.
+- Worker slots (`--worker-id`, used by `bench slurm`): `--trials` counts the trials that
+  worker has finished in total, so K slots of quota n_i finish exactly sum(n_i) trials
+  however often each is restarted. SIGUSR2 asks the running trial to suspend (the objective
+  saves its state through `ctx.suspend`); the trial stays RUNNING, owned by the slot, and
+  the worker exits with EXIT_SUSPENDED (75) so its job script can requeue it; the restarted
+  slot resumes its RUNNING trials first (from their saved state), then runs new ones.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import fcntl
 import json
 import math
 import multiprocessing as mp
+import signal
 import sys
+import threading
 import time
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # as optimize
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from bench import leaderboard
@@ -39,7 +51,7 @@ from bench.backends._base import (
     new_trial_uid,
     preflight,
 )
-from bench.errors import ConfigError, TrialFailed
+from bench.errors import ConfigError, TrialFailed, TrialSuspended
 from bench.registry import Task, get_task
 from bench.space import Param, Space, Variant, load_space, merge_params, space_for
 from bench.train import resolve_device
@@ -48,6 +60,8 @@ from bench.trial import TrialContext
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "asha", "hyperband", "none")
 DEFAULT_SEARCH_TRIALS = 20
+EXIT_SUSPENDED = 75  # EX_TEMPFAIL: a slot stopped on SIGUSR2; requeue it to continue
+STOP = threading.Event()  # set by SIGUSR2 in a worker slot: suspend the trial, take no new one
 
 
 @dataclass
@@ -120,7 +134,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        backend = JournalFileBackend(str(path))
         return optuna.storages.JournalStorage(backend)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +151,9 @@ def make_sampler(plan: Plan, worker: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
+            concurrent = plan.opts.workers > 1 or "worker_id" in plan.opts.extra
             return optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                              constant_liar=plan.opts.workers > 1)
+                                              constant_liar=concurrent)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "cmaes":
@@ -160,10 +175,14 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
+    storage = open_storage(plan.storage_url)
+    retry = getattr(storage, "failed_trial_callback", None)
+    if retry is not None:  # a heartbeat-failed trial gets its FAIL row, then is retried
+        storage.failed_trial_callback = _RowThenRetry(plan, retry)  # type: ignore[attr-defined]
     study = optuna.create_study(
-        storage=open_storage(plan.storage_url), sampler=make_sampler(plan, worker),
+        storage=storage, sampler=make_sampler(plan, worker),
         pruner=make_pruner(plan.pruner), study_name=plan.study_name,
-        direction=plan.direction, load_if_exists=True)
+        direction=StudyDirection[plan.direction.upper()], load_if_exists=True)
     if study.direction.name.lower() != plan.direction:
         raise ConfigError(
             f"study {plan.study_name!r} in {plan.storage_url} was created to "
@@ -171,19 +190,47 @@ def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
     return study
 
 
+class _RowThenRetry:
+    """Optuna's failed-trial callback (heartbeat expired), writing the FAIL row first."""
+
+    def __init__(self, plan: Plan, retry: Any):
+        self.plan, self.retry = plan, retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        _stale_row(self.plan, trial, "worker stopped sending heartbeats (killed?); marked FAIL "
+                   "by another worker")
+        self.retry(study, trial)
+
+
+class StudyLock:
+    """Every run holds the study's lock file shared; `sole` is True when this run got it
+    exclusively at start, i.e. no other local run was using the study. Call `share()` once
+    stale trials are dealt with, so that other runs may join."""
+
+    def __init__(self, fh: Any, sole: bool):
+        self.fh, self.sole = fh, sole
+
+    def __bool__(self) -> bool:
+        return self.sole
+
+    def share(self) -> None:
+        if self.sole:
+            fcntl.flock(self.fh, fcntl.LOCK_SH)
+
+
 @contextmanager
-def study_lock(plan: Plan) -> Iterator[bool]:
-    """An exclusive, non-blocking lock on the study: True when this run is its only user."""
+def study_lock(plan: Plan) -> Iterator[StudyLock]:
     path = Path(plan.opts.out) / plan.task.name / f".{plan.study_name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            sole = True
         except BlockingIOError:
-            yield False
-            return
+            fcntl.flock(fh, fcntl.LOCK_SH)  # waits only while a starting run fails stale trials
+            sole = False
         try:
-            yield True
+            yield StudyLock(fh, sole)
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -195,9 +242,12 @@ def identity(plan: Plan, number: int, uid: str, seed: int) -> dict[str, Any]:
 
 
 def fail_stale_trials(plan: Plan, study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a killed run FAIL, each with a FAIL leaderboard row."""
+    """Mark trials left RUNNING by a killed run FAIL, each with a FAIL leaderboard row.
+
+    Suspended trials (a preempted worker slot saved their state) are left to their slot."""
     storage = study._storage
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+             if not t.user_attrs.get("suspended")]
     for t in stale:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
         if storage.set_trial_state_values(trial_id, TrialState.FAIL):
@@ -205,7 +255,9 @@ def fail_stale_trials(plan: Plan, study: optuna.Study) -> list[int]:
     return [t.number for t in stale]
 
 
-def _stale_row(plan: Plan, t: FrozenTrial) -> None:
+def _stale_row(plan: Plan, t: FrozenTrial,
+               error: str = "worker died while the trial was RUNNING; marked FAIL on resume",
+               ) -> None:
     uid = t.user_attrs.get("trial_uid") or new_trial_uid()
     if leaderboard.trial_exists(plan.opts.out, plan.task.name, uid):
         return  # the killed run wrote its row before the storage heard of the outcome
@@ -216,7 +268,7 @@ def _stale_row(plan: Plan, t: FrozenTrial) -> None:
     steps = max(t.intermediate_values, default=-1) + 1
     row = build_row(identity(plan, t.number, uid, t.user_attrs.get("seed", plan.opts.seed)),
                     params, state="FAIL", objective=None, direction=plan.direction, metrics={},
-                    error="worker died while the trial was RUNNING; marked FAIL on resume",
+                    error=error,
                     started_at=started, finished_at=time_now(), epochs_done=steps,
                     peak_mem=None, device=resolve_device(plan.opts.device))
     leaderboard.write_trial(plan.opts.out, row)
@@ -268,19 +320,24 @@ class Objective:
         else:
             point = {k: suggest(trial, p) for k, p in self.searched.items()}
             seed = self.plan.opts.seed + trial.number
-        return merge_params(self.plan.task, self.plan.space, v, point, self.plan.opts.overrides), seed
+        plan = self.plan
+        return merge_params(plan.task, plan.space, v, point, plan.opts.overrides), seed
 
     def __call__(self, trial: optuna.Trial) -> float:
         params, seed = self.params_for(trial)
-        uid = new_trial_uid()
-        trial.set_user_attr("trial_uid", uid)
-        trial.set_user_attr("seed", seed)
+        uid = trial.user_attrs.get("trial_uid")  # set: a suspended trial being resumed
+        if uid is None:
+            uid = new_trial_uid()
+            trial.set_user_attr("trial_uid", uid)
+            trial.set_user_attr("seed", seed)
+        seed = int(trial.user_attrs.get("seed", seed))
         art = Path(self.plan.opts.out) / self.plan.task.name / "artifacts" / uid
         art.mkdir(parents=True, exist_ok=True)
         ctx = TrialContext(seed, self.device, art, self.plan.metric, self.plan.opts.data_dir,
                            on_report=lambda step, value: trial.report(value, step),
                            prune_check=trial.should_prune,
-                           on_step=self.progress.on_step if self.progress else None)
+                           on_step=self.progress.on_step if self.progress else None,
+                           stop_check=STOP.is_set)
         if self.progress:
             self.progress.start_trial(trial.number, params.get("epochs"))
         outcome = execute_trial(self.plan.task, params, ctx,
@@ -292,6 +349,8 @@ class Objective:
 
 
 def _to_optuna(outcome: Outcome) -> float:
+    if outcome.state == "SUSPENDED":
+        raise TrialSuspended(outcome.error)
     if outcome.state == "PRUNED":
         raise optuna.TrialPruned(outcome.error)
     if outcome.state == "FAIL":
@@ -318,6 +377,81 @@ def run_worker(plan: Plan, n_trials: int, worker: int = 0, progress: Any = None)
                    gc_after_trial=False)
 
 
+# ---------------------------------------------------------------- worker slots (bench slurm)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def _on_usr2(signum: int, frame: Any) -> None:
+    STOP.set()
+
+
+def slot_index(worker_id: str) -> int:
+    """A sampler-seed offset per slot, stable across its restarts."""
+    return zlib.crc32(worker_id.encode()) % 100_000
+
+
+def finished_by(study: optuna.Study, worker_id: str) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if t.user_attrs.get("worker_id") == worker_id)
+
+
+def run_slot(plan: Plan, worker_id: str, quota: int | None) -> int:
+    """Resume the slot's RUNNING trials, then run new ones until it has finished `quota`.
+
+    Returns 0, or EXIT_SUSPENDED when SIGUSR2 stopped it (its trial saved and left RUNNING).
+    An enumerated variant's trials are enqueued beforehand (`bench slurm submit` does it):
+    concurrent slots enqueueing at once would duplicate them.
+    """
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    signal.signal(signal.SIGUSR2, _on_usr2)
+    quota = DEFAULT_SEARCH_TRIALS if quota is None else quota
+    study = open_study(plan, slot_index(worker_id))
+    objective = Objective(plan)
+    owned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+             if t.user_attrs.get("worker_id") == worker_id]
+    for t in owned:
+        if STOP.is_set() or not _run_one(study, optuna.Trial(study, t._trial_id), objective):
+            return EXIT_SUSPENDED
+    enumerated = plan.variant is not None and plan.variant.enumerated
+    while finished_by(study, worker_id) < quota:
+        if STOP.is_set():
+            return EXIT_SUSPENDED
+        if enumerated and waiting(study) == 0:
+            break
+        if is_heartbeat_enabled(study._storage):  # as study.optimize does before each trial
+            optuna.storages.fail_stale_trials(study)
+        trial = study.ask()
+        trial.set_user_attr("worker_id", worker_id)
+        if not _run_one(study, trial, objective):
+            return EXIT_SUSPENDED
+    return 0
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> bool:
+    """Run one trial and tell the study; False when it was suspended (left RUNNING)."""
+    if trial.user_attrs.get("suspended"):
+        trial.set_user_attr("suspended", False)
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial)
+        except TrialSuspended:
+            trial.set_user_attr("suspended", True)
+            trial.set_user_attr("suspensions", int(trial.user_attrs.get("suspensions", 0)) + 1)
+            return False
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return True
+        except KeyboardInterrupt:  # SIGTERM: the row says FAIL, so must the study
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception:
+            study.tell(trial, state=TrialState.FAIL)
+            return True
+    study.tell(trial, value)
+    return True
+
+
 def _worker_main(plan: Plan, n_trials: int, worker: int) -> None:
     from bench.cli import install_signal_handlers
 
@@ -339,21 +473,26 @@ class RunResult:
     n_planned: int
     stale_failed: list[int]
     storage_note: str
+    exit_code: int = 0  # EXIT_SUSPENDED when a worker slot stopped on SIGUSR2
 
 
 def run(opts: RunOptions, progress_factory: Any = None) -> RunResult:
     plan = make_plan(opts)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with study_lock(plan) as sole_user:
+    with study_lock(plan) as lock:
         study = open_study(plan)
-        stale = fail_stale_trials(plan, study) if sole_user else []
+        stale = fail_stale_trials(plan, study) if lock.sole else []
+        lock.share()
+        note = f"study {plan.study_name!r} in {plan.storage_url}"
+        if "worker_id" in opts.extra:
+            code = run_slot(plan, str(opts.extra["worker_id"]), opts.trials)
+            return RunResult(plan, opts.trials or 0, stale, note, code)
         if plan.variant is not None and plan.variant.enumerated:
             enqueue_missing(plan, study)
             todo = waiting(study)
             n = todo if opts.trials is None else min(opts.trials, todo)
         else:
             n = DEFAULT_SEARCH_TRIALS if opts.trials is None else opts.trials
-        note = f"study {plan.study_name!r} in {plan.storage_url}"
         progress = progress_factory(plan, n, study) if progress_factory else None
         try:
             if opts.workers == 1:

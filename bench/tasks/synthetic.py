@@ -41,8 +41,11 @@ def synthetic(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     final = rosenbrock(float(params["x"]), float(params["y"]))
     rng = np.random.default_rng(ctx.seed)
     epochs = int(params["epochs"])
-    loss = final
-    for step in range(epochs):
+    loss, first = final, 0
+    state = ctx.load_state()  # a suspended (preempted) attempt of this trial left its state
+    if state is not None:
+        first, loss, rng.bit_generator.state = state["next_step"], state["loss"], state["rng"]
+    for step in range(first, epochs):
         if params["sleep_s"]:
             time.sleep(float(params["sleep_s"]))
         if params["fail"] != "none" and step == int(params["fail_at"]):
@@ -57,4 +60,6 @@ def synthetic(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
         decay = 10.0 * (math.exp(-3.0 * (step + 1) / epochs) - math.exp(-3.0))
         loss = final + decay + rng.normal(0, params["noise"])
         ctx.report(step, loss=loss)
+        if ctx.should_stop():
+            ctx.suspend({"next_step": step + 1, "loss": loss, "rng": rng.bit_generator.state})
     return {"loss": loss, "distance": math.hypot(float(params["x"]) - 1, float(params["y"]) - 1)}

@@ -142,7 +142,8 @@ class VAE(nn.Module):
         self.config = dict(in_ch=in_ch, size=size, width=width, depth=depth,
                            latent_dim=latent_dim, model=model, likelihood=likelihood)
         self.variational, self.likelihood = model == "vae", likelihood
-        self.encoder = ConvEncoder(in_ch, size, width, depth, latent_dim * (2 if self.variational else 1))
+        code_dim = latent_dim * (2 if self.variational else 1)  # (mu, logvar) or z
+        self.encoder = ConvEncoder(in_ch, size, width, depth, code_dim)
         self.decoder = ConvDecoder(in_ch, size, width, depth, latent_dim)
         # Gaussian likelihood: one learned scale shared by all pixels (the "sigma-VAE").
         self.log_sigma = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
@@ -236,7 +237,8 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_u8: torch.Tensor,
                 loss_i = -model.log_px(model.decoder(mu), x)
             else:
                 z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-                loss_i = -model.log_px(model.decoder(z), x) + beta * kl_normal(mu.float(), logvar.float())
+                kl = kl_normal(mu.float(), logvar.float())
+                loss_i = -model.log_px(model.decoder(z), x) + beta * kl
         loss = loss_i.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,7 +266,8 @@ def check_params(params: Mapping[str, Any], data_dir: Path | None = None) -> Non
     rules = [("model", params["model"] in ("vae", "ae"), "must be vae or ae"),
              ("likelihood", params["likelihood"] in ("bernoulli", "gaussian"),
               "must be bernoulli or gaussian"),
-             ("binarize", params["binarize"] in ("static", "dynamic"), "must be static or dynamic"),
+             ("binarize", params["binarize"] in ("static", "dynamic"),
+              "must be static or dynamic"),
              ("beta", float(params["beta"]) >= 0, "must be >= 0"),
              ("depth", int(params["depth"]) >= 1, "must be >= 1"),
              ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
@@ -307,17 +310,36 @@ def vae(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]))
     gen = generator(ctx.device, ctx.seed)
     eval_bs = int(params["eval_batch_size"])
-    t0, seen = time.perf_counter(), 0
-    for epoch in range(int(params["epochs"])):
+    t0, seen, first = time.perf_counter(), 0, 0
+    val: dict[str, float] = {}
+    state = ctx.load_state()  # left by a suspended (preempted) attempt of this trial
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"].to(gen.get_state().device))
+        first, seen, val = state["next_epoch"], state["seen"], state["val"]
+        t0 -= state["elapsed_s"]
+        torch.set_rng_state(state["torch_rng"].cpu())  # the reparameterisation noise
+        if ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), ctx.device)
+    for epoch in range(first, int(params["epochs"])):
         loss = train_epoch(model, opt, data["train"], params, beta_at(params, epoch), gen)
         seen += len(data["train"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {float(loss)} at epoch {epoch}")
         val = _means(elbo_terms(model, data["val"], eval_bs), "val")
         ctx.report(epoch, train_loss=float(loss), **val)
+        if ctx.should_stop():  # preemption notice: save at this epoch boundary and yield
+            ctx.suspend({"next_epoch": epoch + 1, "model": model.state_dict(),
+                         "opt": opt.state_dict(), "gen": gen.get_state(), "seen": seen,
+                         "val": val, "elapsed_s": time.perf_counter() - t0,
+                         "torch_rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state(ctx.device)
+                         if ctx.device.type == "cuda" else None})
     train_s = time.perf_counter() - t0
     test_terms = elbo_terms(model, data["test"], eval_bs)
-    metrics = {**val, **_means(test_terms, "test"), "active_units": float(active_units(test_terms["mu"])),
+    metrics = {**val, **_means(test_terms, "test"),
+               "active_units": float(active_units(test_terms["mu"])),
                "train_images_per_s": seen / max(train_s, 1e-9)}
     if model.variational:
         metrics["test_iwae_ll"] = float(iwae_ll(model, data["test"], int(params["iwae_k"])).mean())
