@@ -1,0 +1,248 @@
+"""The distribution families (bench.distributions) and the `priors` task, end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import bench_cli, needs_mnist
+
+from bench import leaderboard
+from bench.distributions import (
+    SQRT3,
+    family_names,
+    get_family,
+    kl,
+    kl_is_analytic,
+    kl_mc,
+)
+from bench.errors import ConfigError, DataError
+from bench.registry import get_task
+from bench.trial import local_context
+
+FAMILIES = family_names()
+N_SAMPLES = 400_000
+# Tiny convolutions gain nothing from a second thread, and on a loaded 2-core machine the
+# intra-op thread pool made a 0.3 s trial take 3-4 s (measured), so the task tests use one.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def posterior(name: str, a: list[float], std: list[float], grad: bool = False):
+    fam = get_family(name)
+    at = torch.tensor(a, requires_grad=grad)
+    bt = torch.tensor([fam.raw_spread(s) for s in std], requires_grad=grad)
+    return fam.posterior(at, bt), at, bt
+
+
+def expected_moments(q) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance from the textbook formulas, not from torch's own properties."""
+    if hasattr(q, "low"):
+        return (q.low + q.high) / 2, (q.high - q.low) ** 2 / 12
+    if type(q).__name__ == "Laplace":
+        return q.loc, 2 * q.scale**2
+    return q.loc, q.scale**2
+
+
+def test_every_study_family_is_registered() -> None:
+    assert {"normal", "laplace", "uniform"} <= set(FAMILIES)
+    with pytest.raises(ConfigError, match="known: normal, laplace, uniform"):
+        get_family("cauchy")
+
+
+# ---------------------------------------------------------------- per family
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prior_is_standardised(name: str) -> None:
+    torch.manual_seed(0)
+    z = get_family(name).prior("cpu").sample((N_SAMPLES,))
+    assert float(z.mean()) == pytest.approx(0.0, abs=0.01)
+    assert float(z.var()) == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sample_moments(name: str) -> None:
+    torch.manual_seed(0)
+    q, _, _ = posterior(name, [-1.0, 0.0, 0.7], [0.05, 0.5, 0.9])
+    z = q.rsample((N_SAMPLES,))
+    mean, var = expected_moments(q)
+    # standard error of the mean is std / sqrt(n) ~ 0.0015 at std 0.9; of the variance ~ 1%
+    torch.testing.assert_close(z.mean(0), mean, atol=6 * var.sqrt().max() / N_SAMPLES**0.5,
+                               rtol=0)
+    torch.testing.assert_close(z.var(0), var, rtol=0.03, atol=1e-6)
+    assert torch.allclose(q.stddev, torch.tensor([0.05, 0.5, 0.9]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_density_integrates_to_one(name: str) -> None:
+    q, _, _ = posterior(name, [-0.5, 0.3], [0.2, 0.8])
+    for dist in (q, get_family(name).prior("cpu")):
+        grid = torch.linspace(-12.0, 12.0, 480_001, dtype=torch.float64)
+        dens = dist.log_prob(grid.float().view(-1, *[1] * len(dist.batch_shape))).exp()
+        mass = torch.trapezoid(dens.double(), grid, dim=0)
+        torch.testing.assert_close(mass, torch.ones_like(mass), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_analytic_kl_matches_monte_carlo(name: str) -> None:
+    torch.manual_seed(0)
+    q, _, _ = posterior(name, [-1.0, 0.0, 0.4, 1.5], [0.05, 0.3, 0.7, 0.95])
+    p = get_family(name).prior("cpu")
+    assert kl_is_analytic(q, p)
+    z = q.sample((N_SAMPLES,))
+    ratio = q.log_prob(z) - p.log_prob(z)
+    se = ratio.std(0) / N_SAMPLES**0.5
+    torch.testing.assert_close(kl(q, p), ratio.mean(0), atol=float(5 * se.max() + 1e-4), rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kl_nonnegative_and_zero_to_itself(name: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    fam = get_family(name)
+    a, b = torch.randn(2, 1000, generator=gen) * 4  # far into the tails of every link
+    q, p = fam.posterior(a, b), fam.prior("cpu")
+    values = kl(q, p)
+    assert torch.isfinite(values).all() and (values >= -1e-5).all()
+    torch.testing.assert_close(kl(q, q), torch.zeros(1000), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kl_mc(q, q), torch.zeros(1000), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kl(p, p), torch.zeros(()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gradients_flow_through_rsample(name: str) -> None:
+    q, a, b = posterior(name, [-0.5, 0.2], [0.3, 0.6], grad=True)
+    p = get_family(name).prior("cpu")
+    (q.rsample((64,)).pow(2).sum() + kl(q, p).sum()).backward()
+    for g in (a.grad, b.grad):
+        assert g is not None and torch.isfinite(g).all() and (g.abs() > 0).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_point_lies_in_support_and_inverts(name: str) -> None:
+    fam = get_family(name)
+    z = fam.prior("cpu").sample((1000,))
+    torch.testing.assert_close(fam.point(fam.unpoint(z)), z, atol=1e-4, rtol=0)
+    assert torch.isfinite(fam.prior("cpu").log_prob(fam.point(torch.randn(1000) * 30))).all()
+
+
+# ---------------------------------------------------------------- supports and pairs
+def test_uniform_posterior_stays_inside_prior_support() -> None:
+    fam = get_family("uniform")
+    extreme = torch.tensor([-1e4, -60.0, -20.0, 0.0, 20.0, 60.0, 1e4])
+    a, b = torch.meshgrid(extreme, extreme, indexing="ij")
+    q, p = fam.posterior(a.flatten(), b.flatten()), fam.prior("cpu")
+    assert (q.low >= -SQRT3).all() and (q.high <= SQRT3).all() and (q.high > q.low).all()
+    values = kl(q, p)
+    assert torch.isfinite(values).all() and float(values.max()) <= -math.log(1e-4) + 1e-3
+    # closed support: a sample rounded onto `high` keeps a finite density
+    assert torch.isfinite(q.log_prob(q.high)).all() and torch.isfinite(q.log_prob(q.low)).all()
+
+
+def test_pair_without_analytic_kl_uses_monte_carlo() -> None:
+    torch.manual_seed(0)
+    q, _, _ = posterior("uniform", [0.5], [0.4])
+    p = get_family("laplace").prior("cpu")
+    assert not kl_is_analytic(q, p)
+    grid = torch.linspace(float(q.low), float(q.high), 200_001, dtype=torch.float64)
+    dq = torch.exp(q.log_prob(grid.float())).double()
+    exact = torch.trapezoid(dq * (q.log_prob(grid.float()) - p.log_prob(grid.float())).double(),
+                            grid)
+    assert float(kl(q, p, samples=N_SAMPLES)) == pytest.approx(float(exact), abs=5e-3)
+    # a Normal posterior under a Uniform prior leaves the support: the KL is infinite, not NaN
+    assert math.isinf(float(kl(posterior("normal", [0.0], [0.3])[0], get_family("uniform")
+                               .prior("cpu"))))
+
+
+# ---------------------------------------------------------------- the task
+def test_check_params_lists_every_problem_and_missing_data(tmp_path: Path) -> None:
+    from bench.tasks.priors import check_params
+
+    params = {**get_task("priors").defaults, "model": "ae", "prior": "gumbel", "beta": -1.0}
+    with pytest.raises(ConfigError) as err:
+        check_params(params, tmp_path)
+    assert {"model", "prior", "beta"} <= {p.split(": ")[1] for p in err.value.problems}
+    with pytest.raises(DataError, match="fashion-mnist"):
+        check_params(get_task("priors").defaults, tmp_path)
+
+
+@needs_mnist
+@pytest.mark.usefixtures("one_thread")
+def test_ad_test_time_fit_lowers_recon_monotonically() -> None:
+    from bench.data import load_images
+    from bench.tasks.priors import LatentModel, fit_codes
+    from bench.tasks.vae import binarize
+
+    torch.manual_seed(0)
+    model = LatentModel(get_family("normal"), "ad", 8, 1, 28, 8, 2, 8, 0.1)
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    x = binarize(load_images("mnist", False)[0][:32], "static", "bernoulli")
+    _, history = fit_codes(model, x, steps=40, lr=0.05, beta=0.0, batch=16)
+    assert (history[1:] <= history[:-1] + 1e-4).all(), history
+    assert float(history[-1]) < float(history[0]) - 1.0
+    for k, v in model.decoder.state_dict().items():
+        assert torch.equal(v, before[k]), f"decoder changed during the test-time fit: {k}"
+
+
+@needs_mnist
+@pytest.mark.usefixtures("one_thread")
+def test_trial_writes_readable_artifacts(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    task = get_task("priors")
+    params = {**task.defaults, **task.smoke, "model": "ad", "prior": "uniform", "test_size": 64,
+              "tsne_size": 40}
+    ctx = local_context(0, "cpu", tmp_path, "test_recon")
+    metrics = task.objective(params, ctx)
+    assert metrics["test_bce_per_pixel"] == pytest.approx(metrics["test_recon"] / 784)
+    with np.load(tmp_path / "grids.npz") as grids:
+        assert {k: grids[k].shape for k in grids} == {
+            "test": (64, 28, 28), "decoded": (64, 28, 28), "prior_samples": (64, 28, 28)}
+        assert grids["prior_samples"].std() > 0
+    for name in ("decoded.png", "prior_samples.png", "tsne.png"):
+        img = imread(tmp_path / name)
+        assert img.ndim == 3 and min(img.shape[:2]) > 50 and img.std() > 0, name
+    with np.load(tmp_path / "tsne.npz") as t:
+        assert t["xy"].shape == (40, 2) and len(t["labels"]) == 40
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert blob["config"]["family"] == "uniform" and not any(
+        k.startswith("codes.") for k in blob["state_dict"])
+
+
+TINY = ["dataset=mnist", "epochs=1", "train_size=128", "test_size=32", "latent_dim=4",
+        "width=4", "batch_size=64", "test_steps=3", "iwae_k=2", "tsne_size=0"]
+
+
+@needs_mnist
+def test_prior_comparison_end_to_end(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    out = tmp_path / "lb"
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    run = bench_cli("run", "priors", "--variant", "prior-comparison", *sets, "--quiet",
+                    "--device", "cpu", "--out", str(out), env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr
+    rows = leaderboard.read_trials(out, "priors")
+    assert len(rows) == 27 and set(rows["state"]) == {"COMPLETE"}, rows["error"].dropna()
+    cells = rows.groupby(["param_prior", "param_model"])["seed"].nunique()
+    assert len(cells) == 9 and set(cells) == {3}
+
+    table = leaderboard.board(out, "priors", variant="prior-comparison")  # `bench board`
+    assert len(table) == 9 and set(table["n"]) == {3}
+    assert table["objective_mean"].is_monotonic_increasing  # ranked: minimize test_recon
+
+    plot = bench_cli("plot", "priors", "--variant", "prior-comparison", "--out", str(out),
+                     env=ONE_THREAD)
+    assert plot.returncode == 0, plot.stderr
+    written = {Path(p).name: Path(p) for p in plot.stdout.split()}
+    for name in ("priors_comparison.png", "priors_samples.png", "priors_decoded.png"):
+        img = imread(written[name])
+        assert img.ndim == 3 and min(img.shape[:2]) > 200 and img.std() > 0, name
