@@ -3,17 +3,32 @@
 `make_plots(task, out)` draws the generic figures every task gets (optimisation history,
 parameter importances, learning curves of the top trials), then calls the hooks the task
 registered with `@register_plots(task)`, each receiving a `PlotInput`.
+
+Figures are drawn on `matplotlib.figure.Figure` objects, never through pyplot: no GUI
+backend is needed and nothing global (open figures, rcParams) outlives a call. A figure
+that cannot be drawn is skipped with a warning naming it; the others are still written,
+and only the paths actually written are returned.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bench import leaderboard
 from bench.registry import get_plots, get_task
+
+DPI = 110
+MAX_PANELS = 6      # studies shown side by side; the ones with the most rows win
+TOP_K_CURVES = 5
+MIN_IMPORTANCE_TRIALS = 3  # fANOVA on fewer points is noise
 
 
 @dataclass
@@ -36,8 +51,301 @@ class PlotInput:
         return self.rows[self.rows["state"] == "COMPLETE"] if not self.rows.empty else self.rows
 
 
+# ---------------------------------------------------------------- drawing helpers
+def _rc() -> Any:
+    import seaborn as sns
+
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.8)}
+
+
+@contextmanager
+def figure(path: Path, nrows: int = 1, ncols: int = 1,
+           panel_in: tuple[float, float] = (4.2, 3.2)) -> Iterator[tuple[Any, np.ndarray]]:
+    """A styled Figure with a 2-D array of axes, saved to `path` when the block ends."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_rc()):
+        fig = Figure(figsize=(panel_in[0] * ncols, panel_in[1] * nrows), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        yield fig, axes
+        fig.savefig(path, dpi=DPI)
+
+
+def guarded(name: str, draw: Callable[..., Sequence[Path]], *args: Any) -> list[Path]:
+    """Run one figure; a failure skips that figure with a warning instead of the whole plot."""
+    try:
+        return [Path(p) for p in draw(*args) if Path(p).exists()]
+    except Exception as exc:  # one broken figure must not cost the user all the others
+        warnings.warn(f"bench plot: figure {name!r} skipped: {type(exc).__name__}: {exc}",
+                      stacklevel=2)
+        return []
+
+
+def image_rows(path: Path, rows: Sequence[tuple[str, np.ndarray]], title: str,
+               col_labels: Sequence[str] | None = None) -> Path:
+    """One strip per row of images ([N, C, H, W] floats in [0, 1]), the label on its left."""
+    ncol = max(len(imgs) for _, imgs in rows)
+    with figure(path, len(rows), 1, panel_in=(0.62 * ncol + 0.6, 0.75)) as (fig, axes):
+        for ax, (label, imgs) in zip(axes[:, 0], rows, strict=True):
+            ax.imshow(_tile(imgs), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            ax.set_ylabel(label, rotation=0, ha="right", va="center")
+        if col_labels:
+            w = rows[0][1].shape[-1] + 1  # tile width incl. the gap
+            axes[-1, 0].set_xticks([w * (i + 0.5) for i in range(len(col_labels))], col_labels)
+        fig.suptitle(title)
+    return path
+
+
+def integer_ticks(axis: Any) -> None:
+    """Trial numbers and epochs are integers: no 0.5 ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _tile(imgs: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] -> one [H, N*(W+1)] (or RGB) strip with 1-pixel white gaps."""
+    imgs = np.clip(np.asarray(imgs, dtype=np.float32), 0.0, 1.0)
+    n, c, h, w = imgs.shape
+    strip = np.ones((h, n * (w + 1) - 1, c), dtype=np.float32)
+    for i, img in enumerate(imgs):
+        strip[:, i * (w + 1): i * (w + 1) + w] = img.transpose(1, 2, 0)
+    return strip[..., 0] if c == 1 else strip
+
+
+# ---------------------------------------------------------------- per-study facts
+def objective_name(task: str, variant: str | None) -> str:
+    """The metric a study optimised: the variant's own, else the space's, else the task's."""
+    from bench.space import space_for
+
+    try:
+        space = space_for(task)
+    except Exception:  # a broken space file must not stop plotting finished rows
+        return get_task(task).metric
+    v = space.variants.get(str(variant)) if variant else None
+    return (v.metric if v else None) or space.metric
+
+
+def by_study(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(study, rows by trial number), the studies with the most rows first, at most MAX_PANELS."""
+    if rows.empty:
+        return []
+    groups = [(str(s), g.sort_values("trial_number")) for s, g in rows.groupby("study")]
+    groups.sort(key=lambda sg: -len(sg[1]))
+    return groups[:MAX_PANELS]
+
+
+def _direction(rows: pd.DataFrame) -> str:
+    return str(rows["direction"].dropna().iloc[0]) if rows["direction"].notna().any() \
+        else "minimize"
+
+
+def _panels(n: int) -> tuple[int, int]:
+    ncols = min(n, 3)
+    return (n + ncols - 1) // ncols, ncols
+
+
+def _hide_unused(axes: np.ndarray, used: int) -> None:
+    for ax in axes.flat[used:]:
+        ax.set_visible(False)
+
+
+# ---------------------------------------------------------------- generic figures
+def plot_history(inp: PlotInput) -> list[Path]:
+    """Objective per trial number with the running best; pruned and failed trials marked."""
+    studies = by_study(inp.rows)
+    if not studies:
+        return []
+    path = inp.plot_dir / "history.png"
+    with figure(path, *_panels(len(studies))) as (fig, axes):
+        for ax, (study, rows) in zip(axes.flat, studies, strict=False):
+            _history_panel(ax, inp.task, study, rows)
+        _hide_unused(axes, len(studies))
+        fig.suptitle(f"{inp.task}: optimisation history")
+    return [path]
+
+
+def _history_panel(ax: Any, task: str, study: str, rows: pd.DataFrame) -> None:
+    done = rows[(rows["state"] == "COMPLETE") & rows["objective"].notna()]
+    pruned = rows[(rows["state"] == "PRUNED") & rows["objective"].notna()]
+    failed = rows[rows["state"] == "FAIL"]
+    ax.scatter(done["trial_number"], done["objective"], s=22, color="C0", label="complete")
+    if not done.empty:
+        best = done["objective"].cummax() if _direction(rows) == "maximize" \
+            else done["objective"].cummin()
+        ax.step(done["trial_number"], best, where="post", color="C3", label="running best")
+    if not pruned.empty:  # the last value a pruned trial reported
+        ax.scatter(pruned["trial_number"], pruned["objective"], s=22, marker="x", color="0.5",
+                   label="pruned (last report)")
+    if not failed.empty:  # no objective: a tick along the bottom edge
+        ax.scatter(failed["trial_number"], np.full(len(failed), 0.02), marker="v", color="C1",
+                   transform=ax.get_xaxis_transform(), clip_on=False, label="failed")
+    counts = rows["state"].value_counts()
+    tally = ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in leaderboard.STATES)
+    ax.set_title(f"{study}  ({tally})")
+    ax.set_xlabel("trial number")
+    integer_ticks(ax.xaxis)
+    ax.set_ylabel(f"{objective_name(task, rows['variant'].iloc[0])} ({_direction(rows)})")
+    ax.legend(loc="best", fontsize="small")
+
+
+def plot_importances(inp: PlotInput) -> list[Path]:
+    """fANOVA parameter importances per study, from an in-memory Optuna study of its rows."""
+    found = [(study, imp) for study, rows in by_study(inp.complete())
+             if (imp := importances(inp.task, rows))]
+    if not found:
+        return []
+    path = inp.plot_dir / "importances.png"
+    with figure(path, *_panels(len(found))) as (fig, axes):
+        for ax, (study, imp) in zip(axes.flat, found, strict=False):
+            names = list(imp)[::-1]  # largest at the top of a barh
+            bars = ax.barh(names, [imp[n] for n in names], color="C0", height=0.6)
+            ax.bar_label(bars, fmt="%.2f", padding=2)
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("importance (fANOVA, sums to 1)")
+            ax.set_title(study)
+        _hide_unused(axes, len(found))
+        fig.suptitle(f"{inp.task}: parameter importances")
+    return [path]
+
+
+def importances(task: str, rows: pd.DataFrame) -> dict[str, float]:
+    """{param: importance}; empty with fewer than 3 complete trials or nothing varying.
+
+    `rows` are one study's COMPLETE rows (one objective, one direction).
+    """
+    import optuna
+
+    rows = rows[rows["objective"].notna()]
+    if len(rows) < MIN_IMPORTANCE_TRIALS or rows["objective"].nunique() < 2:
+        return {}  # fANOVA cannot split a constant objective ("zero total variance")
+    dists = _distributions(task, rows)
+    if not dists:
+        return {}
+    trials = [optuna.trial.create_trial(
+        value=float(r["objective"]), distributions=dists,
+        params={n: _native(r[f"param_{n}"], d) for n, d in dists.items()})
+        for _, r in rows.iterrows()]
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
+    try:
+        study = optuna.create_study(
+            direction="maximize" if _direction(rows) == "maximize" else "minimize")
+        study.add_trials(trials)
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _distributions(task: str, rows: pd.DataFrame) -> dict[str, Any]:
+    """Distributions of the parameters that vary (and are never missing) in these rows.
+
+    The search space's own distribution is used where it holds every value; a grid
+    variant's values (beta=0 outside a log range, say) get one inferred from the data.
+    """
+    space = _space_params(task, rows["variant"].iloc[0])
+    out = {}
+    for col in leaderboard.param_columns(rows):
+        values = rows[col]
+        if values.isna().any() or values.astype(str).nunique() < 2:
+            continue
+        name = col.removeprefix("param_")
+        dist = space.get(name)
+        if dist is None or not _contains(dist, values):
+            dist = _inferred(values)
+        out[name] = dist
+    return out
+
+
+def _space_params(task: str, variant: str | None) -> dict[str, Any]:
+    from bench.space import space_for
+
+    try:
+        space = space_for(task)
+    except Exception:  # an unreadable space: every distribution is inferred
+        return {}
+    v = space.variants.get(str(variant)) if variant else None
+    params = v.params if v is not None and v.params else space.params
+    return {n: p.to_optuna() for n, p in params.items()}
+
+
+def _contains(dist: Any, values: pd.Series) -> bool:
+    try:
+        return all(dist._contains(dist.to_internal_repr(_native(v, dist))) for v in values)
+    except (ValueError, TypeError):
+        return False
+
+
+def _inferred(values: pd.Series) -> Any:
+    from optuna import distributions as d
+
+    if pd.api.types.is_integer_dtype(values):
+        return d.IntDistribution(int(values.min()), int(values.max()))
+    if pd.api.types.is_numeric_dtype(values):
+        return d.FloatDistribution(float(values.min()), float(values.max()))
+    return d.CategoricalDistribution(sorted({str(v) for v in values}))
+
+
+def _native(value: Any, dist: Any) -> Any:
+    """numpy scalars -> the Python type the distribution expects."""
+    from optuna import distributions as d
+
+    if isinstance(dist, d.IntDistribution):
+        return int(value)
+    if isinstance(dist, d.FloatDistribution):
+        return float(value)
+    value = value.item() if hasattr(value, "item") else value
+    return value if value in dist.choices else str(value)  # inferred choices are strings
+
+
+def plot_curves(inp: PlotInput) -> list[Path]:
+    """The objective metric per step for the top-k complete trials of each study."""
+    panels = []
+    for study, rows in by_study(inp.complete()):
+        metric = objective_name(inp.task, rows["variant"].iloc[0])
+        top = rows[rows["objective"].notna()].sort_values(
+            "objective", ascending=_direction(rows) == "minimize").head(TOP_K_CURVES)
+        pts = inp.curves(list(top["trial_uid"]))
+        pts = pts[pts["metric"] == metric] if not pts.empty else pts
+        if not pts.empty:
+            panels.append((study, metric, top, pts))
+    if not panels:
+        return []
+    path = inp.plot_dir / "curves.png"
+    with figure(path, *_panels(len(panels))) as (fig, axes):
+        for ax, (study, metric, top, pts) in zip(axes.flat, panels, strict=False):
+            _curves_panel(ax, study, metric, top, pts)
+        _hide_unused(axes, len(panels))
+        fig.suptitle(f"{inp.task}: learning curves of the top {TOP_K_CURVES} trials")
+    return [path]
+
+
+def _curves_panel(ax: Any, study: str, metric: str, top: pd.DataFrame,
+                  pts: pd.DataFrame) -> None:
+    for i, (_, row) in enumerate(top.iterrows()):
+        mine = pts[pts["trial_uid"] == row["trial_uid"]].sort_values("step")
+        if not mine.empty:
+            ax.plot(mine["step"], mine["value"], marker="o", ms=3, color=f"C{i}",
+                    label=f"#{row['trial_number']}: {row['objective']:.4g}")
+    ax.set_title(study)
+    ax.set_xlabel("step (epoch)")
+    integer_ticks(ax.xaxis)
+    ax.set_ylabel(metric)
+    ax.legend(title="trial: final", fontsize="small")
+
+
+GENERIC: list[tuple[str, Callable[[PlotInput], list[Path]]]] = [
+    ("history", plot_history), ("importances", plot_importances), ("curves", plot_curves)]
+
+
 def make_plots(task: str, out: str | Path, study: str | None = None, variant: str | None = None,
                data_dir: str | Path | None = None) -> list[Path]:
+    """Write every figure for `task` under <out>/<task>/plots; return the paths written."""
     get_task(task)
     out = Path(out)
     rows = leaderboard.read_trials(out, task, study, variant)
@@ -45,6 +353,8 @@ def make_plots(task: str, out: str | Path, study: str | None = None, variant: st
     plot_dir.mkdir(parents=True, exist_ok=True)
     inp = PlotInput(task, out, plot_dir, rows, Path(data_dir) if data_dir else None)
     paths: list[Path] = []
+    for name, draw in GENERIC:
+        paths.extend(guarded(name, draw, inp))
     for hook in get_plots(task):
-        paths.extend(hook(inp))
+        paths.extend(guarded(getattr(hook, "__name__", "hook"), hook, inp))
     return paths

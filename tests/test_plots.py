@@ -1,0 +1,162 @@
+"""`bench plot`: real tiny studies in, valid non-trivial PNGs out; empty and all-FAIL
+leaderboards draw what they can without crashing."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import needs_mnist
+
+from bench import leaderboard, plots
+from bench.cli import main
+from bench.tasks import vae, vae_plots
+
+# vae.SMOKE sizes; latent_dim, beta, lr and depth stay searched so the sweeps have x values.
+VAE_SMOKE = [f"--set={k}={vae.SMOKE[k]}" for k in
+             ("epochs", "train_size", "val_size", "test_size", "iwae_k", "width", "batch_size")]
+GENERIC = {"history.png", "importances.png", "curves.png"}
+VAE_FIGURES = {"vae_beta.png", "vae_latent.png", "vae_rate_distortion.png",
+               "vae_reconstructions.png", "vae_samples.png", "vae_interpolation.png",
+               "vae_traversals.png", "vae_tsne.png"}
+
+
+def bench(*args: str) -> None:
+    assert main(list(args)) == 0, args
+
+
+def plot(capsys: pytest.CaptureFixture[str], task: str, out: Path) -> list[Path]:
+    """`bench plot` in-process; the printed paths, checked against what make_plots wrote."""
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench("plot", task, "--out", str(out))
+    skipped = [str(w.message) for w in caught if str(w.message).startswith("bench plot")]
+    assert not skipped, skipped
+    return [Path(line) for line in capsys.readouterr().out.split()]
+
+
+def assert_image(path: Path, min_w: int = 300, min_h: int = 100) -> None:
+    """A PNG that decodes, has a sensible size and is not one flat colour."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert w >= min_w and h >= min_h, (path.name, w, h)
+    # axes, text and markers give dozens of colours; a blank canvas gives one
+    assert len(np.unique(pixels, axis=0)) > 16, path.name
+    assert pixels.std() > 10, path.name
+
+
+@pytest.fixture(scope="module")
+def vae_board(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-trial TPE search, then one AE (ae-vs-vae's first point) at the best latent size."""
+    out = tmp_path_factory.mktemp("plots") / "leaderboards"
+    bench("run", "vae", "--trials", "3", "--quiet", "--out", str(out), *VAE_SMOKE)
+    rows = leaderboard.read_trials(out, "vae")
+    d = int(rows.sort_values("metric_val_elbo").iloc[-1]["param_latent_dim"])
+    bench("run", "vae", "--variant", "ae-vs-vae", "--trials", "1", "--quiet", "--out", str(out),
+          f"--set=latent_dim={d}", *VAE_SMOKE)
+    return out
+
+
+@needs_mnist
+def test_vae_plot_writes_every_figure(vae_board: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rows = leaderboard.read_trials(vae_board, "vae")
+    assert set(rows["state"]) == {"COMPLETE"} and set(rows["param_model"]) == {"vae", "ae"}
+    written = plot(capsys, "vae", vae_board)
+    assert {p.name for p in written} == GENERIC | VAE_FIGURES
+    for path in written:
+        assert path.parent == vae_board / "vae" / "plots"
+        assert_image(path)
+
+
+@needs_mnist
+def test_vae_plot_picks_best_vae_and_matching_ae(vae_board: Path) -> None:
+    rows = leaderboard.read_trials(vae_board, "vae")
+    inp = plots.PlotInput("vae", vae_board, vae_board / "vae" / "plots", rows, None)
+    best = vae_plots.best_row(inp, "vae")
+    vaes = rows[rows["param_model"] == "vae"]
+    assert best["metric_val_elbo"] == vaes["metric_val_elbo"].max()
+    ae = vae_plots.best_row(inp, "ae", int(best["param_latent_dim"]))
+    assert ae is not None and ae["param_latent_dim"] == best["param_latent_dim"]
+    # with the AE row the strip has two image rows: taller than the VAE-only strip
+    loaded = vae_plots.load_best(inp, best)
+    inp.plot_dir = vae_board / "alone"
+    inp.plot_dir.mkdir()
+    [alone] = vae_plots.plot_interpolation(inp, loaded, None)
+    from PIL import Image
+
+    with Image.open(alone) as a, Image.open(vae_board / "vae/plots/vae_interpolation.png") as b:
+        assert b.size[1] > a.size[1]
+
+
+@needs_mnist
+def test_importances_cover_the_searched_params(vae_board: Path) -> None:
+    rows = leaderboard.read_trials(vae_board, "vae", study="vae")
+    imp = plots.importances("vae", rows[rows["state"] == "COMPLETE"])
+    assert set(imp) <= {"beta", "latent_dim", "lr", "depth"} and len(imp) >= 2
+    assert sum(imp.values()) == pytest.approx(1.0)
+    assert plots.importances("vae", rows.head(2)) == {}  # too few trials: no figure
+
+
+def test_empty_leaderboard_plots_nothing(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert plot(capsys, "vae", tmp_path / "empty") == []
+    assert plots.make_plots("synthetic", tmp_path / "empty") == []
+
+
+def test_only_failed_trials_draw_history_only(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lb"
+    bench("run", "synthetic", "--trials", "3", "--quiet", "--out", str(out),
+          "--set=fail=exception")
+    assert set(leaderboard.read_trials(out, "synthetic")["state"]) == {"FAIL"}
+    written = plot(capsys, "synthetic", out)
+    assert [p.name for p in written] == ["history.png"]
+    assert_image(written[0])
+    # a VAE leaderboard of FAIL rows has no metric columns: no sweep, no checkpoint figures
+    rows = leaderboard.read_trials(out, "synthetic").assign(task="vae")
+    inp = plots.PlotInput("vae", out, out / "vae_plots", rows, None)
+    inp.plot_dir.mkdir()
+    for hook in (vae_plots.plot_beta, vae_plots.plot_latent, vae_plots.plot_rate_distortion,
+                 vae_plots.plot_best_model):
+        assert hook(inp) == []
+
+
+def test_generic_figures_for_another_task(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lb"
+    bench("run", "synthetic", "--trials", "4", "--quiet", "--out", str(out))
+    bench("run", "synthetic", "--trials", "1", "--quiet", "--out", str(out), "--study", "bad",
+          "--set=fail=exception")
+    written = plot(capsys, "synthetic", out)
+    assert {p.name for p in written} == GENERIC
+    for path in written:
+        assert_image(path)
+    rows = leaderboard.read_trials(out, "synthetic", study="synthetic")
+    assert set(plots.importances("synthetic", rows)) == {"x", "y"}
+
+
+def test_history_and_importances_from_mixed_rows(tmp_path: Path) -> None:
+    """Rows in memory: PRUNED and FAIL beside COMPLETE; a constant objective has no importances."""
+    import pandas as pd
+
+    states = ["COMPLETE", "PRUNED", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    rows = pd.DataFrame({
+        "study": "s", "variant": "default", "direction": "minimize", "state": states,
+        "trial_number": range(6), "trial_uid": [f"u{i}" for i in range(6)],
+        "objective": [3.0, 5.0, 1.0, None, 2.0, 0.5],
+        "param_x": [0.1, 0.5, -1.0, 0.0, 1.5, 1.0], "param_y": [1.0, 2.0, 0.0, 0.5, 2.5, 1.0]})
+    inp = plots.PlotInput("synthetic", tmp_path, tmp_path, rows, None)
+    [path] = plots.plot_history(inp)
+    assert_image(path)
+    assert set(plots.importances("synthetic", inp.complete())) == {"x", "y"}
+    assert plots.importances("synthetic", inp.complete().assign(objective=1.0)) == {}
