@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -84,8 +85,13 @@ def _load_builtin_tasks() -> None:
     import bench.tasks
 
     for mod in pkgutil.iter_modules(bench.tasks.__path__):
-        if not mod.name.startswith("_"):
+        if mod.name.startswith("_"):
+            continue
+        try:
             importlib.import_module(f"bench.tasks.{mod.name}")
+        except Exception as exc:  # one broken module must not take every task down with it
+            warnings.warn(f"bench.tasks.{mod.name} failed to import, its tasks are unavailable: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=2)
 
 
 def list_tasks() -> list[Task]:

@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.data import cap, load_images
 from bench.distributions import Family, family_names, get_family, kl
 from bench.errors import ConfigError
 from bench.registry import register_task
-from bench.tasks.vae import ConvDecoder, ConvEncoder, binarize
+from bench.tasks.vae import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
 from bench.train import autocast, batches, generator
 from bench.trial import TrialContext
 
@@ -133,13 +132,6 @@ class LatentModel(nn.Module):
         return self.posterior(raw).mean if self.variational else self.family.point(raw.float())
 
 
-def log_px(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Bernoulli log p(x | z) per image, summed over pixels (nats); logits broadcast over x."""
-    lp = -F.binary_cross_entropy_with_logits(logits.float(), x.expand_as(logits),
-                                             reduction="none")
-    return lp.flatten(-3).sum(-1)
-
-
 def loss_terms(model: LatentModel, raw: torch.Tensor, x: torch.Tensor,
                beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, recon) per image: MAP for ad, negative beta-ELBO (one sample) otherwise."""
@@ -152,7 +144,7 @@ def loss_terms(model: LatentModel, raw: torch.Tensor, x: torch.Tensor,
         reg = -model.prior().log_prob(z).sum(-1)
     with autocast(x.device):
         logits = model.decoder(z)
-    recon = -log_px(logits, x)
+    recon = -bernoulli_log_px(logits, x)
     return recon + beta * reg, recon
 
 
@@ -230,12 +222,13 @@ def evaluate(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, batch: int,
     for rb, xb in zip(raw.split(batch), x.split(batch), strict=True):
         code = model.code(rb)
         out["code"].append(code)
-        out["recon"].append(-log_px(model.decoder(code), xb))
+        out["recon"].append(-bernoulli_log_px(model.decoder(code), xb))
         if model.variational:
             q = model.posterior(rb)
             kl_i = kl(q, prior).sum(-1)
             out.setdefault("kl", []).append(kl_i)
-            out.setdefault("elbo", []).append(log_px(model.decoder(q.sample()), xb) - kl_i)
+            log_px = bernoulli_log_px(model.decoder(q.sample()), xb)
+            out.setdefault("elbo", []).append(log_px - kl_i)
             if iwae_k > 0:
                 out.setdefault("iwae_ll", []).append(iwae_ll(model, rb, xb, iwae_k))
     return {k: torch.cat(v) for k, v in out.items()}
@@ -250,7 +243,7 @@ def iwae_ll(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, k: int,
         q = model.posterior(rb)
         z = q.sample((k,))
         logits = model.decoder(z.flatten(0, 1)).unflatten(0, (k, len(xb)))
-        log_w = log_px(logits, xb) + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        log_w = bernoulli_log_px(logits, xb) + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
         out.append(torch.logsumexp(log_w, 0) - math.log(k))
     return torch.cat(out)
 

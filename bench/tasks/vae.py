@@ -157,14 +157,19 @@ class VAE(nn.Module):
 
     def log_px(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) per instance, summed over pixels (nats). `out` broadcasts over x."""
-        out = out.float()
         if self.likelihood == "bernoulli":
-            lp = -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
-        else:
-            assert self.log_sigma is not None
-            ls = self.log_sigma.clamp(-7.0, 2.0)
-            lp = -0.5 * ((x - out) * torch.exp(-ls)) ** 2 - ls - 0.5 * LOG_2PI
+            return bernoulli_log_px(out, x)
+        assert self.log_sigma is not None
+        ls = self.log_sigma.clamp(-7.0, 2.0)
+        lp = -0.5 * ((x - out.float()) * torch.exp(-ls)) ** 2 - ls - 0.5 * LOG_2PI
         return lp.flatten(-3).sum(-1)
+
+
+def bernoulli_log_px(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bernoulli log p(x | z) per image, summed over pixels (nats); logits broadcast over x."""
+    logits = logits.float()
+    lp = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    return lp.flatten(-3).sum(-1)
 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
