@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 IDENTITY = ["task", "study", "variant", "trial_uid", "trial_number", "backend", "sampler",
             "pruner", "seed"]
-RESULTS = ["state", "objective", "direction", "error"]
+RESULTS = ["state", "objective", "metric", "direction", "error"]  # metric: the objective's name
 COST = ["started_at", "finished_at", "duration_s", "epochs_done", "peak_mem_gb"]
 PROVENANCE = ["config_hash", "git_sha", "bench_version", "torch_version", "device", "gpu_name",
               "host"]
@@ -71,6 +71,15 @@ def write_trial(out: str | Path, row: Mapping[str, Any],
 
 def trial_exists(out: str | Path, task: str, uid: str) -> bool:
     return (task_dir(out, task) / "trials" / f"{uid}.parquet").exists()
+
+
+def read_trial(out: str | Path, task: str, uid: str) -> dict[str, Any] | None:
+    """One trial's row, or None when it has none (or it cannot be read)."""
+    path = task_dir(out, task) / "trials" / f"{uid}.parquet"
+    try:
+        return pq.read_table(path).to_pylist()[0]
+    except (OSError, pa.ArrowException, IndexError):
+        return None
 
 
 def _read_dir(folder: Path) -> pd.DataFrame:

@@ -43,6 +43,8 @@ def test_task_contract(name: str, tmp_path: Path) -> None:
                 + leaderboard.PROVENANCE):
         assert col in rows.columns, col
     assert row["state"] == "COMPLETE" and row["objective"] == pytest.approx(outcome.objective)
+    assert row["metric"] == space_for(name).metric
+    assert row[f"metric_{row['metric']}"] == pytest.approx(row["objective"])
     assert row["epochs_done"] >= 1 and row["duration_s"] > 0
     curves = leaderboard.read_curves(tmp_path / "lb", name, [row["trial_uid"]])
     assert len(curves) == len(ctx.curve)

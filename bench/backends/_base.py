@@ -110,12 +110,13 @@ def _now() -> dt.datetime:
 
 
 def build_row(identity: Mapping[str, Any], params: Mapping[str, Any], *, state: str,
-              objective: float | None, direction: str, metrics: Mapping[str, float],
+              objective: float | None, metric: str, direction: str,
+              metrics: Mapping[str, float],
               error: str | None, started_at: dt.datetime, finished_at: dt.datetime,
               epochs_done: int, peak_mem: float | None, device: torch.device) -> dict[str, Any]:
     row: dict[str, Any] = {k: identity.get(k) for k in leaderboard.IDENTITY}
     row.update({f"param_{k}": v for k, v in params.items()})
-    row.update(state=state, objective=objective, direction=direction, error=error)
+    row.update(state=state, objective=objective, metric=metric, direction=direction, error=error)
     row.update({f"metric_{k}": float(v) for k, v in metrics.items()})
     row.update(started_at=started_at, finished_at=finished_at,
                duration_s=(finished_at - started_at).total_seconds(),
@@ -168,8 +169,9 @@ def execute_trial(task: Task, params: Mapping[str, Any], ctx: TrialContext,
     finished = started + dt.timedelta(seconds=time.perf_counter() - t0)
     if state == "PRUNED":  # the last reported objective stands for a pruned trial
         value = next((v for s, k, v in reversed(ctx.curve) if k == ctx.metric), None)
-    row = build_row(identity, params, state=state, objective=value, direction=direction,
-                    metrics=metrics, error=error, started_at=started, finished_at=finished,
+    row = build_row(identity, params, state=state, objective=value, metric=ctx.metric,
+                    direction=direction, metrics=metrics, error=error,
+                    started_at=started, finished_at=finished,
                     epochs_done=ctx.steps_done, peak_mem=peak_mem_gb(ctx.device),
                     device=ctx.device)
     leaderboard.write_trial(out, row, ctx.curve)

@@ -176,9 +176,11 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
     storage = open_storage(plan.storage_url)
-    retry = getattr(storage, "failed_trial_callback", None)
+    hook = ("heartbeat_stale_trial_callback"  # Optuna >= 4.9; failed_trial_callback before
+            if hasattr(storage, "heartbeat_stale_trial_callback") else "failed_trial_callback")
+    retry = getattr(storage, hook, None)
     if retry is not None:  # a heartbeat-failed trial gets its FAIL row, then is retried
-        storage.failed_trial_callback = _RowThenRetry(plan, retry)  # type: ignore[attr-defined]
+        setattr(storage, hook, _RowThenRetry(plan, retry))
     study = optuna.create_study(
         storage=storage, sampler=make_sampler(plan, worker),
         pruner=make_pruner(plan.pruner), study_name=plan.study_name,
@@ -248,11 +250,23 @@ def fail_stale_trials(plan: Plan, study: optuna.Study) -> list[int]:
     storage = study._storage
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
              if not t.user_attrs.get("suspended")]
+    failed = []
     for t in stale:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
-        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+        row = _written_row(plan, t)
+        if row is not None:  # killed after its row was written: the study adopts the row
+            state = TrialState[row["state"]]
+            done = state == TrialState.COMPLETE
+            storage.set_trial_state_values(trial_id, state, [row["objective"]] if done else None)
+        elif storage.set_trial_state_values(trial_id, TrialState.FAIL):
             _stale_row(plan, t)
-    return [t.number for t in stale]
+            failed.append(t.number)
+    return failed
+
+
+def _written_row(plan: Plan, t: FrozenTrial) -> dict[str, Any] | None:
+    uid = t.user_attrs.get("trial_uid")
+    return leaderboard.read_trial(plan.opts.out, plan.task.name, uid) if uid else None
 
 
 def _stale_row(plan: Plan, t: FrozenTrial,
@@ -267,7 +281,8 @@ def _stale_row(plan: Plan, t: FrozenTrial,
     started = t.datetime_start.astimezone(dt.timezone.utc) if t.datetime_start else time_now()
     steps = max(t.intermediate_values, default=-1) + 1
     row = build_row(identity(plan, t.number, uid, t.user_attrs.get("seed", plan.opts.seed)),
-                    params, state="FAIL", objective=None, direction=plan.direction, metrics={},
+                    params, state="FAIL", objective=None, metric=plan.metric,
+                    direction=plan.direction, metrics={},
                     error=error,
                     started_at=started, finished_at=time_now(), epochs_done=steps,
                     peak_mem=None, device=resolve_device(plan.opts.device))
@@ -289,8 +304,9 @@ def enqueue_missing(plan: Plan, study: optuna.Study) -> int:
              for t in study.get_trials(deepcopy=False, states=(
                  TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))}
     added = 0
-    for point in plan.variant.points():
-        for s in range(plan.variant.seeds):
+    # Seed-major: a partial run covers every point once before repeating any.
+    for s in range(plan.variant.seeds):
+        for point in plan.variant.points():
             if (point_key(point), s) in taken:
                 continue
             study.enqueue_trial(point, user_attrs={"bench_point": point_key(point),
@@ -325,12 +341,14 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params, seed = self.params_for(trial)
-        uid = trial.user_attrs.get("trial_uid")  # set: a suspended trial being resumed
-        if uid is None:
+        uid = trial.user_attrs.get("trial_uid")
+        if uid is not None and trial.user_attrs.get("uid_trial_number") == trial.number:
+            seed = int(trial.user_attrs.get("seed", seed))  # a suspended trial, resumed
+        else:  # a new trial (a retry copies its failed trial's user attrs: not its uid)
             uid = new_trial_uid()
             trial.set_user_attr("trial_uid", uid)
+            trial.set_user_attr("uid_trial_number", trial.number)
             trial.set_user_attr("seed", seed)
-        seed = int(trial.user_attrs.get("seed", seed))
         art = Path(self.plan.opts.out) / self.plan.task.name / "artifacts" / uid
         art.mkdir(parents=True, exist_ok=True)
         ctx = TrialContext(seed, self.device, art, self.plan.metric, self.plan.opts.data_dir,
@@ -407,6 +425,8 @@ def run_slot(plan: Plan, worker_id: str, quota: int | None) -> int:
     signal.signal(signal.SIGUSR2, _on_usr2)
     quota = DEFAULT_SEARCH_TRIALS if quota is None else quota
     study = open_study(plan, slot_index(worker_id))
+    # Reseed per restart: a restarted slot's sampler must not replay its first proposals.
+    study.sampler = make_sampler(plan, slot_index(worker_id) + len(study.get_trials(False)))
     objective = Objective(plan)
     owned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
              if t.user_attrs.get("worker_id") == worker_id]
@@ -477,11 +497,16 @@ class RunResult:
 
 
 def run(opts: RunOptions, progress_factory: Any = None) -> RunResult:
+    if "worker_id" in opts.extra and opts.workers != 1:
+        raise ConfigError(f"--worker-id: a worker slot is one process, got --workers "
+                          f"{opts.workers}; start one slot per worker")
     plan = make_plan(opts)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with study_lock(plan) as lock:
         study = open_study(plan)
-        stale = fail_stale_trials(plan, study) if lock.sole else []
+        # With heartbeats (RDB) Optuna fails stale trials itself, and retries them.
+        heartbeat = is_heartbeat_enabled(study._storage)
+        stale = fail_stale_trials(plan, study) if lock.sole and not heartbeat else []
         lock.share()
         note = f"study {plan.study_name!r} in {plan.storage_url}"
         if "worker_id" in opts.extra:
