@@ -1,0 +1,308 @@
+"""SimSiam (Chen & He, 2021): the stop-gradient and predictor ablations, scored by kNN accuracy.
+
+Reads top to bottom: data, model (backbone, projector, predictor), loss, optimiser and
+schedule, the training loop, the monitors, the objective. The recipe is the paper's
+CIFAR-10 one (appendix D): CIFAR ResNet-18 (3x3 stem, no max-pool), projector of 3 layers
+with BN, output 2048, predictor 2048-512-2048, symmetric negative-cosine loss, SGD with
+lr = 0.03 x batch/256, momentum 0.9, weight decay 5e-4, cosine schedule, batch 512.
+The paper's finding to reproduce: without the stop-gradient, or with an identity
+predictor, the output collapses (collapse_std -> 0, kNN accuracy -> chance) while the
+loss still falls to its minimum of -1.
+
+Speed: the data sit on the device as uint8; both views are augmented there in one batched
+call each (simsiam_augment.py); the loss is accumulated on the device and read once per
+epoch; bf16 autocast and channels_last on CUDA; monitors run in eval mode on clean images.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.data import cap, dataset_spec, load_images
+from bench.errors import ConfigError
+from bench.registry import register_plots, register_task
+from bench.tasks.simsiam_augment import Normalize, TwoViewAugment, mean_std
+from bench.tasks.simsiam_eval import collapse_std, knn_accuracy
+from bench.train import autocast, batches, generator
+from bench.trial import TrialContext
+
+if TYPE_CHECKING:
+    from bench.plots import PlotInput
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": "cifar10",
+    "backbone": "resnet18",      # resnet18 (CIFAR stem) | small (3 convs, for CPU runs)
+    "width": 32,                 # small backbone: channels of its first conv (then x2, x4)
+    "proj_hidden": 2048,         # projector: 3 layers with BN, hidden width
+    "proj_dim": 2048,            # projector output (the paper's 2048)
+    "pred_hidden": 512,          # predictor bottleneck (2048-512-2048 in the paper)
+    "predictor": "mlp",          # mlp | identity (the paper's collapsing ablation)
+    "stop_grad": True,           # False: the other collapsing ablation
+    "fix_pred_lr": False,        # True: predictor keeps the initial lr (no cosine decay)
+    "base_lr": 0.03,             # lr = base_lr x batch_size / 256
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "batch_size": 512,
+    "epochs": 100,
+    "train_size": None,          # cap on training images (a fixed random subset); default all
+    "test_size": None,           # cap on test images (kNN queries); default all
+    "min_scale": 0.2,            # RandomResizedCrop scale lower bound
+    "knn_every": 1,              # monitor interval in epochs (the last epoch always)
+    "knn_k": 200,
+    "knn_t": 0.1,
+    "eval_batch_size": 1024,
+}
+CHOICES = {"backbone": ("resnet18", "small"), "predictor": ("mlp", "identity")}
+
+
+# ---------------------------------------------------------------- data
+def load_data(params: Mapping[str, Any], device: torch.device,
+              data_dir: Path | None) -> dict[str, torch.Tensor]:
+    """uint8 train/test images and labels on the device; the train cap is a fixed subset."""
+    x, y = load_images(params["dataset"], True, data_dir, device)
+    x_test, y_test = load_images(params["dataset"], False, data_dir, device)
+    # Fixed seed 0: every trial sees the same subset, drawn at random so classes stay balanced.
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    idx = cap(order, params["train_size"]).to(device)
+    test_n = len(cap(torch.arange(len(x_test)), params["test_size"]))
+    return {"train": x[idx], "train_y": y[idx], "test": x_test[:test_n], "test_y": y_test[:test_n]}
+
+
+# ---------------------------------------------------------------- model
+def resnet18_cifar(in_ch: int, width: int) -> tuple[nn.Module, int]:
+    """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool (512-d)."""
+    from torchvision.models import resnet18
+
+    net = resnet18()
+    net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()  # 32x32 inputs: the ImageNet stem would leave 8x8 after layer1
+    net.fc = nn.Identity()
+    return net, 512
+
+
+def small_convnet(in_ch: int, width: int) -> tuple[nn.Module, int]:
+    """3 conv-BN-ReLU layers (the last two stride 2), pooled to 2x2 and flattened (16 x width).
+
+    2x2 rather than global pooling keeps coarse layout: at random init it lifts MNIST kNN
+    accuracy (2,048-image bank, k=20) from 0.49 to 0.78, so a short run starts from
+    features worth keeping and a collapse shows as a fall."""
+    layers: list[nn.Module] = []
+    ch = in_ch
+    for i, out in enumerate((width, 2 * width, 4 * width)):
+        layers += [nn.Conv2d(ch, out, 3, 1 if i == 0 else 2, 1, bias=False),
+                   nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        ch = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten()), 4 * ch
+
+
+BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
+    "resnet18": resnet18_cifar, "small": small_convnet}
+
+
+def projector(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """Three linear layers, each followed by BN; the last BN has no affine (as in the paper)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
+
+
+def predictor(dim: int, hidden: int, kind: str) -> nn.Module:
+    """Bottleneck MLP dim-hidden-dim (BN on the hidden layer only), or the identity."""
+    if kind == "identity":
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class SimSiam(nn.Module):
+    def __init__(self, in_ch: int = 3, backbone: str = "resnet18", width: int = 32,
+                 proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512,
+                 pred_kind: str = "mlp"):
+        super().__init__()
+        self.backbone, feat_dim = BACKBONES[backbone](in_ch, width)
+        self.projector = projector(feat_dim, proj_hidden, proj_dim)
+        self.predictor = predictor(proj_dim, pred_hidden, pred_kind)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(p1, p2, z1, z2). The views go through separately, as in the paper: BN statistics
+        are per view."""
+        z1, z2 = self.project(x1), self.project(x2)
+        return self.predictor(z1), self.predictor(z2), z1, z2
+
+
+def build_model(params: Mapping[str, Any], in_ch: int, device: torch.device) -> SimSiam:
+    model = SimSiam(in_ch, params["backbone"], int(params["width"]), int(params["proj_hidden"]),
+                    int(params["proj_dim"]), int(params["pred_hidden"]), params["predictor"])
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+# ---------------------------------------------------------------- loss
+def negative_cosine(p: torch.Tensor, z: torch.Tensor, stop_grad: bool = True) -> torch.Tensor:
+    """D(p, z) = -cos(p, z), batch mean, in [-1, 1]; z is the target (detached by stop_grad)."""
+    if stop_grad:
+        z = z.detach()
+    return -F.cosine_similarity(p.float(), z.float(), dim=-1).mean()
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+                 stop_grad: bool = True) -> torch.Tensor:
+    """Symmetric loss 0.5 D(p1, z2) + 0.5 D(p2, z1)."""
+    return 0.5 * (negative_cosine(p1, z2, stop_grad) + negative_cosine(p2, z1, stop_grad))
+
+
+# ---------------------------------------------------------------- optimiser
+def build_optimizer(model: SimSiam, params: Mapping[str, Any]) -> torch.optim.SGD:
+    """SGD at lr = base_lr x batch/256 (linear scaling, Goyal et al. 2017); each group keeps
+    its `initial_lr` and a `fixed` flag that exempts it from the schedule."""
+    lr = float(params["base_lr"]) * int(params["batch_size"]) / 256
+    pred = list(model.predictor.parameters())
+    pred_ids = {id(p) for p in pred}
+    rest = [p for p in model.parameters() if id(p) not in pred_ids]
+    groups = [{"params": rest, "fixed": False}]
+    if pred:
+        groups.append({"params": pred, "fixed": bool(params["fix_pred_lr"])})
+    for g in groups:
+        g["initial_lr"] = lr
+    return torch.optim.SGD(groups, lr=lr, momentum=float(params["momentum"]),
+                           weight_decay=float(params["weight_decay"]))
+
+
+def set_cosine_lr(opt: torch.optim.Optimizer, step: int, total_steps: int) -> None:
+    """lr = initial x 0.5 (1 + cos(pi t / T)), per step; `fixed` groups keep their initial lr."""
+    factor = 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] if g["fixed"] else g["initial_lr"] * factor
+
+
+# ---------------------------------------------------------------- training
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """drop_last: a final batch of 1 would break BatchNorm; sets smaller than a batch are one."""
+    return max(1, n // batch_size)
+
+
+def train_epoch(model: SimSiam, opt: torch.optim.Optimizer, aug: TwoViewAugment,
+                x_u8: torch.Tensor, params: Mapping[str, Any], gen: torch.Generator,
+                step0: int, total_steps: int) -> torch.Tensor:
+    """One pass; returns the mean training loss as a device tensor (read once, per epoch)."""
+    model.train()
+    dev = x_u8.device
+    total, n_steps = torch.zeros((), device=dev), 0
+    for idx in batches(len(x_u8), int(params["batch_size"]), dev, gen, drop_last=True):
+        set_cosine_lr(opt, step0 + n_steps, total_steps)
+        x1, x2 = aug(x_u8[idx])
+        if dev.type == "cuda":
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+            x2 = x2.contiguous(memory_format=torch.channels_last)
+        with autocast(dev):
+            p1, p2, z1, z2 = model(x1, x2)
+        loss = simsiam_loss(p1, p2, z1, z2, bool(params["stop_grad"]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+        n_steps += 1
+    return total / max(n_steps, 1)
+
+
+# ---------------------------------------------------------------- monitors
+@torch.no_grad()
+def embed(model: SimSiam, norm: Normalize, x_u8: torch.Tensor,
+          batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(backbone features, projector outputs) of clean images, eval mode, fp32."""
+    model.eval()
+    feats, projs = [], []
+    for xb in x_u8.split(batch):
+        x = norm(xb)
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x.device):
+            h = model.backbone(x)
+            z = model.projector(h)
+        feats.append(h.float())
+        projs.append(z.float())
+    return torch.cat(feats), torch.cat(projs)
+
+
+def monitors(model: SimSiam, norm: Normalize, data: Mapping[str, torch.Tensor],
+             params: Mapping[str, Any], classes: int) -> dict[str, float]:
+    """kNN accuracy of the test set against the train bank (backbone features, as the
+    SimSiam kNN monitors do) and collapse_std of the test-set projector output z."""
+    bs = int(params["eval_batch_size"])
+    bank, _ = embed(model, norm, data["train"], bs)
+    query, z = embed(model, norm, data["test"], bs)
+    acc = knn_accuracy(query, data["test_y"], bank, data["train_y"], classes,
+                       int(params["knn_k"]), float(params["knn_t"]))
+    return {"knn_acc": acc, "collapse_std": collapse_std(z)}
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    rules = [(k, params[k] in v, f"must be one of {', '.join(v)}") for k, v in CHOICES.items()]
+    rules += [(k, int(params[k]) >= 1, "must be >= 1")
+              for k in ("width", "proj_hidden", "proj_dim", "pred_hidden", "batch_size",
+                        "knn_every", "knn_k", "epochs")]
+    rules += [("batch_size", int(params["batch_size"]) >= 2, "must be >= 2 (BatchNorm)"),
+              ("min_scale", 0 < float(params["min_scale"]) <= 1, "must be in (0, 1]"),
+              ("knn_t", float(params["knn_t"]) > 0, "must be > 0"),
+              ("base_lr", float(params["base_lr"]) > 0, "must be > 0")]
+    bad = [f"simsiam: {k}: {rule}, got {params[k]!r}" for k, ok, rule in rules if not ok]
+    if bad:
+        raise ConfigError(bad)
+
+
+SMOKE = {"dataset": "mnist", "backbone": "small", "width": 8, "proj_hidden": 32, "proj_dim": 32,
+         "pred_hidden": 8, "batch_size": 64, "epochs": 2, "train_size": 256, "test_size": 128,
+         "knn_k": 20, "eval_batch_size": 256}
+
+
+@register_task("simsiam", metric="knn_acc", direction="maximize", defaults=DEFAULTS,
+               smoke=SMOKE)
+def simsiam(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
+    """SimSiam self-supervised pretraining; kNN accuracy, loss and collapse monitors."""
+    check_params(params)
+    dev = ctx.device
+    data = load_data(params, dev, ctx.data_dir)
+    ch, size = int(data["train"].shape[1]), int(data["train"].shape[-1])
+    mean, std = mean_std(params["dataset"], ch)
+    aug = TwoViewAugment(ch, size, mean, std, float(params["min_scale"])).to(dev)
+    norm = Normalize(mean, std).to(dev)
+    model = build_model(params, ch, dev)
+    opt = build_optimizer(model, params)
+    gen = generator(dev, ctx.seed)
+    classes, epochs = dataset_spec(params["dataset"]).classes, int(params["epochs"])
+    per_epoch = steps_per_epoch(len(data["train"]), int(params["batch_size"]))
+    train_s, seen, last = 0.0, 0, {}
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        loss = float(train_epoch(model, opt, aug, data["train"], params, gen,
+                                 epoch * per_epoch, epochs * per_epoch))
+        train_s += time.perf_counter() - t0
+        seen += per_epoch * min(int(params["batch_size"]), len(data["train"]))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at epoch {epoch}")
+        point = {"train_loss": loss}
+        if (epoch + 1) % int(params["knn_every"]) == 0 or epoch == epochs - 1:
+            last = monitors(model, norm, data, params, classes)
+            point.update(last)
+        ctx.report(epoch, **point)
+    return {**last, "train_loss": loss, "train_images_per_s": seen / max(train_s, 1e-9)}
+
+
+@register_plots("simsiam")
+def simsiam_plots(inp: PlotInput) -> list[Path]:
+    """Curves per cell (mean, band over seeds) and a final-accuracy bar per cell."""
+    from bench.tasks.simsiam_plots import draw
+
+    return draw(inp)
