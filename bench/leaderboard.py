@@ -131,8 +131,8 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
 def rank(df: pd.DataFrame, by: str = "config_hash") -> pd.DataFrame:
     """Group COMPLETE rows by configuration; mean, std and n over seeds; best first.
 
-    `objective_*` summarise the objective; `metric_*` columns hold means. The varying
-    parameters are kept (first value of the group: they are equal within a config).
+    `objective_mean/_std` summarise the objective; `metric_X` and `metric_X_std` every
+    final metric. The varying parameters are kept (equal within a config).
     """
     done = df[df["state"] == "COMPLETE"] if not df.empty else df
     if done.empty:
@@ -145,9 +145,11 @@ def rank(df: pd.DataFrame, by: str = "config_hash") -> pd.DataFrame:
         objective_mean=("objective", "mean"), objective_std=("objective", "std"),
         n=("objective", "size"), variant=("variant", "first"), study=("study", "first"),
         **{c: (c, "first") for c in params},
-        **{c: (c, "mean") for c in metric_columns(done)},
+        **{k: v for c in metric_columns(done)
+           for k, v in ((c, (c, "mean")), (f"{c}_std", (c, "std")))},
     ).reset_index()
-    table["objective_std"] = table["objective_std"].fillna(0.0)
+    stds = [c for c in table.columns if c.endswith("_std")]
+    table[stds] = table[stds].fillna(0.0)  # one seed: no spread
     table = table.sort_values("objective_mean", ascending=direction == "minimize")
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
@@ -163,12 +165,27 @@ def format_table(df: pd.DataFrame, fmt: str = "table", float_digits: int = 4) ->
         return df.to_csv(index=False)
     if fmt == "json":
         return df.to_json(orient="records", indent=2, date_format="iso")
-    shown = df.rename(columns=lambda c: c.removeprefix("param_").removeprefix("metric_"))
+    shown = _mean_pm_std(df).rename(
+        columns=lambda c: c.removeprefix("param_").removeprefix("metric_"))
     if fmt == "markdown":
         return shown.to_markdown(index=False, floatfmt=f".{float_digits}g")
     if fmt == "table":
         return shown.to_string(index=False, float_format=lambda x: f"{x:.{float_digits}g}")
     raise ValueError(f"format must be table, csv, markdown or json, got {fmt!r}")
+
+
+def _mean_pm_std(df: pd.DataFrame) -> pd.DataFrame:
+    """For people: `X` and `X_std` become one text column "mean +- std"."""
+    out = df.copy()
+    for std in [c for c in df.columns if c.endswith("_std")]:
+        mean = "objective_mean" if std == "objective_std" else std.removesuffix("_std")
+        if mean not in df.columns:
+            continue
+        name = "objective" if mean == "objective_mean" else mean
+        out[mean] = [f"{m:.4g} +- {s:.2g}" if pd.notna(m) else "" for m, s in
+                     zip(df[mean], df[std], strict=True)]
+        out = out.drop(columns=std).rename(columns={mean: name})
+    return out
 
 
 def board(out: str | Path, task: str, study: str | None = None, variant: str | None = None,

@@ -24,6 +24,7 @@ import fcntl
 import json
 import math
 import multiprocessing as mp
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # as optimize
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection
@@ -476,6 +478,8 @@ def _worker_main(plan: Plan, n_trials: int, worker: int) -> None:
     from bench.cli import install_signal_handlers
 
     install_signal_handlers()
+    if resolve_device(plan.opts.device).type == "cpu":  # k workers share the cores, not k x all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.opts.workers))
     try:
         run_worker(plan, n_trials, worker)
     except KeyboardInterrupt:
