@@ -77,8 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         study=args.study, storage=args.storage, out=args.out, data_dir=args.data_dir,
         device=args.device, workers=args.workers, space_file=args.space,
         progress=not args.quiet, extra=_backend_extra(args))
+    result: Any
     if args.backend == "ray":
-        from bench.backends import ray as ray_backend  # type: ignore[attr-defined]
+        from bench.backends import ray as ray_backend
 
         result = ray_backend.run(opts)
     else:
@@ -90,11 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if result.stale_failed:
             print(f"marked FAIL (left RUNNING by a killed run): trials {result.stale_failed}")
     _summary(result, args)
-    return 0
+    return int(getattr(result, "exit_code", 0))  # 75: a worker slot suspended on SIGUSR2
 
 
 def _backend_extra(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpus_per_trial", "cpus_per_trial", "address", "max_failures", "resume")
+    keys = ("gpus_per_trial", "cpus_per_trial", "address", "max_failures", "resume",
+            "worker_id")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -137,6 +139,41 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_brain_sim(args: argparse.Namespace) -> int:
+    from bench.brain.sim import write_cohort
+
+    print(write_cohort(args.out, args.n, args.shape, args.seed))
+    return 0
+
+
+def cmd_data_brain_check(args: argparse.Namespace) -> int:
+    from bench.brain.cohort import CohortSpec, load_cohort
+
+    spec = CohortSpec(args.cohort, args.shape, args.metadata, args.file_pattern)
+    cohort = load_cohort(spec, args.on_bad_file)  # DataError listing every bad file: exit 2
+    print(f"ok: {len(cohort.meta)} subjects at {args.shape}^3 from {args.cohort}")
+    return 0
+
+
+def _add_data(sub: Any) -> None:
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command",
+                                                                       required=True)
+    p = data.add_parser("brain-sim", help="write a simulated T1 cohort (MNI152 template)")
+    p.add_argument("--n", type=int, default=600, help="subjects (default 600)")
+    p.add_argument("--shape", type=int, default=96, help="cube edge in voxels (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="cohort folder to write")
+    p.set_defaults(func=cmd_data_brain_sim)
+    p = data.add_parser("brain-check", help="read every image of a cohort; exit 2 listing "
+                        "every bad file or row")
+    p.add_argument("cohort", type=Path)
+    p.add_argument("--shape", type=int, default=96)
+    p.add_argument("--metadata", default="metadata.csv")
+    p.add_argument("--file-pattern", default="{id}.nii.gz")
+    p.add_argument("--on-bad-file", choices=("error", "skip"), default="error")
+    p.set_defaults(func=cmd_data_brain_check)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=default_out(),
                    help="leaderboard root (default: $BENCH_OUT or ./leaderboards)")
@@ -177,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, help="ray: retries of a failed trial")
     p.add_argument("--resume", action="store_true", default=None,
                    help="ray: continue an interrupted experiment")
+    p.add_argument("--worker-id", help="optuna: a worker slot kept across restarts (bench "
+                   "slurm sets it): --trials counts its trials in total; SIGUSR2 suspends "
+                   "its trial, which it resumes when restarted")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_run)
@@ -199,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plot)
 
+    _add_data(sub)
+    from bench.backends.slurm import add_slurm_parser
+
+    add_slurm_parser(sub, _add_common)
     return parser
 
 

@@ -4,6 +4,21 @@ An objective reports curve points with `ctx.report(step, **metrics)`; the backen
 about the objective metric through `on_report` and may stop the trial by returning True
 from `should_prune()`, in which case `report` raises `TrialPruned`. Objectives never
 import Optuna or Ray, so the same function runs under either, under Slurm, or in a test.
+
+Preemption is backend-neutral too: `should_stop()` turns True when the backend wants the
+trial to give up its slot (Slurm's `--signal=USR2@90` under `bench run --worker-id`); the
+objective then calls `suspend(state)` at a step boundary, which saves `state` and the curve
+so far and ends this attempt (no row). When the backend runs the trial again (same
+artifact folder), `load_state()` returns that state, restores the curve, and the objective
+continues where it stopped:
+
+    state = ctx.load_state()                      # None on a fresh trial
+    first = 0 if state is None else state["next_epoch"]
+    for epoch in range(first, epochs):
+        ...
+        ctx.report(epoch, ...)
+        if ctx.should_stop():
+            ctx.suspend({"next_epoch": epoch + 1, "model": model.state_dict(), ...})
 """
 
 from __future__ import annotations
@@ -12,11 +27,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from bench.errors import TrialPruned
+from bench.errors import TrialPruned, TrialSuspended
+
+STATE_FILE = "suspended_state.pt"
 
 
 def _never() -> bool:
@@ -35,6 +52,12 @@ class TrialContext:
     on_step: Callable[[int, dict[str, float]], None] | None = None  # progress display
     curve: list[tuple[int, str, float]] = field(default_factory=list)
     steps_done: int = 0
+    stop_check: Callable[[], bool] = _never  # the backend asks the trial to suspend
+
+    @property
+    def state_path(self) -> Path:
+        """Where `suspend` saves the trial's state: the artifact folder, kept across attempts."""
+        return self.artifact_dir / STATE_FILE
 
     def report(self, step: int, **metrics: Any) -> None:
         """Record one curve point per metric at `step` (an epoch, usually); may raise TrialPruned."""
@@ -51,6 +74,29 @@ class TrialContext:
 
     def should_prune(self) -> bool:
         return bool(self.prune_check())
+
+    def should_stop(self) -> bool:
+        """True when the backend wants this trial suspended (e.g. a preemption notice)."""
+        return bool(self.stop_check())
+
+    def suspend(self, state: Any) -> NoReturn:
+        """Save `state` (anything `torch.save` takes) and the curve so far, then end this
+        attempt with `TrialSuspended`; the backend resumes the trial later."""
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{STATE_FILE}.tmp")
+        torch.save({"state": state, "curve": list(self.curve), "steps_done": self.steps_done},
+                   tmp)
+        tmp.replace(self.state_path)
+        raise TrialSuspended(f"suspended after step {self.steps_done - 1}")
+
+    def load_state(self) -> Any | None:
+        """The state saved by `suspend` in an earlier attempt (its curve restored), or None."""
+        if not self.state_path.exists():
+            return None
+        saved = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        self.curve = [tuple(p) for p in saved["curve"]]  # type: ignore[misc]
+        self.steps_done = int(saved["steps_done"])
+        return saved["state"]
 
 
 def local_context(seed: int = 0, device: str = "cpu", artifact_dir: str | Path = ".",

@@ -1,0 +1,379 @@
+"""Ray Tune backend: the same task, YAML space and leaderboard as the Optuna backend, on Ray.
+
+- Space: `Param.to_ray` (inclusive bounds kept). `--sampler tpe|cmaes|qmc` search through
+  Ray's `OptunaSearch` with the matching Optuna sampler; `random` is Ray's own random
+  search; `grid` (and every enumerated variant, times its `seeds`) is `tune.grid_search`.
+- Pruning: `--pruner asha` is Ray's ASHA, `hyperband` its asynchronous HyperBand (ASHA with
+  3 brackets: the synchronous one pauses trials, which a function trainable without
+  checkpoints would restart from scratch), `median` the median-stopping rule, `none` FIFO.
+  Every scheduler counts `epochs_done`, so rungs are in the task's own steps.
+- Trials: each one runs the objective through `execute_trial` in its Ray worker and writes
+  its own row. A trial the scheduler stops gets a PRUNED row: Ray stops a function trainable
+  by raising `SystemExit` from `tune.report` in its thread, which `_Reporter` turns into
+  bench's prune decision; `BenchTrainable.cleanup` waits for the row before Ray tears the
+  actor down. A failed trial raises, so Ray's `--max-failures` retries it; the retry has
+  the same `trial_uid` (derived from the experiment path and Ray's trial id), so the
+  leaderboard keeps one row per trial: its last attempt.
+- Experiments live under `<out>/<task>/ray/<study>` (or under `--storage`, any Ray storage
+  path); `--resume` continues one with `Tuner.restore`, re-running only unfinished trials.
+  Ray changes the working directory of trials, so every path is made absolute first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.result import RESULT_DUPLICATE
+from ray.tune.trainable.function_trainable import FunctionTrainable
+
+from bench.backends._base import RunOptions, execute_trial
+from bench.backends.optuna import DEFAULT_SEARCH_TRIALS, Plan, make_plan
+from bench.errors import ConfigError, TrialFailed
+from bench.space import merge_params
+from bench.train import resolve_device
+from bench.trial import TrialContext
+
+STEP = "epochs_done"  # the scheduler's time attribute: steps the objective has reported
+SEED_INDEX = "bench_seed_index"  # grid axis of the repeated seeds of an enumerated variant
+ROW_WAIT_S = 60.0  # how long a stopped trial's actor waits for the trial to write its row
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # trials pass only configs and metrics through it
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The Ray-only flags of `bench run` (RunOptions.extra), validated."""
+
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    address: str | None = None
+    max_failures: int = 0
+    resume: bool = False
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> RayOptions:
+        o = cls(**{k: extra[k] for k in ("gpus_per_trial", "cpus_per_trial", "address",
+                                          "max_failures", "resume") if extra.get(k) is not None})
+        errs = o.problems()
+        if errs:
+            raise ConfigError(errs)
+        return o
+
+    def problems(self) -> list[str]:
+        errs = []
+        g, c = self.gpus_per_trial, self.cpus_per_trial
+        if not math.isfinite(g) or g < 0:
+            errs.append(f"--gpus-per-trial: must be >= 0, got {g}")
+        elif g > 1 and g != int(g):
+            errs.append(f"--gpus-per-trial: a share of one GPU (0 < g <= 1) or a whole number "
+                        f"of GPUs, got {g}")
+        if not math.isfinite(c) or c < 0 or (c > 1 and c != int(c)):
+            errs.append(f"--cpus-per-trial: must be >= 0, and whole above 1, got {c}")
+        if self.max_failures < -1:
+            errs.append(f"--max-failures: must be >= 0 (or -1: retry forever), got "
+                        f"{self.max_failures}")
+        return errs
+
+
+@dataclass
+class RayRunResult:
+    plan: Plan
+    n_planned: int
+    stale_failed: list[int]
+    storage_note: str
+    experiment_path: str
+    errors: int
+
+
+# ---------------------------------------------------------------- inside a trial (Ray worker)
+
+def trial_uid(experiment_path: str, ray_trial_id: str) -> str:
+    """Stable across retries and restores of one Ray trial, unique across experiments."""
+    return hashlib.sha256(f"{experiment_path}/{ray_trial_id}".encode()).hexdigest()[:16]
+
+
+def plain(value: Any) -> Any:
+    """Ray's samplers hand out numpy scalars; params (and config hashes) hold Python ones, as
+    under the Optuna backend."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def trial_number(ray_trial_id: str, trial_dir: str) -> int:
+    """0-based creation order. Ray's own generator ids end in a 0-based counter
+    (`f7436_00003`); with a searcher ids are random and the trial folder is named
+    `<trainable>_<id>_<n>_<config>...`, n counting trials from 1."""
+    tail = ray_trial_id.rsplit("_", 1)[-1]
+    if "_" in ray_trial_id and tail.isdigit():
+        return int(tail)
+    m = re.search(re.escape(ray_trial_id) + r"_(\d+)", Path(trial_dir).name)
+    return max(0, int(m.group(1)) - 1) if m else 0
+
+
+class _Reporter:
+    """Sends the objective metric to Ray; remembers whether Ray stopped the trial."""
+
+    def __init__(self, metric: str):
+        self.metric, self.stopped = metric, False
+
+    def report(self, step: int, value: float) -> None:
+        if self.stopped:
+            return
+        try:
+            tune.report({self.metric: value, STEP: step + 1})
+        except SystemExit:  # Ray's scheduler stopped this trial while report waited
+            self.stopped = True
+
+    def should_prune(self) -> bool:
+        return self.stopped
+
+    def final(self, metrics: Mapping[str, float], steps: int) -> None:
+        """The final metrics as the last result (the searcher's value for the trial)."""
+        if self.stopped:
+            return
+        try:
+            tune.report({**metrics, STEP: steps, "bench_state": "COMPLETE"})
+        except SystemExit:  # stopped after the row was written: nothing left to do
+            pass
+
+
+def run_trial(plan: Plan, experiment_path: str, ray_trial_id: str,
+              config: Mapping[str, Any]) -> bool:
+    """One Ray trial: merge its parameters, run the objective, write its row.
+
+    Returns True when Ray stopped the trial (its session is then gone)."""
+    point = {k: plain(v) for k, v in config.items() if k != SEED_INDEX}
+    number = trial_number(ray_trial_id, tune.get_context().get_trial_dir() or "")
+    offset = int(config[SEED_INDEX]) if SEED_INDEX in config else number
+    seed = plan.opts.seed + offset
+    params = merge_params(plan.task, plan.space, plan.variant, point, plan.opts.overrides)
+    uid = trial_uid(experiment_path, ray_trial_id)
+    out = Path(plan.opts.out)
+    art = out / plan.task.name / "artifacts" / uid
+    art.mkdir(parents=True, exist_ok=True)
+    reporter = _Reporter(plan.metric)
+    ctx = TrialContext(seed, resolve_device(plan.opts.device), art, plan.metric,
+                       plan.opts.data_dir, on_report=reporter.report,
+                       prune_check=reporter.should_prune)
+    ident = {"task": plan.task.name, "study": plan.study_name, "variant": plan.variant_name,
+             "trial_uid": uid, "trial_number": number, "backend": "ray",
+             "sampler": plan.opts.sampler, "pruner": plan.pruner, "seed": seed}
+    outcome = execute_trial(plan.task, params, ctx, ident, out, plan.direction)
+    if outcome.state == "FAIL":
+        raise TrialFailed(outcome.error or "failed")  # Ray marks it ERROR and may retry it
+    if outcome.state == "COMPLETE":
+        reporter.final(outcome.metrics, ctx.steps_done)
+    return reporter.stopped
+
+
+class BenchTrainable(FunctionTrainable):
+    """A function trainable running `run_trial`, whose actor outlives the trial's row."""
+
+    def setup(self, config: dict[str, Any], plan: Plan | None = None,
+              experiment_path: str = "") -> None:
+        assert plan is not None
+        self._plan, self._experiment_path = plan, experiment_path
+        self._row_written = threading.Event()
+        super().setup(config)
+
+    def _trainable_func(self, config: dict[str, Any]) -> None:
+        try:
+            stopped = run_trial(self._plan, self._experiment_path, self.trial_id, config)
+        finally:
+            self._row_written.set()
+        if not stopped:  # as Ray's own function wrapper ends: "no new result, trial done"
+            try:
+                tune.report({RESULT_DUPLICATE: True})
+            except SystemExit:
+                pass
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        # A reused actor: Ray ends the last trial's thread here (2 s at most; else the actor
+        # is stopped and `cleanup` waits), so a True means that trial's row is written.
+        ok = bool(super().reset_config(new_config))
+        if ok:
+            self._row_written = threading.Event()
+        return ok
+
+    def cleanup(self) -> None:
+        # Ray releases a stopped trial's thread here (its report raises SystemExit) and then
+        # ends the actor; without this wait the PRUNED row could be lost with the process.
+        try:
+            super().cleanup()
+        finally:
+            self._row_written.wait(ROW_WAIT_S)
+
+
+# ---------------------------------------------------------------- the driver
+
+def _searcher(plan: Plan) -> Any:
+    """OptunaSearch with the Optuna sampler of the same name; None: Ray's random/grid."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed, name = plan.opts.seed, plan.opts.sampler
+    factories: dict[str, Callable[[], Any]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                                  constant_liar=True),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+    }
+    if name not in factories or not plan.searched():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return OptunaSearch(sampler=factories[name]())
+
+
+def max_steps(plan: Plan) -> int:
+    """The most steps a trial can report: its `epochs` (the largest, if epochs is searched)."""
+    searched = plan.searched().get("epochs")
+    if searched is not None and searched.high is not None:
+        return int(searched.high)
+    params = merge_params(plan.task, plan.space, plan.variant, {}, plan.opts.overrides)
+    return max(1, int(params.get("epochs") or 1))
+
+
+def _scheduler(plan: Plan) -> Any:
+    from ray.tune import schedulers as s
+
+    # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial at its
+    # last epoch must be allowed to return its final metrics.
+    max_t = max_steps(plan) + 1
+    factories: dict[str, Callable[[], Any]] = {
+        "asha": lambda: s.ASHAScheduler(time_attr=STEP, max_t=max_t, grace_period=1),
+        "hyperband": lambda: s.AsyncHyperBandScheduler(time_attr=STEP, max_t=max_t,
+                                                       grace_period=1, brackets=3),
+        "median": lambda: s.MedianStoppingRule(time_attr=STEP, grace_period=1,
+                                               min_samples_required=5),
+        "none": s.FIFOScheduler,
+    }
+    return factories[plan.pruner]()
+
+
+def param_space(plan: Plan) -> tuple[dict[str, Any], int]:
+    """Ray's param_space and num_samples for the plan."""
+    v = plan.variant
+    if v is not None and v.enumerated:
+        space: dict[str, Any] = {k: tune.grid_search(list(vals)) for k, vals in v.grid.items()
+                                 if k not in plan.opts.overrides}
+        space[SEED_INDEX] = tune.grid_search(list(range(v.seeds)))
+        return space, 1
+    if plan.opts.sampler == "grid":
+        return {k: tune.grid_search(p.grid_values()) for k, p in plan.searched().items()}, 1
+    n = DEFAULT_SEARCH_TRIALS if plan.opts.trials is None else plan.opts.trials
+    return {k: p.to_ray() for k, p in plan.searched().items()}, n
+
+
+def absolute(opts: RunOptions) -> RunOptions:
+    """Ray runs trials in their own working directories: make every path absolute."""
+    def fix(p: Path | None) -> Path | None:
+        return Path(p).expanduser().resolve() if p is not None else None
+
+    return dataclasses.replace(opts, out=Path(opts.out).expanduser().resolve(),
+                               data_dir=fix(opts.data_dir), space_file=fix(opts.space_file))
+
+
+def storage_path(plan: Plan) -> str:
+    s = plan.opts.storage
+    if s and "://" in s and not s.startswith(("s3://", "gs://", "file://")):
+        raise ConfigError(f"--storage {s}: with --backend ray, --storage is where Ray keeps "
+                          "its experiments (a folder, s3:// or gs://), not an Optuna database")
+    if s:
+        return s if "://" in s else str(Path(s).expanduser().resolve())
+    return str(Path(plan.opts.out) / plan.task.name / "ray")
+
+
+def _env_for_workers() -> dict[str, str]:
+    """BENCH_* variables (data, spaces) as absolute paths, for workers on other nodes too."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("BENCH_")}
+    for k in ("BENCH_DATA", "BENCH_SPACES", "BENCH_OUT"):
+        if k in env:
+            env[k] = str(Path(env[k]).expanduser().resolve())
+    return env
+
+
+def connect(ropts: RayOptions, quiet: bool = True) -> bool:
+    """Join `--address` or start a local cluster; True when this call did (so must shut down)."""
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": _env_for_workers()}
+    if ropts.address:
+        ray.init(address=ropts.address, runtime_env=runtime_env, log_to_driver=not quiet)
+    else:
+        cpus = os.environ.get("BENCH_RAY_CPUS")
+        ray.init(num_cpus=int(cpus) if cpus else None, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env,
+                 log_to_driver=not quiet)
+    return True
+
+
+def check_resources(ropts: RayOptions, device: str) -> None:
+    """Fail before launch when no node could ever hold one trial."""
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0.0)), float(total.get("CPU", 0.0))
+    errs = []
+    if ropts.gpus_per_trial > gpus:
+        errs.append(f"--gpus-per-trial {ropts.gpus_per_trial:g}: the Ray cluster has "
+                    f"{gpus:g} GPU(s)")
+    if ropts.cpus_per_trial > cpus:
+        errs.append(f"--cpus-per-trial {ropts.cpus_per_trial:g}: the Ray cluster has "
+                    f"{cpus:g} CPU(s)")
+    if device.startswith("cuda") and ropts.gpus_per_trial <= 0:
+        errs.append(f"--device {device}: Ray hides GPUs from trials that request none; "
+                    "give --gpus-per-trial (e.g. 0.25 for four trials per GPU)")
+    if errs:
+        raise ConfigError(errs)
+
+
+def make_tuner(plan: Plan, ropts: RayOptions, path: str, name: str) -> tune.Tuner:
+    experiment = str(Path(path) / name) if "://" not in path else f"{path}/{name}"
+    trainable = tune.with_resources(
+        tune.with_parameters(BenchTrainable, plan=plan, experiment_path=experiment),
+        {"cpu": ropts.cpus_per_trial, "gpu": ropts.gpus_per_trial})
+    if ropts.resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise ConfigError(f"--resume: no Ray experiment to restore at {experiment}")
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                  resume_errored=ropts.max_failures != 0)
+    if tune.Tuner.can_restore(experiment):
+        raise ConfigError(f"a Ray experiment already exists at {experiment}: add --resume to "
+                          "continue it, or name a new one with --study")
+    space, n = param_space(plan)
+    cfg = tune.TuneConfig(metric=plan.metric, mode=plan.direction[:3], num_samples=n,
+                          search_alg=_searcher(plan), scheduler=_scheduler(plan),
+                          max_concurrent_trials=plan.opts.workers if plan.opts.workers > 1
+                          else None, reuse_actors=True)
+    run_cfg = tune.RunConfig(name=name, storage_path=path,
+                             failure_config=tune.FailureConfig(max_failures=ropts.max_failures),
+                             verbose=1 if plan.opts.progress else 0)
+    return tune.Tuner(trainable, param_space=space, tune_config=cfg, run_config=run_cfg)
+
+
+def run(opts: RunOptions) -> RayRunResult:
+    """`bench run --backend ray`: plan, connect, fit; the rows are already written by then."""
+    ropts = RayOptions.from_extra(opts.extra)
+    plan = make_plan(absolute(opts))
+    path = storage_path(plan)
+    started = connect(ropts, quiet=not plan.opts.progress)
+    try:
+        check_resources(ropts, plan.opts.device)
+        tuner = make_tuner(plan, ropts, path, plan.study_name)
+        results = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    where = f"{path}/{plan.study_name}"
+    note = f"Ray experiment {plan.study_name!r} in {where}"
+    return RayRunResult(plan, len(results), [], note, where, len(results.errors))

@@ -1,0 +1,121 @@
+"""A real PostgreSQL study: concurrent workers, a worker killed mid-trial, heartbeat retry.
+
+Needs a server: `slurm/local-postgres.sh` (as root) starts Debian's on localhost with the
+role and database of the default URL below; `BENCH_TEST_POSTGRES` names another. Skips
+cleanly when none answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import leaderboard
+
+pytestmark = pytest.mark.postgres
+URL = os.environ.get("BENCH_TEST_POSTGRES", "postgresql://bench:bench@localhost:5432/bench")
+GRACE_S = 30  # bench's RDB storages: heartbeat every 10 s, stale after 30 s
+
+
+def postgres_up() -> bool:
+    try:
+        import psycopg2
+    except ImportError:
+        return False
+    try:
+        psycopg2.connect(URL, connect_timeout=3).close()
+    except psycopg2.Error:
+        return False
+    return True
+
+
+if not postgres_up():
+    pytest.skip(f"no PostgreSQL answers at {URL} (run slurm/local-postgres.sh as root, or set "
+                "BENCH_TEST_POSTGRES)", allow_module_level=True)
+
+
+def worker(out: Path, study: str, trials: int) -> list[str]:
+    return [sys.executable, "-m", "bench.cli", "run", "synthetic", "--storage", URL, "--study",
+            study, "--trials", str(trials), "--set", "sleep_s=0.5", "--set", "epochs=6",
+            "--pruner", "none", "--out", str(out), "--quiet"]
+
+
+@pytest.fixture
+def study_name() -> Iterator[str]:
+    import optuna
+
+    name = f"pg-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    try:
+        optuna.delete_study(study_name=name, storage=URL)
+    except KeyError:
+        pass
+
+
+def test_killed_worker_trial_fails_is_retried_and_study_completes(
+        tmp_path: Path, study_name: str) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    out = tmp_path / "lb"
+    procs = [subprocess.Popen(worker(out, study_name, 3), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # every worker in the middle of a trial
+            try:
+                trials = optuna.load_study(study_name=study_name, storage=URL).get_trials()
+            except KeyError:
+                trials = []
+            running = [t for t in trials if t.state == TrialState.RUNNING
+                       and t.intermediate_values]
+            if len(running) == 4:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("4 workers never ran trials at once")
+        procs[0].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        for p in procs[1:]:
+            out_text, _ = p.communicate(timeout=180)
+            assert p.returncode == 0, out_text
+        procs[0].wait()
+        assert procs[0].returncode == -signal.SIGKILL
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    # The victim's trial is RUNNING until its heartbeat is GRACE_S old; a late worker then
+    # marks it FAIL (with its FAIL row) and runs the retry Optuna enqueued.
+    study = optuna.load_study(study_name=study_name, storage=URL)
+    stale = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert len(stale) == 1
+    victim = stale[0]
+    time.sleep(max(0.0, killed_at + GRACE_S + 2 - time.time()))
+    late = subprocess.run(worker(out, study_name, 1), capture_output=True, text=True,
+                          timeout=180)
+    assert late.returncode == 0, late.stderr
+
+    trials = study.get_trials()
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    assert trials[victim.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == victim.params
+    rows = leaderboard.read_trials(out, "synthetic", study=study_name)
+    assert len(rows) == len(trials) and rows["trial_uid"].is_unique  # one row per trial
+    assert sorted(rows["trial_number"]) == [t.number for t in trials]
+    fail = rows[rows["trial_number"] == victim.number].iloc[0]
+    assert fail["state"] == "FAIL" and "heartbeat" in fail["error"]
+    retry = rows[rows["trial_number"] == retries[0].number].iloc[0]
+    assert retry["state"] == "COMPLETE" and retry["trial_uid"] != fail["trial_uid"]
+    # 3 survivors x 3 trials, the victim's finished ones, its FAIL and the retry
+    assert (rows["state"] == "COMPLETE").sum() == len(trials) - 1

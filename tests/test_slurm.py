@@ -1,0 +1,284 @@
+"""`bench slurm`: rendered scripts (no Slurm needed), then real jobs on a running controller.
+
+The `slurm` tests need a controller that answers `sinfo` (slurm/local-cluster.sh starts a
+one-node cluster as root); they skip cleanly without one. The jobs run the synthetic task
+in the test's temporary folder, which the local node shares.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import bench_cli
+
+from bench import leaderboard
+from bench.backends import slurm
+
+TIMEOUT_S = 300
+
+
+def slurm_up() -> bool:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "-o", "%T"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.rstrip("*~#") in ("idle", "mixed", "allocated")
+                                       for s in out.stdout.split())
+
+
+slurm_running = pytest.mark.skipif(not slurm_up(), reason="no Slurm controller answers "
+                                   "sinfo (run slurm/local-cluster.sh as root)")
+
+
+# ---------------------------------------------------------------- rendering: no Slurm needed
+
+def test_dry_run_renders_array_with_preemption(tmp_path: Path) -> None:
+    o = slurm.SubmitOptions("synthetic", trials=10, workers=4, out=tmp_path / "lb",
+                            overrides=["epochs=2"], partition="gpu", gpus_per_worker=1)
+    script = slurm.submit(dataclass_replace(o, dry_run=True))
+    assert "#SBATCH --array=0-3" in script
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=USR2@90" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gres=gpu:1" in script
+    assert "quota=$(( 10 / 4 + (i < 10 % 4 ? 1 : 0) ))" in script
+    assert f"--storage {tmp_path / 'lb' / 'synthetic' / 'optuna.journal'}" in script
+    assert "--worker-id" in script and "scontrol requeue" in script
+    assert "{{" not in script
+    # the quotas the script computes add up to the total, for any split
+    for n, k in ((10, 4), (8, 4), (3, 5), (1, 1)):
+        assert sum(n // k + (1 if i < n % k else 0) for i in range(k)) == n
+    # bash accepts it
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_dry_run_ray_mode_per_job_ports(tmp_path: Path) -> None:
+    o = slurm.SubmitOptions("synthetic", trials=6, workers=2, mode="ray", gpus_per_worker=2,
+                            gpus_per_trial=0.5, out=tmp_path / "lb", dry_run=True)
+    script = slurm.submit(o)
+    assert "#SBATCH --nodes=2" in script and "--backend ray" in script
+    assert "--gpus-per-trial 0.5" in script and "--num-gpus=2" in script
+    assert "SLURM_JOB_ID % 200" in script and "--resume" in script
+    path = tmp_path / "ray.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_submit_rejects_bad_options_all_at_once(tmp_path: Path) -> None:
+    r = bench_cli("slurm", "submit", "synthetic", "--workers", "0", "--gpus-per-worker", "0.5",
+                  "--storage", "sqlite:///x.db", "--out", str(tmp_path), "--dry-run")
+    assert r.returncode == 2, r.stderr
+    for text in ("--workers", "--gpus-per-worker", "SQLite"):
+        assert text in r.stderr
+
+
+def dataclass_replace(o: slurm.SubmitOptions, **kw: object) -> slurm.SubmitOptions:
+    import dataclasses
+
+    return dataclasses.replace(o, **kw)  # type: ignore[arg-type]
+
+
+def test_worker_slot_suspends_on_usr2_and_resumes_without_slurm(tmp_path: Path) -> None:
+    """The mechanism under the Slurm jobs, with plain processes: SIGUSR2 mid-trial makes
+    the slot save its trial and exit 75; the same command resumes that trial and finishes
+    the slot's quota exactly."""
+    import os
+    import signal
+    import sys
+
+    out, journal = tmp_path / "lb", tmp_path / "study.journal"
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--storage", str(journal),
+           "--worker-id", "w0", "--trials", "2", "--pruner", "none", "--set", "sleep_s=0.5",
+           "--set", "epochs=6", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and any(t.state.name == "RUNNING" and t.intermediate_values
+                                    for t in journal_trials(journal)):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, text
+    assert not leaderboard.read_trials(out, "synthetic").shape[0]  # nothing finished yet
+    (t,) = journal_trials(journal)
+    assert t.state.name == "RUNNING" and t.user_attrs["suspended"] is True
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    trials = journal_trials(journal)
+    assert len(trials) == 2 and all(x.state.name == "COMPLETE" for x in trials)
+    assert trials[0].user_attrs["suspensions"] == 1
+    assert sorted(trials[0].intermediate_values) == list(range(6))
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 2 and rows["trial_uid"].is_unique
+    assert trials[0].user_attrs["trial_uid"] in set(rows["trial_uid"])
+
+
+def journal_trials(path: Path) -> list:
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name="synthetic", storage=storage).get_trials()
+
+
+# ---------------------------------------------------------------- real jobs
+
+def squeue_state(job: str) -> str:
+    out = subprocess.run(["squeue", "--noheader", "-j", job, "-o", "%T %r"],
+                         capture_output=True, text=True)
+    return " ".join(out.stdout.split())
+
+
+def wait_done(job: str, release_requeued: bool = False) -> None:
+    """Wait until every task of `job` has left the queue (requeued ones started at once)."""
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline:
+        state = squeue_state(job)
+        if not state:
+            return
+        if release_requeued and "BeginTime" in state:  # Slurm delays a requeued job ~2 min
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                           capture_output=True)
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    pytest.fail(f"job {job} still queued after {TIMEOUT_S} s: {state}")
+
+
+def submit(tmp_path: Path, *args: str) -> str:
+    r = bench_cli("slurm", "submit", "synthetic", "--out", str(tmp_path / "lb"), *args,
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().splitlines()[-1]
+    assert job.isdigit(), r.stdout
+    return job
+
+
+def study_trials(tmp_path: Path) -> list:
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "lb" / "synthetic" / "optuna.journal")))
+    return optuna.load_study(study_name="synthetic", storage=storage).get_trials()
+
+
+def logs(tmp_path: Path) -> str:
+    folder = tmp_path / "lb" / "synthetic" / "slurm"
+    return "\n".join(p.read_text() for p in folder.glob("*.out"))
+
+
+@pytest.mark.slurm
+@slurm_running
+def test_array_of_4_finishes_exactly_8_trials(tmp_path: Path) -> None:
+    job = submit(tmp_path, "--trials", "8", "--workers", "4", "--set", "sleep_s=0.05",
+                 "--pruner", "none")
+    wait_done(job)
+    rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
+    assert len(rows) == 8, logs(tmp_path)
+    assert rows["trial_uid"].is_unique and sorted(rows["trial_number"]) == list(range(8))
+    assert set(rows["state"]) == {"COMPLETE"}
+    trials = study_trials(tmp_path)
+    assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
+    per_worker = sorted(t.user_attrs["worker_id"] for t in trials)
+    assert per_worker == sorted([f"{job}-{i}" for i in range(4)] * 2)
+    status = bench_cli("slurm", "status", "synthetic", "--out", str(tmp_path / "lb"))
+    assert f"job {job}: 8/8 trials finished by 4 workers" in status.stdout, status.stderr
+
+
+@pytest.mark.slurm
+@slurm_running
+def test_usr2_suspends_trial_requeues_and_resumes_it_exactly(tmp_path: Path) -> None:
+    import optuna
+
+    from bench.registry import get_task
+    from bench.trial import local_context
+
+    job = submit(tmp_path, "--trials", "3", "--workers", "1", "--set", "sleep_s=1.0",
+                 "--set", "epochs=6", "--set", "noise=0.5", "--pruner", "none")
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a trial in mid-course
+        journal = tmp_path / "lb" / "synthetic" / "optuna.journal"
+        running = [t for t in study_trials(tmp_path) if t.state.name == "RUNNING"] \
+            if journal.exists() else []
+        if running and 2 <= len(running[0].intermediate_values) <= 3:
+            break
+        time.sleep(0.3)
+    else:
+        subprocess.run(["scancel", job])
+        pytest.fail("no trial reached step 2: " + logs(tmp_path))
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_done(job, release_requeued=True)
+
+    trials = study_trials(tmp_path)
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    resumed = [t for t in trials if t.user_attrs.get("suspensions")]
+    assert len(resumed) == 1, logs(tmp_path)
+    t = resumed[0]
+    assert sorted(t.intermediate_values) == list(range(6))
+    rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
+    assert len(rows) == 3 and rows["trial_uid"].is_unique
+    assert set(rows["state"]) == {"COMPLETE"}
+    row = rows[rows["trial_uid"] == t.user_attrs["trial_uid"]].iloc[0]
+    curve = leaderboard.read_curves(tmp_path / "lb", "synthetic", [row["trial_uid"]])
+    assert sorted(curve["step"]) == list(range(6))  # each step once: kept, not re-run
+    # the resumed trial ends exactly where an uninterrupted run of it ends
+    task = get_task("synthetic")
+    params = {**task.defaults, "epochs": 6, "noise": 0.5, "sleep_s": 0.0, **t.params}
+    ref = task.objective(params, local_context(int(t.user_attrs["seed"]), "cpu",
+                                               tmp_path / "ref", "loss"))
+    assert row["objective"] == pytest.approx(ref["loss"], rel=1e-12)
+    assert "suspended its trial; requeueing" in logs(tmp_path)
+
+
+@pytest.mark.slurm
+@slurm_running
+def test_requeue_mid_trial_fails_that_trial_and_totals_stay_exact(tmp_path: Path) -> None:
+    """`scontrol requeue` (SIGTERM, no warning): the running trial ends FAIL with its row,
+    and the requeued worker runs only what its quota still lacks."""
+    job = submit(tmp_path, "--trials", "3", "--workers", "1", "--set", "sleep_s=0.7",
+                 "--set", "epochs=6", "--pruner", "none")
+    journal = tmp_path / "lb" / "synthetic" / "optuna.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        running = [t for t in study_trials(tmp_path) if t.state.name == "RUNNING"] \
+            if journal.exists() else []
+        if running and len(running[0].intermediate_values) >= 2:
+            break
+        time.sleep(0.3)
+    else:
+        subprocess.run(["scancel", job])
+        pytest.fail("no trial reached step 2: " + logs(tmp_path))
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_done(job, release_requeued=True)
+
+    trials = study_trials(tmp_path)
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials), logs(tmp_path)
+    rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
+    assert len(rows) == 3 and rows["trial_uid"].is_unique
+    assert sorted(rows["state"]) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert "interrupted" in rows.loc[rows["state"] == "FAIL", "error"].iloc[0]
+
+
+@pytest.mark.slurm
+@pytest.mark.ray
+@slurm_running
+def test_ray_mode_runs_a_ray_cluster_inside_one_allocation(tmp_path: Path) -> None:
+    pytest.importorskip("ray.tune")
+    job = submit(tmp_path, "--mode", "ray", "--trials", "4", "--workers", "1",
+                 "--cpus-per-worker", "2", "--cpus-per-trial", "1", "--set", "epochs=3",
+                 "--pruner", "asha")
+    wait_done(job)
+    rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
+    assert len(rows) == 4 and rows["trial_uid"].is_unique, logs(tmp_path)
+    assert set(rows["backend"]) == {"ray"} and set(rows["state"]) <= {"COMPLETE", "PRUNED"}
+    assert "Ray experiment 'synthetic'" in logs(tmp_path)
+    leftover = subprocess.run(["pgrep", "-f", f"/tmp/ray-{job}/"], capture_output=True)
+    assert leftover.returncode == 1, "the job's Ray processes outlived it"
