@@ -80,6 +80,13 @@ def test_rerun_resumes_and_adds_trials(out: Path) -> None:
     assert sorted(df["trial_number"]) == [0, 1, 2, 3, 4] and df["trial_uid"].is_unique
 
 
+def test_a_resumed_search_does_not_replay_its_first_points(out: Path) -> None:
+    assert run(out, "--trials", "2", "--sampler", "random") == 0
+    assert run(out, "--trials", "2", "--sampler", "random") == 0
+    df = rows(out)
+    assert len(df) == 4 and not df.duplicated(["param_x", "param_y"]).any()
+
+
 def _wait_running(out: Path, study: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:

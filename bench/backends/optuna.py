@@ -144,11 +144,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     # A server database: heartbeats let a crashed worker's trial be failed and retried.
     return optuna.storages.RDBStorage(
         url, heartbeat_interval=10, grace_period=30,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=2))
 
 
-def make_sampler(plan: Plan, worker: int) -> optuna.samplers.BaseSampler:
-    seed = plan.opts.seed + 1000 * worker  # workers must not propose the same points
+def make_sampler(plan: Plan, worker: int, n_existing: int = 0) -> optuna.samplers.BaseSampler:
+    # Workers must not propose the same points, nor a resumed study replay its first ones.
+    seed = plan.opts.seed + 1000 * worker + 100_003 * n_existing
     name = plan.opts.sampler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -191,6 +193,9 @@ def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
         raise ConfigError(
             f"study {plan.study_name!r} in {plan.storage_url} was created to "
             f"{study.direction.name.lower()} but this run would {plan.direction}; use --study NEW")
+    n_existing = len(study.get_trials(deepcopy=False))
+    if n_existing:
+        study.sampler = make_sampler(plan, worker, n_existing)
     return study
 
 
@@ -426,9 +431,7 @@ def run_slot(plan: Plan, worker_id: str, quota: int | None) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     signal.signal(signal.SIGUSR2, _on_usr2)
     quota = DEFAULT_SEARCH_TRIALS if quota is None else quota
-    study = open_study(plan, slot_index(worker_id))
-    # Reseed per restart: a restarted slot's sampler must not replay its first proposals.
-    study.sampler = make_sampler(plan, slot_index(worker_id) + len(study.get_trials(False)))
+    study = open_study(plan, slot_index(worker_id))  # reseeded: a restart proposes anew
     objective = Objective(plan)
     owned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
              if t.user_attrs.get("worker_id") == worker_id]
