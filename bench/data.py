@@ -99,12 +99,29 @@ def load_images(name: str, train: bool, data_dir: str | Path | None = None,
     return _DEVICE[dkey]
 
 
-def split_indices(n: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, holdout) index tensors: a fixed-seed permutation, the same in every trial."""
-    if not 0 < holdout < n:
-        raise DataError(f"holdout size must be in (0, {n}), got {holdout}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[holdout:], perm[:holdout]
+def subsets(name: str, device: torch.device, data_dir: str | Path | None = None,
+            train_size: int | None = None, test_size: int | None = None,
+            val_size: int = 0) -> dict[str, torch.Tensor]:
+    """uint8 images and labels on the device: `train`, `val` (if val_size), `test` (+ `_y`).
+
+    One fixed-seed permutation of the training set, the same in every trial: its first
+    `val_size` images are the validation split, the next `train_size` the training subset
+    (a random subset, so a small one still holds every class). `test` is the data set's
+    own test split, its first `test_size` images.
+    """
+    x, y = load_images(name, True, data_dir, device)
+    x_test, y_test = load_images(name, False, data_dir, device)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train_idx = cap(perm[val_size:], train_size).to(x.device)
+    n_test = len(cap(torch.arange(len(x_test)), test_size))
+    out = {"train": x[train_idx], "train_y": y[train_idx],
+           "test": x_test[:n_test], "test_y": y_test[:n_test]}
+    if val_size:
+        if not 0 < val_size < len(x):
+            raise DataError(f"val_size must be in (0, {len(x)}), got {val_size}")
+        val_idx = perm[:val_size].to(x.device)
+        out.update(val=x[val_idx], val_y=y[val_idx])
+    return out
 
 
 def cap(idx: torch.Tensor, size: int | None) -> torch.Tensor:

@@ -60,7 +60,7 @@ class TrialContext:
         return self.artifact_dir / STATE_FILE
 
     def report(self, step: int, **metrics: Any) -> None:
-        """Record one curve point per metric at `step` (an epoch, usually); may raise TrialPruned."""
+        """Record one curve point per metric at `step` (an epoch); may raise TrialPruned."""
         values = {k: float(v) for k, v in metrics.items()}
         self.curve.extend((int(step), k, v) for k, v in values.items())
         self.steps_done = max(self.steps_done, int(step) + 1)

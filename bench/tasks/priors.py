@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.data import cap, load_images
+from bench.data import load_images, subsets
 from bench.distributions import Family, family_names, get_family, kl
 from bench.errors import ConfigError
 from bench.registry import register_task
@@ -69,14 +69,8 @@ GRID = 64  # images in each artifact grid (8 x 8)
 def load_data(params: Mapping[str, Any], device: torch.device,
               data_dir: Path | None) -> dict[str, torch.Tensor]:
     """uint8 training images (binarised per batch) and binarised test images, on the device."""
-    x_all, y_all = load_images(params["dataset"], True, data_dir, device)
-    x_test, y_test = load_images(params["dataset"], False, data_dir, device)
-    # A fixed permutation, so that a small train_size still holds every class.
-    perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
-    idx = cap(perm, params["train_size"]).to(device)
-    n_test = len(cap(torch.arange(len(x_test)), params["test_size"]))
-    return {"train": x_all[idx], "train_y": y_all[idx],
-            "test": binarize(x_test[:n_test], "static", "bernoulli"), "test_y": y_test[:n_test]}
+    d = subsets(params["dataset"], device, data_dir, params["train_size"], params["test_size"])
+    return {**d, "test": binarize(d["test"], "static", "bernoulli")}
 
 
 # ---------------------------------------------------------------- model

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import cap, dataset_spec, load_images
+from bench.data import dataset_spec, subsets
 from bench.errors import ConfigError
 from bench.registry import register_plots, register_task
 from bench.tasks.simsiam_augment import Normalize, TwoViewAugment, mean_std
@@ -67,13 +67,7 @@ CHOICES = {"backbone": ("resnet18", "small"), "predictor": ("mlp", "identity")}
 def load_data(params: Mapping[str, Any], device: torch.device,
               data_dir: Path | None) -> dict[str, torch.Tensor]:
     """uint8 train/test images and labels on the device; the train cap is a fixed subset."""
-    x, y = load_images(params["dataset"], True, data_dir, device)
-    x_test, y_test = load_images(params["dataset"], False, data_dir, device)
-    # Fixed seed 0: every trial sees the same subset, drawn at random so classes stay balanced.
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    idx = cap(order, params["train_size"]).to(device)
-    test_n = len(cap(torch.arange(len(x_test)), params["test_size"]))
-    return {"train": x[idx], "train_y": y[idx], "test": x_test[:test_n], "test_y": y_test[:test_n]}
+    return subsets(params["dataset"], device, data_dir, params["train_size"], params["test_size"])
 
 
 # ---------------------------------------------------------------- model

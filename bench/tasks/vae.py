@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import cap, load_images, split_indices
+from bench.data import load_images, subsets
 from bench.errors import ConfigError
 from bench.registry import register_task
 from bench.train import autocast, batches, generator
@@ -68,18 +68,14 @@ def binarize(x_u8: torch.Tensor, mode: str, likelihood: str,
 
 def load_split(params: Mapping[str, Any], device: torch.device,
                data_dir: Path | None) -> dict[str, torch.Tensor]:
-    """uint8 train/val/test images on the device; eval sets binarized once, identically for all."""
-    x_all, y_all = load_images(params["dataset"], True, data_dir, device)
-    x_test, y_test = load_images(params["dataset"], False, data_dir, device)
-    train_idx, val_idx = split_indices(len(x_all), int(params["val_size"]), seed=0)
-    train_idx = cap(train_idx, params["train_size"]).to(device)
-    val_idx = val_idx.to(device)
-    test_n = len(cap(torch.arange(len(x_test)), params["test_size"]))
+    """uint8 training images; val/test binarized once, identically for every trial."""
+    d = subsets(params["dataset"], device, data_dir, params["train_size"],
+                params["test_size"], int(params["val_size"]))
     eval_gen = generator(device, 0)  # dynamic binarization: one fixed draw for evaluation
     lik, mode = params["likelihood"], params["binarize"]
-    return {"train": x_all[train_idx], "train_y": y_all[train_idx],
-            "val": binarize(x_all[val_idx], mode, lik, eval_gen),
-            "test": binarize(x_test[:test_n], mode, lik, eval_gen), "test_y": y_test[:test_n]}
+    return {"train": d["train"], "train_y": d["train_y"],
+            "val": binarize(d["val"], mode, lik, eval_gen),
+            "test": binarize(d["test"], mode, lik, eval_gen), "test_y": d["test_y"]}
 
 
 # ---------------------------------------------------------------- model
