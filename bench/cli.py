@@ -13,7 +13,6 @@ from typing import Any
 from bench.errors import BenchError, ConfigError
 
 
-
 def install_signal_handlers() -> None:
     """SIGTERM ends a run like Ctrl-C: the running trial is marked FAIL and gets its row."""
 
@@ -46,21 +45,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from bench.registry import get_task
-    from bench.space import load_space, parse_overrides, spaces_dir
+    from bench.space import spaces_dir, validate_file
 
     paths = [Path(p) for p in args.paths] or sorted(spaces_dir().glob("*.yaml"))
     problems: list[str] = []
     for path in paths:
-        try:
-            space = load_space(path)
-            if args.set:
-                parse_overrides(args.set, get_task(space.task))
-            print(f"ok: {path} ({len(space.params)} params, {len(space.variants)} variants)")
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        except BenchError as exc:
-            problems.append(f"{path}: {exc}")
+        found, summary = validate_file(path, args.set)
+        problems.extend(found)
+        if not found:
+            print(f"ok: {path} ({summary})")
     if problems:
         raise ConfigError(problems)
     return 0
@@ -73,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     opts = RunOptions(
         task=args.task, trials=args.trials, variant=args.variant, sampler=args.sampler,
-        pruner=args.pruner, seed=args.seed, overrides=parse_overrides(args.set, get_task(args.task)),
+        pruner=args.pruner, seed=args.seed,
+        overrides=parse_overrides(args.set, get_task(args.task)),
         study=args.study, storage=args.storage, out=args.out, data_dir=args.data_dir,
         device=args.device, workers=args.workers, space_file=args.space,
         progress=not args.quiet, extra=_backend_extra(args))

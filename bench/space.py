@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from bench.errors import ConfigError
+from bench.errors import BenchError, ConfigError
 from bench.registry import Task, get_task
 
 TOP_KEYS = {"task", "metric", "direction", "fixed", "params", "variants"}
@@ -291,6 +291,33 @@ def load_space(path: str | Path, expect_task: str | None = None) -> Space:
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{path}: invalid YAML: {at}{getattr(exc, 'problem', exc)}") from None
     return parse_space(raw, str(path), expect_task)
+
+
+def validate_file(path: str | Path, overrides: Iterable[str] = ()) -> tuple[list[str], str]:
+    """Every problem of a space file and of `--set` overrides against its task, and a summary."""
+    problems: list[str] = []
+    space = None
+    try:
+        space = load_space(path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    task_name = space.task if space else _declared_task(path)
+    if overrides and task_name:
+        try:
+            parse_overrides(overrides, get_task(task_name))
+        except BenchError as exc:
+            problems.extend(getattr(exc, "problems", [str(exc)]))
+    summary = f"{len(space.params)} params, {len(space.variants)} variants" if space else ""
+    return problems, summary
+
+
+def _declared_task(path: str | Path) -> str | None:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    name = raw.get("task") if isinstance(raw, Mapping) else None
+    return name if isinstance(name, str) else None
 
 
 def space_for(task: str) -> Space:
