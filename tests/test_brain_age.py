@@ -1,0 +1,253 @@
+"""brain-age: the NIfTI cohort loader, the simulator, the splits and an end-to-end run."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.errors import DataError
+from tests.conftest import bench_cli
+
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("nilearn")
+
+from bench.brain import cohort as cohort_mod  # noqa: E402
+from bench.brain import sim  # noqa: E402
+from bench.brain.cohort import BadFilesWarning, CohortSpec, load_cohort, load_volume  # noqa: E402
+
+SHAPE, N = 24, 60
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 simulated subjects at 24^3 (~3 s); tests that modify it work on a copy."""
+    return sim.write_cohort(tmp_path_factory.mktemp("brain") / "cohort", N, SHAPE, seed=0)
+
+
+def copy_cohort(src: Path, dst: Path, n: int | None = None) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".bench_cache"))
+    if n is not None:
+        meta = pd.read_csv(dst / "metadata.csv", dtype={"id": str})
+        for sid in meta["id"][n:]:
+            (dst / f"{sid}.nii.gz").unlink()
+        meta.iloc[:n].to_csv(dst / "metadata.csv", index=False)
+    return dst
+
+
+# ---------------------------------------------------------------- loader
+def test_lps_and_ras_copies_load_to_the_same_array(tmp_path: Path) -> None:
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    rng = np.random.default_rng(0)
+    data = rng.random((20, 24, 16)).astype(np.float32) + 0.1  # asymmetric on every axis
+    ras = nib.Nifti1Image(data, np.diag([1.5, 1.0, 2.0, 1.0]))
+    lps = ras.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("LPS")))
+    assert nib.aff2axcodes(lps.affine) == ("L", "P", "S")
+    assert not np.allclose(np.asarray(lps.dataobj), data)  # stored flipped on disk
+    nib.save(ras, tmp_path / "ras.nii.gz")
+    nib.save(lps, tmp_path / "lps.nii.gz")
+    for resize in ("crop", "resample"):
+        a = load_volume(tmp_path / "ras.nii.gz", 32, resize, "none")
+        b = load_volume(tmp_path / "lps.nii.gz", 32, resize, "none")
+        assert a.shape == (32, 32, 32) and a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    crop = load_volume(tmp_path / "ras.nii.gz", 32, "crop", "none")
+    np.testing.assert_array_equal(crop[6:26, 4:28, 8:24], data)  # centre-padded, untouched
+
+
+def test_resample_keeps_the_physical_aspect(tmp_path: Path) -> None:
+    # 40 x 20 voxels of 1 mm and 2 mm: a 40 mm square, so it fills the cube on both axes.
+    nib.save(nib.Nifti1Image(np.ones((40, 20, 40), np.float32), np.diag([1.0, 2.0, 1.0, 1])),
+             tmp_path / "a.nii.gz")
+    vol = load_volume(tmp_path / "a.nii.gz", 16, "resample", "none")
+    assert vol.shape == (16, 16, 16) and np.allclose(vol, 1.0)
+
+
+def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = copy_cohort(tiny_cohort, tmp_path / "c", n=12)
+    spec = CohortSpec(folder, 16)
+    first = load_cohort(spec)
+    assert first.volumes.dtype == __import__("torch").float16
+    assert tuple(first.volumes.shape) == (12, 1, 16, 16, 16)
+    assert list(first.meta["id"]) == [f"sub-{i:04d}" for i in range(12)]
+    direct = load_volume(folder / "sub-0003.nii.gz", 16)
+    np.testing.assert_allclose(first.volumes[3, 0].float().numpy(), direct, atol=2e-3)
+    assert 0.5 < float(np.percentile(direct[direct > 0], 99)) < 1.5  # percentile-normalised
+    cached = list((folder / ".bench_cache").glob("*.npy"))
+    assert len(cached) == 1
+    cohort_mod._MEMORY.clear()  # a new process: the .npy is read, no NIfTI
+
+    def no_nifti(*args: object, **kw: object) -> None:
+        raise AssertionError("a NIfTI was read despite the cache")
+
+    monkeypatch.setattr(cohort_mod, "load_volume", no_nifti)
+    again = load_cohort(spec)
+    assert (again.volumes == first.volumes).all()
+
+
+def make_bad_cohort(tiny_cohort: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    folder = copy_cohort(tiny_cohort, tmp_path / "bad", n=10)
+    raw = (folder / "sub-0000.nii.gz").read_bytes()
+    (folder / "sub-0000.nii.gz").write_bytes(raw[: len(raw) // 2])            # truncated
+    (folder / "sub-0001.nii.gz").write_text("not an image\n")                 # non-NIfTI
+    with gzip.open(folder / "sub-0002.nii.gz", "wb") as fh:                   # gzip, not NIfTI
+        fh.write(b"x" * 4000)
+    (folder / "sub-0003.nii.gz").unlink()                                      # row, no image
+    meta = pd.read_csv(folder / "metadata.csv", dtype={"id": str})
+    meta.loc[4, "gmv"] = np.nan                                                # NaN target
+    meta.to_csv(folder / "metadata.csv", index=False)
+    shutil.copy(folder / "sub-0005.nii.gz", folder / "sub-9999.nii.gz")      # image, no row
+    expect = {"sub-0000": "truncated", "sub-0001": "not a readable NIfTI",
+              "sub-0002": "not a readable NIfTI", "sub-0003": "without an image",
+              "id sub-0004": "NaN", "sub-9999": "without a metadata row"}
+    return folder, expect
+
+
+def test_every_bad_file_is_named_in_one_error(tiny_cohort: Path, tmp_path: Path) -> None:
+    folder, expect = make_bad_cohort(tiny_cohort, tmp_path)
+    with pytest.raises(DataError) as err:
+        load_cohort(CohortSpec(folder, 16))
+    lines = str(err.value).splitlines()
+    assert "6 bad" in lines[0]
+    for name, reason in expect.items():
+        assert any(name in ln and reason in ln for ln in lines), (name, reason, lines)
+
+    with pytest.warns(BadFilesWarning) as warned:
+        kept = load_cohort(CohortSpec(folder, 16), on_bad_file="skip")
+    assert all(name in str(warned[0].message) for name in expect)
+    assert list(kept.meta["id"]) == [f"sub-{i:04d}" for i in range(5, 10)]
+    assert len(kept.volumes) == 5
+
+
+def test_cli_exit_2_on_bad_files(tiny_cohort: Path, tmp_path: Path) -> None:
+    folder, expect = make_bad_cohort(tiny_cohort, tmp_path)
+    res = bench_cli("data", "brain-check", str(folder), "--shape", "16", timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert all(name in res.stderr for name in expect)
+    ok = bench_cli("data", "brain-check", str(folder), "--shape", "16", "--on-bad-file", "skip")
+    assert ok.returncode == 0 and "5 subjects" in ok.stdout and "sub-0000" in ok.stderr
+
+
+def test_bench_run_on_a_bad_cohort_exits_2_and_writes_nothing(tiny_cohort: Path,
+                                                              tmp_path: Path) -> None:
+    folder, expect = make_bad_cohort(tiny_cohort, tmp_path)
+    out = tmp_path / "lb"
+    res = bench_cli("run", "brain-age", "--out", str(out), "--set", f"cohort={folder}",
+                    "--set", "shape=16", timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert all(name in res.stderr for name in expect) and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_task_raises_data_error_unless_skip(tiny_cohort: Path, tmp_path: Path) -> None:
+    from bench.registry import get_task
+    from bench.trial import local_context
+
+    folder, _ = make_bad_cohort(tiny_cohort, tmp_path)
+    copy_cohort(tiny_cohort, tmp_path / "more")  # enough good subjects for three splits
+    task = get_task("brain-age")
+    params = {**task.defaults, **task.smoke, "cohort": str(folder), "shape": 16}
+    with pytest.raises(DataError):
+        task.objective(params, local_context(0, "cpu", tmp_path / "a", "val_mae"))
+    params["cohort"] = str(tmp_path / "more")
+    metrics = task.objective({**params, "on_bad_file": "skip"},
+                             local_context(0, "cpu", tmp_path / "b", "val_mae"))
+    assert np.isfinite(metrics["val_mae"])
+
+
+# ---------------------------------------------------------------- simulator
+def test_simulator_is_deterministic(tmp_path: Path) -> None:
+    a = sim.write_cohort(tmp_path / "a", 3, 16, seed=7)
+    b = sim.write_cohort(tmp_path / "b", 3, 16, seed=7)
+    assert (a / "metadata.csv").read_bytes() == (b / "metadata.csv").read_bytes()
+    for i in range(3):
+        x = np.asarray(nib.load(a / f"sub-{i:04d}.nii.gz").dataobj)
+        y = np.asarray(nib.load(b / f"sub-{i:04d}.nii.gz").dataobj)
+        np.testing.assert_array_equal(x, y)
+    other = sim.write_cohort(tmp_path / "c", 3, 16, seed=8)
+    assert (other / "metadata.csv").read_bytes() != (a / "metadata.csv").read_bytes()
+
+
+def test_metadata_volumes_are_the_tissue_sums(tiny_cohort: Path) -> None:
+    meta = pd.read_csv(tiny_cohort / "metadata.csv")
+    assert list(meta.columns) == sim.COLUMNS
+    t = sim.load_template(SHAPE)
+    vox_ml = t.vox_mm**3 / 1000
+    for i in (0, 7, 33):
+        row, tissues, _ = sim.simulate_subject(t, 0, i)
+        gm, wm, csf = (float(v) * vox_ml for v in tissues.double().sum((1, 2, 3)))
+        assert row["gmv"] == pytest.approx(gm) and row["wmv"] == pytest.approx(wm)
+        assert row["csfv"] == pytest.approx(csf) and row["tiv"] == pytest.approx(gm + wm + csf)
+        assert meta.loc[i, "gmv"] == pytest.approx(gm, rel=1e-6)
+        assert meta.loc[i, "tiv"] == pytest.approx(meta.loc[i, ["csfv", "gmv", "wmv"]].sum())
+        assert (tissues >= -1e-6).all()
+
+
+def test_cohort_looks_like_the_original(tiny_cohort: Path) -> None:
+    meta = pd.read_csv(tiny_cohort / "metadata.csv")
+    assert meta["age"].between(6, 80).all()
+    assert meta["age"].between(10, 30).mean() > 0.5  # most subjects 10-30
+    assert np.corrcoef(meta["age"], meta["gmv"])[0, 1] < -0.3
+    assert np.corrcoef(meta["age"], meta["csfv"])[0, 1] > 0.3
+    assert set(meta["sex"]) == {"F", "M"} and meta["site"].nunique() > 1
+    stored = {nib.aff2axcodes(nib.load(p).affine) for p in tiny_cohort.glob("*.nii.gz")}
+    assert len(stored) > 1  # some sites store LAS/LPS: the loader must reorient
+
+
+def test_tissue_trends_with_age() -> None:
+    t = sim.load_template(SHAPE)
+    gen = __import__("torch").Generator()
+    vols = {a: sim.aged_tissues(t, a, gen.manual_seed(0)).sum((1, 2, 3)) for a in (10, 40, 75)}
+    gm, wm, csf = (lambda a, k: float(vols[a][k]),) * 3
+    assert gm(10, 0) > gm(40, 0) > gm(75, 0)       # GM declines through adulthood
+    assert wm(40, 1) > wm(10, 1) and wm(40, 1) > wm(75, 1)  # WM peaks mid-life
+    assert csf(10, 2) < csf(40, 2) < csf(75, 2)    # ventricles and sulci widen
+
+
+# ---------------------------------------------------------------- splits and the run
+def test_stratified_splits_and_the_cohorts_own_test_split() -> None:
+    from bench.tasks.brain_age import DEFAULTS, make_splits
+
+    ages = np.r_[np.full(40, 15.0), np.full(20, 25.0), np.full(8, 65.0)]
+    meta = pd.DataFrame({"id": [str(i) for i in range(len(ages))], "age": ages})
+    sp = make_splits(meta, DEFAULTS)
+    assert sorted(np.concatenate(list(sp.values()))) == list(range(len(ages)))
+    assert [int((ages[sp["test"]] == a).sum()) for a in (15, 25, 65)] == [10, 5, 2]
+    again = make_splits(meta, DEFAULTS)
+    assert all((sp[k] == again[k]).all() for k in sp)
+    meta["split"] = ["test" if i % 4 == 0 else "train" for i in range(len(ages))]
+    own = make_splits(meta, DEFAULTS)
+    assert sorted(own["test"]) == list(range(0, len(ages), 4))
+
+
+def test_bench_run_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli("run", "brain-age", "--trials", "2", "--sampler", "random", "--quiet",
+                    "--device", "cpu", "--out", str(out), "--set", f"cohort={tiny_cohort}",
+                    "--set", f"shape={SHAPE}", "--set", "epochs=2", "--set", "batch_size=8",
+                    "--set", "mlp_steps=100", timeout=600)
+    assert res.returncode == 0, res.stderr
+    from bench import leaderboard
+
+    rows = leaderboard.read_trials(out, "brain-age")
+    assert list(rows["state"]) == ["COMPLETE", "COMPLETE"], rows["error"].tolist()
+    assert rows["metric_test_mae"].between(0, 80).all()
+    assert rows["metric_val_mae"].equals(rows["objective"])
+    uid = rows["trial_uid"].iloc[0]
+    pred = pd.read_csv(out / "brain-age" / "artifacts" / uid / "predictions.csv")
+    assert set(pred["split"]) == {"val", "test"}
+    test = pred[pred["split"] == "test"]
+    mae = float((test["age_pred"] - test["age"]).abs().mean())
+    assert mae == pytest.approx(rows["metric_test_mae"].iloc[0], rel=1e-4)
+    plots = bench_cli("plot", "brain-age", "--out", str(out), timeout=300)
+    assert plots.returncode == 0, plots.stderr
+    made = {Path(p).name for p in plots.stdout.split()}
+    assert {"age_pred_vs_true.png", "mae_by_bucket.png"} <= made
+    assert all((out / "brain-age" / "plots" / m).stat().st_size > 1000 for m in made)
