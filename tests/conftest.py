@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# Tests read data offline: BENCH_DATA if set, else the shared folder beside the checkout.
-os.environ.setdefault("BENCH_DATA", str(SHARED_DATA))
+
+def _session_data_root() -> Path:
+    """A per-session data root: the read-only data sets (BENCH_DATA if set, else the shared
+    folder beside the checkout) linked in, so data a task generates (the simulated brain
+    cohort) is written here and never into the shared folder."""
+    src = Path(os.environ.get("BENCH_DATA") or SHARED_DATA)
+    root = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    atexit.register(shutil.rmtree, root, True)  # removes the links, not what they point to
+    if src.is_dir():
+        for entry in src.iterdir():
+            if entry.name != "brain-sim":
+                (root / entry.name).symlink_to(entry.resolve())
+    return root
+
+
+os.environ["BENCH_DATA"] = str(_session_data_root())
 os.environ.setdefault("BENCH_NO_DOWNLOAD", "1")
 
 
