@@ -388,8 +388,8 @@ def suggest(trial: optuna.Trial, p: Param) -> Any:
     if p.type == "categorical":
         return trial.suggest_categorical(p.name, list(p.choices))
     if p.type == "int":
-        return trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)  # type: ignore[arg-type]
-    return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)  # type: ignore[arg-type]
+        return trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
 
 
 def run_worker(plan: Plan, n_trials: int, worker: int = 0, progress: Any = None) -> None:
