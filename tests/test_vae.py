@@ -129,3 +129,26 @@ def test_bad_values_are_all_reported_before_training() -> None:
     with pytest.raises(ConfigError) as err:
         V.check_params(params)
     assert len(err.value.problems) == 3
+
+
+@needs_mnist
+def test_a_suspended_trial_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """Preemption: suspend after the first epoch, resume in a new context, same numbers."""
+    task = get_task("vae")
+    params = merge_params(task, space_for("vae"), None, {}, {**task.smoke, "epochs": 3})
+
+    def attempt(folder: Path, stop_after: int | None):
+        ctx = local_context(5, "cpu", folder, "val_elbo")
+        ctx.stop_check = lambda: stop_after is not None and ctx.steps_done >= stop_after
+        return execute_trial(task, params, ctx, {"task": "vae", "trial_uid": folder.name},
+                             tmp_path / "lb", "maximize")
+
+    whole = attempt(tmp_path / "whole", None)
+    first = attempt(tmp_path / "split", 1)
+    assert first.state == "SUSPENDED" and (tmp_path / "split" / "suspended_state.pt").exists()
+    resumed = attempt(tmp_path / "split", None)
+    assert resumed.state == "COMPLETE" and whole.state == "COMPLETE"
+    for name in ("val_elbo", "test_elbo", "test_iwae_ll", "active_units"):
+        assert resumed.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-6), name
+    assert resumed.row["epochs_done"] == 3
+    assert not (tmp_path / "split" / "suspended_state.pt").exists()

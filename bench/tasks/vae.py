@@ -311,7 +311,7 @@ def vae(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]))
     gen = generator(ctx.device, ctx.seed)
     eval_bs = int(params["eval_batch_size"])
-    t0, seen, first = time.perf_counter(), 0, 0
+    train_s, seen, first = 0.0, 0, 0  # train_s: training epochs only, not validation
     val: dict[str, float] = {}
     state = ctx.load_state()  # left by a suspended (preempted) attempt of this trial
     if state is not None:
@@ -319,25 +319,26 @@ def vae(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"].to(gen.get_state().device))
         first, seen, val = state["next_epoch"], state["seen"], state["val"]
-        t0 -= state["elapsed_s"]
+        train_s = state["train_s"]
         torch.set_rng_state(state["torch_rng"].cpu())  # the reparameterisation noise
         if ctx.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), ctx.device)
     for epoch in range(first, int(params["epochs"])):
+        t0 = time.perf_counter()
         loss = train_epoch(model, opt, data["train"], params, beta_at(params, epoch), gen)
-        seen += len(data["train"])
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # the epoch's one host sync, so the timing is complete
             raise FloatingPointError(f"training loss is {float(loss)} at epoch {epoch}")
+        train_s += time.perf_counter() - t0
+        seen += len(data["train"])
         val = _means(elbo_terms(model, data["val"], eval_bs), "val")
         ctx.report(epoch, train_loss=float(loss), **val)
         if ctx.should_stop():  # preemption notice: save at this epoch boundary and yield
             ctx.suspend({"next_epoch": epoch + 1, "model": model.state_dict(),
                          "opt": opt.state_dict(), "gen": gen.get_state(), "seen": seen,
-                         "val": val, "elapsed_s": time.perf_counter() - t0,
+                         "val": val, "train_s": train_s,
                          "torch_rng": torch.get_rng_state(),
                          "cuda_rng": torch.cuda.get_rng_state(ctx.device)
                          if ctx.device.type == "cuda" else None})
-    train_s = time.perf_counter() - t0
     test_terms = elbo_terms(model, data["test"], eval_bs)
     metrics = {**val, **_means(test_terms, "test"),
                "active_units": float(active_units(test_terms["mu"])),
