@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +55,27 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
             tmp.unlink()
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for the few milliseconds of a row's write: a Ctrl-C then lands
+    after the row exists, not between the trial's end and its record."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def write_trial(out: str | Path, row: Mapping[str, Any],
                 curve: Sequence[tuple[int, str, float]] = ()) -> Path:
     """Write a trial's curve (if any), then its row; the row's presence implies its curve's."""
+    with _signals_deferred():
+        return _write_trial(out, row, curve)
+
+
+def _write_trial(out: str | Path, row: Mapping[str, Any],
+                 curve: Sequence[tuple[int, str, float]]) -> Path:
     base = task_dir(out, row["task"])
     uid = row["trial_uid"]
     if curve:

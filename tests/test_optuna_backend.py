@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -87,15 +89,28 @@ def test_a_resumed_search_does_not_replay_its_first_points(out: Path) -> None:
     assert len(df) == 4 and not df.duplicated(["param_x", "param_y"]).any()
 
 
+def _running(out: Path, study: str) -> int:
+    """RUNNING trials of a study, read through a read-only connection: opening the database
+    with Optuna while `bench run` creates it would race it to create the tables."""
+    db = out / "synthetic" / "optuna.db"
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute(
+                "SELECT count(*) FROM trials JOIN studies USING (study_id) "
+                "WHERE studies.study_name = ? AND trials.state = 'RUNNING'", (study,),
+            ).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return 0
+
+
 def _wait_running(out: Path, study: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
-        try:
-            if any(t.state.name == "RUNNING" for t in study_trials(out, study)):
-                return
-        except (KeyError, Exception):
-            pass
+        if _running(out, study):
+            return
         time.sleep(0.3)
     raise AssertionError("no trial started")
 
@@ -154,6 +169,20 @@ def test_sigterm_marks_the_running_trial_fail_and_exits_130(out: Path) -> None:
     assert "Rerun the same command to resume" in err
     df = rows(out)
     assert list(df["state"]) == ["FAIL"] and "interrupted" in df["error"].iloc[0]
+    assert [t.state.name for t in study_trials(out)] == ["FAIL"]
+
+
+def test_an_interrupt_before_the_objective_starts_still_leaves_a_fail_row(
+        out: Path, monkeypatch) -> None:
+    from bench.backends import optuna as ob
+
+    def interrupted(self, trial):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ob.Objective, "params_for", interrupted)
+    assert run(out, "--trials", "2") == 130
+    df = rows(out)
+    assert list(df["state"]) == ["FAIL"] and "before it started" in df["error"].iloc[0]
     assert [t.state.name for t in study_trials(out)] == ["FAIL"]
 
 

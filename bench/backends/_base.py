@@ -148,13 +148,13 @@ def _error_text(exc: BaseException) -> str:
 def execute_trial(task: Task, params: Mapping[str, Any], ctx: TrialContext,
                   identity: Mapping[str, Any], out: Path, direction: str) -> Outcome:
     """Run the objective once and write its row; KeyboardInterrupt/SystemExit re-raised after."""
-    seed_everything(ctx.seed)
-    reset_peak_memory(ctx.device)
     started, t0 = _now(), time.perf_counter()
     state, value, error = "FAIL", None, None
     metrics: dict[str, float] = {}
     interrupt: BaseException | None = None
     try:
+        seed_everything(ctx.seed)
+        reset_peak_memory(ctx.device)
         metrics, value = _check_metrics(task.objective(params, ctx), ctx.metric)
         state = "COMPLETE"
     except TrialPruned as exc:

@@ -347,6 +347,22 @@ class Objective:
         return merge_params(plan.task, plan.space, v, point, plan.opts.overrides), seed
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            params, seed, uid, ctx = self._prepare(trial)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the objective began: still a row
+            frozen = trial.study._storage.get_trial(trial._trial_id)
+            _stale_row(self.plan, frozen, "interrupted (KeyboardInterrupt) before it started")
+            raise
+        if self.progress:
+            self.progress.start_trial(trial.number, params.get("epochs"))
+        outcome = execute_trial(self.plan.task, params, ctx,
+                                identity(self.plan, trial.number, uid, seed),
+                                Path(self.plan.opts.out), self.plan.direction)
+        if self.progress:
+            self.progress.end_trial(trial.number, outcome)
+        return _to_optuna(outcome)
+
+    def _prepare(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str, TrialContext]:
         params, seed = self.params_for(trial)
         uid = trial.user_attrs.get("trial_uid")
         if uid is not None and trial.user_attrs.get("uid_trial_number") == trial.number:
@@ -363,14 +379,7 @@ class Objective:
                            prune_check=trial.should_prune,
                            on_step=self.progress.on_step if self.progress else None,
                            stop_check=STOP.is_set)
-        if self.progress:
-            self.progress.start_trial(trial.number, params.get("epochs"))
-        outcome = execute_trial(self.plan.task, params, ctx,
-                                identity(self.plan, trial.number, uid, seed),
-                                Path(self.plan.opts.out), self.plan.direction)
-        if self.progress:
-            self.progress.end_trial(trial.number, outcome)
-        return _to_optuna(outcome)
+        return params, seed, uid, ctx
 
 
 def _to_optuna(outcome: Outcome) -> float:
