@@ -89,8 +89,13 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
     assert (rows["metric_test_iwae_ll"] >= rows["metric_test_elbo"] - 1.0).all()
     curves = leaderboard.read_curves(out, "vae")
     assert set(curves["metric"]) >= {"val_elbo", "val_recon", "val_kl", "train_loss"}
-    for uid in rows["trial_uid"]:
-        assert (out / "vae" / "artifacts" / uid / "model.pt").stat().st_size > 1000
+    import torch
+
+    for _, r in rows.iterrows():  # each checkpoint is the trial's own model
+        blob = torch.load(out / "vae" / "artifacts" / r["trial_uid"] / "model.pt",
+                          weights_only=True)
+        assert blob["metrics"]["val_elbo"] == pytest.approx(r["metric_val_elbo"])
+        assert blob["config"]["latent_dim"] == r["param_latent_dim"]
 
     formats = {f: bench_cli("board", "vae", "--out", str(out), "--format", f)
                for f in ("table", "csv", "markdown", "json")}
