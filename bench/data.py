@@ -99,6 +99,12 @@ def load_images(name: str, train: bool, data_dir: str | Path | None = None,
     return _DEVICE[dkey]
 
 
+def require_dataset(name: str, data_dir: str | Path | None = None) -> None:
+    """Preflight: both splits are readable (and now cached), else DataError saying where."""
+    load_images(name, True, data_dir)
+    load_images(name, False, data_dir)
+
+
 def subsets(name: str, device: torch.device, data_dir: str | Path | None = None,
             train_size: int | None = None, test_size: int | None = None,
             val_size: int = 0) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class BenchError(Exception):
@@ -20,6 +21,14 @@ class ConfigError(BenchError):
     def __init__(self, problems: str | Iterable[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def check_rules(task: str, params: Mapping[str, Any],
+                rules: Iterable[tuple[str, bool, str]]) -> None:
+    """Raise one ConfigError listing every (key, holds, rule) that does not hold."""
+    bad = [f"{task}: {key}: {rule}, got {params[key]!r}" for key, ok, rule in rules if not ok]
+    if bad:
+        raise ConfigError(bad)
 
 
 class UnknownTaskError(BenchError):

@@ -9,7 +9,6 @@ a new nullable column) and skip, with a warning, any file that cannot be read.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import warnings
@@ -173,10 +172,6 @@ def rank(df: pd.DataFrame, by: str = "config_hash") -> pd.DataFrame:
     table = table.sort_values("objective_mean", ascending=direction == "minimize")
     table.insert(0, "rank", range(1, len(table) + 1))
     return table.reset_index(drop=True)
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def format_table(df: pd.DataFrame, fmt: str = "table", float_digits: int = 4) -> str:

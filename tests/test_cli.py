@@ -60,6 +60,14 @@ def test_bad_run_input_exits_2_and_writes_nothing(tmp_path: Path, args, message)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("task", ["priors", "simsiam"])
+def test_a_missing_default_data_set_exits_2_before_a_run(tmp_path: Path, task: str) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli("run", task, "--out", str(out), "--data-dir", str(tmp_path))
+    assert res.returncode == 2 and "not found: looked in" in res.stderr, res.stderr
+    assert not out.exists()
+
+
 def test_missing_data_exits_2_naming_where_it_looked(tmp_path: Path) -> None:
     out, empty = tmp_path / "lb", tmp_path / "nodata"
     empty.mkdir()

@@ -164,14 +164,14 @@ def test_pair_without_analytic_kl_uses_monte_carlo() -> None:
 
 # ---------------------------------------------------------------- the task
 def test_check_params_lists_every_problem_and_missing_data(tmp_path: Path) -> None:
-    from bench.tasks.priors import check_params
+    from bench.tasks.priors import preflight
 
     params = {**get_task("priors").defaults, "model": "ae", "prior": "gumbel", "beta": -1.0}
     with pytest.raises(ConfigError) as err:
-        check_params(params, tmp_path)
+        preflight(params, tmp_path)
     assert {"model", "prior", "beta"} <= {p.split(": ")[1] for p in err.value.problems}
     with pytest.raises(DataError, match="fashion-mnist"):
-        check_params(get_task("priors").defaults, tmp_path)
+        preflight(get_task("priors").defaults, tmp_path)
 
 
 @needs_mnist

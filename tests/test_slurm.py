@@ -175,6 +175,21 @@ def logs(tmp_path: Path) -> str:
     return "\n".join(p.read_text() for p in folder.glob("*.out"))
 
 
+def wait_mid_trial(tmp_path: Path, job: str, max_steps: int | None = None) -> None:
+    """Wait until a trial has reported at least 2 steps (at most `max_steps`); else cancel."""
+    journal = tmp_path / "lb" / "synthetic" / "optuna.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        running = [t for t in study_trials(tmp_path) if t.state.name == "RUNNING"] \
+            if journal.exists() else []
+        steps = len(running[0].intermediate_values) if running else 0
+        if steps >= 2 and (max_steps is None or steps <= max_steps):
+            return
+        time.sleep(0.3)
+    subprocess.run(["scancel", job])
+    pytest.fail("no trial reached step 2: " + logs(tmp_path))
+
+
 @pytest.mark.slurm
 @slurm_running
 def test_array_of_4_finishes_exactly_8_trials(tmp_path: Path) -> None:
@@ -203,17 +218,7 @@ def test_usr2_suspends_trial_requeues_and_resumes_it_exactly(tmp_path: Path) -> 
 
     job = submit(tmp_path, "--trials", "3", "--workers", "1", "--set", "sleep_s=1.0",
                  "--set", "epochs=6", "--set", "noise=0.5", "--pruner", "none")
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a trial in mid-course
-        journal = tmp_path / "lb" / "synthetic" / "optuna.journal"
-        running = [t for t in study_trials(tmp_path) if t.state.name == "RUNNING"] \
-            if journal.exists() else []
-        if running and 2 <= len(running[0].intermediate_values) <= 3:
-            break
-        time.sleep(0.3)
-    else:
-        subprocess.run(["scancel", job])
-        pytest.fail("no trial reached step 2: " + logs(tmp_path))
+    wait_mid_trial(tmp_path, job, max_steps=3)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_done(job, release_requeued=True)
 
@@ -245,17 +250,7 @@ def test_requeue_mid_trial_fails_that_trial_and_totals_stay_exact(tmp_path: Path
     and the requeued worker runs only what its quota still lacks."""
     job = submit(tmp_path, "--trials", "3", "--workers", "1", "--set", "sleep_s=0.7",
                  "--set", "epochs=6", "--pruner", "none")
-    journal = tmp_path / "lb" / "synthetic" / "optuna.journal"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        running = [t for t in study_trials(tmp_path) if t.state.name == "RUNNING"] \
-            if journal.exists() else []
-        if running and len(running[0].intermediate_values) >= 2:
-            break
-        time.sleep(0.3)
-    else:
-        subprocess.run(["scancel", job])
-        pytest.fail("no trial reached step 2: " + logs(tmp_path))
+    wait_mid_trial(tmp_path, job)
     subprocess.run(["scontrol", "requeue", job], check=True)
     wait_done(job, release_requeued=True)
 

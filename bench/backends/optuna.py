@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
-import math
 import multiprocessing as mp
 import os
 import signal
@@ -565,11 +564,3 @@ def _run_processes(plan: Plan, n: int, progress: Any) -> None:
     failed = [p.name for p in procs if p.exitcode not in (0, None)]
     if failed:
         print(f"warning: worker(s) exited abnormally: {', '.join(failed)}", file=sys.stderr)
-
-
-def best_value(study: optuna.Study) -> float | None:
-    try:
-        v = study.best_value
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None

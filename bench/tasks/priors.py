@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.data import load_images, subsets
+from bench.data import require_dataset, subsets
 from bench.distributions import Family, family_names, get_family, kl
-from bench.errors import ConfigError
+from bench.errors import check_rules
 from bench.registry import register_task
 from bench.tasks.vae import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
 from bench.train import autocast, batches, generator
@@ -294,23 +294,25 @@ def save_tsne(codes: np.ndarray, labels: np.ndarray, path: Path, seed: int) -> N
 
 
 # ---------------------------------------------------------------- objective
-def check_params(params: Mapping[str, Any], data_dir: Path | None = None) -> None:
-    """Preflight: every bad value at once, then the data set's presence (DataError)."""
-    rules = [("model", params["model"] in MODELS, f"must be one of {', '.join(MODELS)}"),
-             ("prior", params["prior"] in family_names(),
-              f"must be one of {', '.join(family_names())}"),
-             ("beta", float(params["beta"]) >= 0, "must be >= 0"),
-             ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
-             ("depth", int(params["depth"]) >= 1, "must be >= 1"),
-             ("test_steps", int(params["test_steps"]) >= 0, "must be >= 0"),
-             ("init_std", 0 < float(params["init_std"]) < 1, "must be in (0, 1)"),
-             ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
-             ("tsne_size", int(params["tsne_size"]) >= 0, "must be >= 0")]
-    bad = [f"priors: {k}: {rule}, got {params[k]!r}" for k, ok, rule in rules if not ok]
-    if bad:
-        raise ConfigError(bad)
-    load_images(params["dataset"], True, data_dir)
-    load_images(params["dataset"], False, data_dir)
+def check_params(params: Mapping[str, Any]) -> None:
+    """Every bad value at once (ConfigError); run per trial, as sampled values vary."""
+    check_rules("priors", params, [
+        ("model", params["model"] in MODELS, f"must be one of {', '.join(MODELS)}"),
+        ("prior", params["prior"] in family_names(),
+         f"must be one of {', '.join(family_names())}"),
+        ("beta", float(params["beta"]) >= 0, "must be >= 0"),
+        ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
+        ("depth", int(params["depth"]) >= 1, "must be >= 1"),
+        ("test_steps", int(params["test_steps"]) >= 0, "must be >= 0"),
+        ("init_std", 0 < float(params["init_std"]) < 1, "must be in (0, 1)"),
+        ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
+        ("tsne_size", int(params["tsne_size"]) >= 0, "must be >= 0")])
+
+
+def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: the values, then the data set's presence (DataError)."""
+    check_params(params)
+    require_dataset(params["dataset"], data_dir)
 
 
 def build_model(params: Mapping[str, Any], n_train: int, shape: tuple[int, ...],
@@ -326,10 +328,10 @@ SMOKE = {"dataset": "mnist", "model": "vad", "epochs": 1, "train_size": 128, "te
 
 
 @register_task("priors", metric="test_recon", direction="minimize", defaults=DEFAULTS,
-               smoke=SMOKE, check=check_params)
+               smoke=SMOKE, check=preflight)
 def priors(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Normal/Laplace/Uniform latents in auto-decoders, VADs and VAEs; recon in nats/image."""
-    check_params(params, ctx.data_dir)
+    check_params(params)
     data = load_data(params, ctx.device, ctx.data_dir)
     model = build_model(params, len(data["train"]), tuple(data["train"].shape[1:]), ctx.device)
     opts, gen = make_optimizers(model, params), generator(ctx.device, ctx.seed)

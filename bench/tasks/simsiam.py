@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import dataset_spec, subsets
-from bench.errors import ConfigError
+from bench.data import dataset_spec, require_dataset, subsets
+from bench.errors import check_rules
 from bench.registry import register_plots, register_task
 from bench.tasks.simsiam_augment import Normalize, TwoViewAugment, mean_std
 from bench.tasks.simsiam_eval import collapse_std, knn_accuracy
@@ -251,9 +251,13 @@ def check_params(params: Mapping[str, Any]) -> None:
               ("min_scale", 0 < float(params["min_scale"]) <= 1, "must be in (0, 1]"),
               ("knn_t", float(params["knn_t"]) > 0, "must be > 0"),
               ("base_lr", float(params["base_lr"]) > 0, "must be > 0")]
-    bad = [f"simsiam: {k}: {rule}, got {params[k]!r}" for k, ok, rule in rules if not ok]
-    if bad:
-        raise ConfigError(bad)
+    check_rules("simsiam", params, rules)
+
+
+def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: the values, then the data set's presence (DataError)."""
+    check_params(params)
+    require_dataset(params["dataset"], data_dir)
 
 
 SMOKE = {"dataset": "mnist", "backbone": "small", "width": 8, "proj_hidden": 32, "proj_dim": 32,
@@ -262,7 +266,7 @@ SMOKE = {"dataset": "mnist", "backbone": "small", "width": 8, "proj_hidden": 32,
 
 
 @register_task("simsiam", metric="knn_acc", direction="maximize", defaults=DEFAULTS,
-               smoke=SMOKE)
+               smoke=SMOKE, check=preflight)
 def simsiam(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     """SimSiam self-supervised pretraining; kNN accuracy, loss and collapse monitors."""
     check_params(params)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import load_images, subsets
-from bench.errors import ConfigError
+from bench.data import require_dataset, subsets
+from bench.errors import check_rules
 from bench.registry import register_task
 from bench.train import autocast, batches, generator
 from bench.trial import TrialContext
@@ -262,23 +262,24 @@ def build_model(params: Mapping[str, Any], shape: tuple[int, ...], device: torch
     return model
 
 
-def check_params(params: Mapping[str, Any], data_dir: Path | None = None) -> None:
-    """Preflight: every bad value at once, then the data set's presence (DataError)."""
-    rules = [("model", params["model"] in ("vae", "ae"), "must be vae or ae"),
-             ("likelihood", params["likelihood"] in ("bernoulli", "gaussian"),
-              "must be bernoulli or gaussian"),
-             ("binarize", params["binarize"] in ("static", "dynamic"),
-              "must be static or dynamic"),
-             ("beta", float(params["beta"]) >= 0, "must be >= 0"),
-             ("depth", int(params["depth"]) >= 1, "must be >= 1"),
-             ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
-             ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
-             ("val_size", 0 < int(params["val_size"]) < 60_000, "must be in (0, 60000)")]
-    bad = [f"vae: {k}: {rule}, got {params[k]!r}" for k, ok, rule in rules if not ok]
-    if bad:
-        raise ConfigError(bad)
-    load_images(params["dataset"], True, data_dir)
-    load_images(params["dataset"], False, data_dir)
+def check_params(params: Mapping[str, Any]) -> None:
+    """Every bad value at once (ConfigError); run per trial, as sampled values vary."""
+    check_rules("vae", params, [
+        ("model", params["model"] in ("vae", "ae"), "must be vae or ae"),
+        ("likelihood", params["likelihood"] in ("bernoulli", "gaussian"),
+         "must be bernoulli or gaussian"),
+        ("binarize", params["binarize"] in ("static", "dynamic"), "must be static or dynamic"),
+        ("beta", float(params["beta"]) >= 0, "must be >= 0"),
+        ("depth", int(params["depth"]) >= 1, "must be >= 1"),
+        ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
+        ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
+        ("val_size", 0 < int(params["val_size"]) < 60_000, "must be in (0, 60000)")])
+
+
+def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: the values, then the data set's presence (DataError)."""
+    check_params(params)
+    require_dataset(params["dataset"], data_dir)
 
 
 def save_checkpoint(model: VAE, path: Path, metrics: Mapping[str, float]) -> None:
@@ -302,10 +303,10 @@ SMOKE = {"epochs": 2, "train_size": 512, "val_size": 256, "test_size": 64, "iwae
 
 
 @register_task("vae", metric="val_elbo", direction="maximize", defaults=DEFAULTS, smoke=SMOKE,
-               check=check_params)
+               check=preflight)
 def vae(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Convolutional VAE/AE on binarized MNIST; ELBO and IWAE log-likelihood in nats."""
-    check_params(params, ctx.data_dir)
+    check_params(params)
     data = load_split(params, ctx.device, ctx.data_dir)
     model = build_model(params, tuple(data["train"].shape[1:]), ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]))
