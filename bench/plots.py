@@ -12,6 +12,7 @@ and only the paths actually written are returned.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -345,11 +346,16 @@ GENERIC: list[tuple[str, Callable[[PlotInput], list[Path]]]] = [
 
 def make_plots(task: str, out: str | Path, study: str | None = None, variant: str | None = None,
                data_dir: str | Path | None = None) -> list[Path]:
-    """Write every figure for `task` under <out>/<task>/plots; return the paths written."""
+    """Write every figure for `task` under <out>/<task>/plots; return the paths written.
+    With `study` and/or `variant`, under plots/<study>[+<variant>]/ instead, so plotting one
+    selection never overwrites the figures of another."""
     get_task(task)
     out = Path(out)
     rows = leaderboard.read_trials(out, task, study, variant)
     plot_dir = out / task / "plots"
+    selection = "+".join(x for x in (study, variant) if x)
+    if selection:
+        plot_dir = plot_dir / re.sub(r"[^A-Za-z0-9._+-]", "_", selection).lstrip(".")
     plot_dir.mkdir(parents=True, exist_ok=True)
     inp = PlotInput(task, out, plot_dir, rows, Path(data_dir) if data_dir else None)
     paths: list[Path] = []

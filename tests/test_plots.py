@@ -79,6 +79,23 @@ def test_vae_plot_writes_every_figure(vae_board: Path,
 
 
 @needs_mnist
+def test_a_selection_plots_into_its_own_folder(vae_board: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    everything = plot(capsys, "vae", vae_board)
+    before = {p: p.read_bytes() for p in everything}
+    capsys.readouterr()
+    bench("plot", "vae", "--out", str(vae_board), "--variant", "ae-vs-vae")
+    variant = [Path(line) for line in capsys.readouterr().out.split()]
+    bench("plot", "vae", "--out", str(vae_board), "--study", "vae")
+    study = [Path(line) for line in capsys.readouterr().out.split()]
+    assert {p.parent for p in variant} == {vae_board / "vae" / "plots" / "ae-vs-vae"}
+    assert {p.parent for p in study} == {vae_board / "vae" / "plots" / "vae"}
+    assert "history.png" in {p.name for p in variant} & {p.name for p in study}
+    # the whole-task figures are left as they were
+    assert {p: p.read_bytes() for p in everything} == before
+
+
+@needs_mnist
 def test_vae_plot_picks_best_vae_and_matching_ae(vae_board: Path) -> None:
     rows = leaderboard.read_trials(vae_board, "vae")
     inp = plots.PlotInput("vae", vae_board, vae_board / "vae" / "plots", rows, None)
