@@ -18,11 +18,11 @@ from bench.trial import local_context
 TASKS = [t.name for t in list_tasks()]
 
 
-def run_smoke(name: str, tmp: Path, seed: int = 0):
+def run_smoke(name: str, tmp: Path, seed: int = 0, device: str = "cpu"):
     task = next(t for t in list_tasks() if t.name == name)
     space = space_for(name)
     params = merge_params(task, space, None, {}, task.smoke)
-    ctx = local_context(seed, "cpu", tmp / f"art-{seed}-{new_trial_uid()}", space.metric)
+    ctx = local_context(seed, device, tmp / f"art-{seed}-{new_trial_uid()}", space.metric)
     ident = {"task": name, "study": "contract", "variant": "default",
              "trial_uid": new_trial_uid(), "trial_number": 0, "backend": "test", "seed": seed}
     return execute_trial(task, params, ctx, ident, tmp / "lb", space.direction), ctx
@@ -51,3 +51,23 @@ def test_task_contract(name: str, tmp_path: Path) -> None:
 
     again, _ = run_smoke(name, tmp_path, seed=0)
     assert again.objective == pytest.approx(outcome.objective, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TASKS)
+def test_task_contract_on_cuda(name: str, tmp_path: Path) -> None:
+    """The same tiny run on a GPU (bf16 autocast, device-resident data): it completes with
+    finite metrics, its row names the GPU, and it lands near the CPU run's objective."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    outcome, _ = run_smoke(name, tmp_path, device="cuda")
+    assert outcome.state == "COMPLETE", outcome.error
+    assert all(math.isfinite(v) for v in outcome.metrics.values())
+    row = leaderboard.read_trials(tmp_path / "lb", name).iloc[0]
+    assert row["device"].startswith("cuda") and row["gpu_name"]
+    assert row["peak_mem_gb"] > 0
+    cpu, _ = run_smoke(name, tmp_path / "cpu")
+    # bf16 and different kernels: the same seed lands close, not bit-identical
+    assert outcome.objective == pytest.approx(cpu.objective, rel=0.25, abs=0.1)
