@@ -162,6 +162,24 @@ def test_task_raises_data_error_unless_skip(tiny_cohort: Path, tmp_path: Path) -
     assert np.isfinite(metrics["val_mae"])
 
 
+def test_cosine_schedule_changes_training_after_the_first_epoch(tiny_cohort: Path,
+                                                                tmp_path: Path) -> None:
+    from bench.registry import get_task
+    from bench.trial import local_context
+
+    task = get_task("brain-age")
+    params = {**task.defaults, **task.smoke, "cohort": str(tiny_cohort), "epochs": 3}
+    curves = {}
+    for sched in ("constant", "cosine"):
+        ctx = local_context(0, "cpu", tmp_path / sched, "val_mae")
+        task.objective({**params, "lr_schedule": sched}, ctx)
+        curves[sched] = [p for p in ctx.curve if p[1] == "train_loss"]
+    const, cos = curves["constant"], curves["cosine"]
+    assert len(const) == len(cos) == 3
+    assert cos[0] == const[0]  # epoch 0 runs at the full lr under both
+    assert cos[1] != const[1] and cos[2] != const[2]
+
+
 # ---------------------------------------------------------------- simulator
 def test_simulator_is_deterministic(tmp_path: Path) -> None:
     a = sim.write_cohort(tmp_path / "a", 3, 16, seed=7)

@@ -7,6 +7,8 @@ ICML, "Concept Bottleneck Models"): independent (regressor fitted on the true tr
 volumes), sequential (fitted on the CNN's predicted training volumes, refitted each
 epoch), joint (CNN and an MLP/linear head end to end, loss = age MSE + concept_weight *
 concept MSE). `model=direct` is the reference without the bottleneck: the CNN predicts age.
+The CNN trains with Adam at `lr`, constant or (`lr_schedule=cosine`) decayed to 0 over the
+epochs; no checkpoint selection: the last epoch's model is scored.
 
 Data: without `cohort`, the simulated cohort (`bench.brain.sim`, `sim_n` subjects at
 `shape`^3) is generated once under the data root and reused. Splits: the cohort's own
@@ -61,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "pooling": "max",            # max | avg
     "dropout": 0.0,
     "lr": 1e-3,
+    "lr_schedule": "constant",   # constant | cosine (to 0 over `epochs`, stepped per epoch)
     "weight_decay": 0.0,
     "batch_size": 16,
     "epochs": 20,
@@ -82,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
 SMOKE = {"shape": 24, "sim_n": 40, "epochs": 2, "batch_size": 8, "mlp_steps": 100}
 CHOICES = {"model": ("bottleneck", "direct"), "mode": ("independent", "sequential", "joint"),
            "regressor": ("mlp", "kernel_ridge", "ridge"), "pooling": ("max", "avg"),
+           "lr_schedule": ("constant", "cosine"),
            "on_bad_file": ("error", "skip"), "resize": ("resample", "crop"),
            "normalize": ("percentile", "zscore", "none")}
 _DEVICE_VOLS: dict[tuple[int, str], torch.Tensor] = {}
@@ -329,6 +333,8 @@ def brain_age(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     model = build_model(params, len(concepts), ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]),
                            weight_decay=float(params["weight_decay"]))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(params["epochs"]))
+             if params["lr_schedule"] == "cosine" else None)
     bottleneck = params["model"] == "bottleneck" and params["mode"] != "joint"
     reg = None
     if bottleneck and params["mode"] == "independent":  # true volumes -> age, fitted once
@@ -337,6 +343,8 @@ def brain_age(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     t0 = time.perf_counter()
     for epoch in range(int(params["epochs"])):
         loss = train_epoch(model, opt, vols, idx["train"], y_train, params, gen)
+        if sched is not None:
+            sched.step()
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at epoch {epoch}")
         if bottleneck and params["mode"] == "sequential":  # predicted volumes -> age
