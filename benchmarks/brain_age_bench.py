@@ -32,7 +32,7 @@ import torch
 from bench.brain import cohort as cohort_mod
 from bench.brain.cohort import CohortSpec, load_cohort, load_volume
 from bench.registry import get_task
-from bench.space import load_space, merge_params, space_path
+from bench.space import load_space, merge_params, parse_overrides, space_path
 from bench.tasks import brain_age as ba
 from bench.trial import local_context
 
@@ -183,7 +183,8 @@ def rescore(params: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str
 def part_mae(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task("brain-age")
     space = load_space(space_path("brain-age"))
-    over = {"cohort": str(args.cohort), "shape": args.shape, "epochs": args.epochs}
+    over = {"cohort": str(args.cohort), "shape": args.shape, "epochs": args.epochs,
+            **parse_overrides(args.set, task)}
     out: dict[str, Any] = {}
     trained: dict[tuple, list[dict[str, Any]]] = {}  # cnn_key -> its runs
 
@@ -303,6 +304,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--search-trials", type=int, default=8)
     ap.add_argument("--variants", nargs="+", help="mae part: only these variants")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="mae part: a task parameter for every run, as `bench run --set`")
     ap.add_argument("--out", type=Path, default=Path("/tmp/brain-age-bench"),
                     help="mae part: each run's artifacts (predictions.csv)")
     ap.add_argument("--json", type=Path)
