@@ -160,7 +160,7 @@ def rescore(params: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str
 
     cohort = ba.load_data(params, None)
     meta = cohort.meta
-    concepts = [c.strip() for c in str(params["concepts"]).split(",")]
+    concepts = ba.concept_names(params)
     sp = ba.make_splits(meta, params)
     c_tr = meta[concepts].to_numpy(float)[sp["train"]]
     a_tr = meta[params["age_column"]].to_numpy(float)[sp["train"]]

@@ -109,6 +109,11 @@ def check_params(params: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- cohort and splits
+def concept_names(params: Mapping[str, Any]) -> list[str]:
+    """The `concepts` parameter ("csfv,gmv,wmv") as column names."""
+    return [c.strip() for c in str(params["concepts"]).split(",") if c.strip()]
+
+
 def load_data(params: Mapping[str, Any], data_dir: Path | None) -> Any:
     from bench.brain.cohort import CohortSpec, load_cohort
     from bench.brain.sim import ensure_sim_cohort
@@ -118,7 +123,7 @@ def load_data(params: Mapping[str, Any], data_dir: Path | None) -> Any:
     if folder is None:
         folder = ensure_sim_cohort(data_root(data_dir), int(params["sim_n"]), shape,
                                    int(params["sim_seed"]))
-    concepts = tuple(c.strip() for c in str(params["concepts"]).split(",") if c.strip())
+    concepts = tuple(concept_names(params))
     spec = CohortSpec(Path(folder).expanduser(), shape, params["metadata"],
                       params["file_pattern"], params["id_column"], params["age_column"],
                       concepts, params["resize"], params["normalize"])
@@ -320,7 +325,7 @@ def brain_age(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Brain age from T1 MRI via a CNN -> tissue-volume bottleneck -> regressor (years MAE)."""
     check_params(params)
     cohort = load_data(params, ctx.data_dir)
-    meta, concepts = cohort.meta, [c.strip() for c in str(params["concepts"]).split(",")]
+    meta, concepts = cohort.meta, concept_names(params)
     sp = make_splits(meta, params)
     c_all = meta[concepts].to_numpy(float)
     a_all = meta[params["age_column"]].to_numpy(float)
