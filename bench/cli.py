@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,14 +11,20 @@ from typing import Any
 
 from bench.errors import BenchError, ConfigError
 
+SUMMARY = """\
+Hyperparameter search and benchmarking for deep-learning experiments.
 
-def install_signal_handlers() -> None:
-    """SIGTERM ends a run like Ctrl-C: the running trial is marked FAIL and gets its row."""
+  bench list                          tasks, their parameters, search spaces and variants
+  bench run vae --smoke               a seconds-long CPU run of a task, to try it out
+  bench run vae --trials 50           TPE with pruning; rows land in ./leaderboards/vae/
+  bench run vae --variant beta-sweep  a named study from the task's YAML, over seeds
+  bench eval vae --top 3              test-set metrics for the best configurations
+  bench board vae                     the ranked table, mean +- std over seeds
+  bench plot vae                      comparison figures (PNG) from the leaderboard
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+Rerunning a command continues its study to the same total; Ctrl-C saves the running
+trial at its last epoch and the next run resumes it. `bench COMMAND --help` for details.
+"""
 
 
 def default_out() -> Path:
@@ -31,17 +36,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     from bench.space import space_for
 
     for task in list_tasks():
-        space = space_for(task.name)
+        try:
+            space = space_for(task.name)
+        except ConfigError as exc:
+            print(f"{task.name}: {task.doc}\n  search space: {exc}")
+            continue
         print(f"{task.name}: {task.doc}")
         print(f"  objective: {space.direction} {space.metric}   space: {space.source}")
+        if task.requires:
+            print(f"  needs: pip install -e '.[{task.requires[0]}]'")
         for p in space.params.values():
-            rng = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
+            rng = (", ".join(map(str, p.choices)) if p.type == "categorical"
+                   else f"[{_num(p.low)}, {_num(p.high)}]")
             print(f"  param {p.name}: {p.type} {rng}{' log' if p.log else ''}")
         for v in space.variants.values():
             what = (f"grid {dict(v.grid)}" if v.grid else
-                    f"search {', '.join(v.params)}" if v.params else f"fixed {dict(v.fixed)}")
-            print(f"  variant {v.name}: {what}, seeds={v.seeds}")
+                    f"search {', '.join(v.params)}" if v.params else "one point")
+            data = {**space.fixed, **v.fixed}.get("dataset") or task.defaults.get("dataset")
+            print(f"  variant {v.name}: {v.description or what}")
+            print(f"    {what}, seeds={v.seeds}" + (f", data: {data}" if data else ""))
     return 0
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -59,49 +77,59 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from bench.backends._base import RunOptions
+def run_options(args: argparse.Namespace) -> Any:
+    from bench.plan import RunOptions
     from bench.registry import get_task
     from bench.space import parse_overrides
 
-    opts = RunOptions(
-        task=args.task, trials=args.trials, variant=args.variant, sampler=args.sampler,
-        pruner=args.pruner, seed=args.seed,
-        overrides=parse_overrides(args.set, get_task(args.task)),
-        study=args.study, storage=args.storage, out=args.out, data_dir=args.data_dir,
-        device=args.device, workers=args.workers, space_file=args.space,
-        progress=not args.quiet, extra=_backend_extra(args))
-    result: Any
-    if args.backend == "ray":
-        from bench.backends import ray as ray_backend
+    extra = {k: getattr(args, k) for k in ("gpus_per_trial", "cpus_per_trial", "address",
+                                            "max_failures", "resume", "worker_id")
+             if getattr(args, k, None) is not None}
+    return RunOptions(
+        task=args.task, trials=args.trials, add=args.add, variant=args.variant,
+        sampler=args.sampler, pruner=args.pruner, seed=args.seed,
+        overrides=parse_overrides(args.set, get_task(args.task)), study=args.study,
+        storage=args.storage, out=args.out, data_dir=args.data_dir, device=args.device,
+        workers=args.workers, space_file=args.space, progress=not args.quiet,
+        smoke=args.smoke, timeout_s=args.timeout, eval_top=args.eval_top,
+        checkpoint_every_s=args.checkpoint_every, backend=args.backend, extra=extra)
 
-        result = ray_backend.run(opts)
-    else:
-        from bench.backends import optuna as optuna_backend
-        from bench.progress import Progress
 
-        install_signal_handlers()
-        result = optuna_backend.run(opts, Progress)
-        if result.stale_failed:
-            print(f"marked FAIL (left RUNNING by a killed run): trials {result.stale_failed}")
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.backends._base import get_backend
+    from bench.plan import make_plan
+    from bench.progress import Progress
+
+    opts = run_options(args)
+    backend = get_backend(opts.backend)
+    plan = make_plan(opts)
+    result = backend.run(plan, Progress)
     _summary(result, args)
-    return int(getattr(result, "exit_code", 0))  # 75: a worker slot suspended on SIGUSR2
-
-
-def _backend_extra(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("gpus_per_trial", "cpus_per_trial", "address", "max_failures", "resume",
-            "worker_id")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if args.eval_top and result.exit_code == 0:
+        _evaluate(plan.task.name, args.out, plan.study_name, None, args.eval_top, {},
+                  args.device, args.data_dir)
+    return int(result.exit_code)
 
 
 def _summary(result: Any, args: argparse.Namespace) -> None:
     from bench import leaderboard
 
     plan = result.plan
+    for message in result.messages:
+        print(message, file=sys.stderr)
+    counts = result.counts
+    line = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+    for extra in ("RUNNING", "SUSPENDED"):
+        if counts.get(extra):
+            line += f", {counts[extra]} {extra}"
+    target = f" (target {result.target})" if result.target is not None else ""
+    print(f"\n{result.storage_note}: {line}{target}")
+    if result.ran:
+        print("this run: " + ", ".join(f"{v} {k}" for k, v in sorted(result.ran.items())))
+    if result.exit_code in (130, 143):
+        print("stopped: the interrupted trial was saved at its last finished epoch; run the "
+              "same command again to resume it", file=sys.stderr)
     rows = leaderboard.read_trials(args.out, plan.task.name, study=plan.study_name)
-    counts = rows["state"].value_counts().to_dict() if not rows.empty else {}
-    print(f"\n{result.storage_note}: " + ", ".join(f"{counts.get(s, 0)} {s}"
-                                                  for s in leaderboard.STATES))
     table = leaderboard.rank(rows)
     if table.empty:
         print("no COMPLETE trial yet")
@@ -110,11 +138,74 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
     keep += [c for c in table.columns if c.startswith("param_")]
     print(f"top configurations ({plan.direction} {plan.metric}):")
     print(leaderboard.format_table(table[keep].head(10)))
+    if not plan.evaluates_every_trial() and not args.eval_top:
+        print(f"\ntest-set metrics for the finalists: bench eval {plan.task.name} --study "
+              f"{plan.study_name} --top 3" + (f" --out {args.out}"
+                                               if str(args.out) != "leaderboards" else ""))
+
+
+def _evaluate(task_name: str, out: Path, study: str | None, variant: str | None, top: int,
+              overrides: dict[str, Any], device: str, data_dir: Path | None) -> int:
+    from bench import leaderboard
+    from bench.evaluate import evaluate_rows, finalists
+    from bench.registry import get_task
+
+    task = get_task(task_name)
+    rows = leaderboard.read_trials(out, task.name, study=study, variant=variant)
+    chosen = finalists(rows, top)
+    if chosen.empty:
+        where = f"study {study!r}" if study else f"variant {variant!r}" if variant else "any study"
+        raise BenchError(f"no COMPLETE trial of {task.name!r} in {where} under {out} to "
+                         "evaluate")
+    print(f"evaluating {len(chosen)} trial(s) of the top {top} configuration(s) on the test "
+          "set")
+    evaluate_rows(task, chosen, out, overrides, device, data_dir, echo=print)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bench import leaderboard
+    from bench.registry import get_task
+    from bench.space import parse_overrides
+
+    task = get_task(args.task)
+    study = args.study
+    if study is None and args.variant is None:
+        study = task.name
+    rows = leaderboard.read_trials(args.out, task.name)
+    _check_selection(rows, task.name, study, args.variant)
+    return _evaluate(task.name, args.out, study, args.variant, args.top,
+                     parse_overrides(args.set, task), args.device, args.data_dir)
+
+
+def _check_selection(rows: Any, task: str, study: str | None, variant: str | None) -> None:
+    """An unknown study or variant is an error naming the known ones."""
+    for col, value in (("study", study), ("variant", variant)):
+        if value is None:
+            continue
+        known = sorted(set(rows[col].dropna())) if not rows.empty else []
+        if value not in known:
+            raise ConfigError(f"--{col} {value!r}: no rows of task {task!r} have it; known: "
+                              f"{', '.join(known) or '(none yet)'}")
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from bench.evaluate import rerun
+
+    r = rerun(args.out, args.uid, args.device, args.data_dir, args.record)
+    print(f"{r.task} trial {r.uid}: original objective {r.original!r}, rerun {r.again!r} "
+          f"({r.state}{': ' + r.error if r.error else ''})")
+    if r.original is not None and r.again is not None:
+        rel = abs(r.again - r.original) / max(abs(r.original), 1e-12)
+        print("equal" if r.again == r.original else f"relative difference {rel:.3g}")
+    return 0 if r.state == "COMPLETE" else 1
 
 
 def cmd_board(args: argparse.Namespace) -> int:
     from bench import leaderboard
+    from bench.registry import get_task
 
+    get_task(args.task)
     table = leaderboard.board(args.out, args.task, args.study, args.variant, args.top, args.by)
     if table.empty:
         print(f"no COMPLETE trials for {args.task!r} under {args.out}", file=sys.stderr)
@@ -173,34 +264,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="leaderboard root (default: $BENCH_OUT or ./leaderboards)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bench.backends.optuna import PRUNERS, SAMPLERS
-
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="tasks, their variants and search spaces")
-    p.set_defaults(func=cmd_list)
-    p = sub.add_parser("validate", help="check search-space files; exit 2 listing every error")
-    p.add_argument("paths", nargs="*", help="YAML files (default: every shipped space)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("run", help="run trials of a task")
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="run trials of a task (a search, or a variant)")
     p.add_argument("task")
-    p.add_argument("--trials", type=int, help="trials to add (default 20; a variant: all missing)")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--trials", type=int, help="the study's total of trials (default 20; a "
+                   "variant: all its points x seeds); a rerun continues to it")
+    n.add_argument("--add", type=int, metavar="N", help="run N more trials than the study has")
     p.add_argument("--variant", help="a named variant from the task's YAML")
-    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    p.add_argument("--pruner", choices=PRUNERS,
-                   help="default: median for searches, none for enumerated variants")
+    p.add_argument("--smoke", action="store_true",
+                   help="the task's seconds-long CPU budget (study TASK.smoke)")
+    p.add_argument("--sampler", default="tpe", help="tpe (default), random, grid, cmaes, qmc")
+    p.add_argument("--pruner", help="median, asha, hyperband or none (default: median for "
+                   "searches, none for enumerated variants)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed-parameter override (repeatable)")
-    p.add_argument("--study", help="study name (default: TASK or TASK.VARIANT); reuse to resume")
+    p.add_argument("--study", help="study name (default: TASK or TASK.VARIANT)")
     p.add_argument("--storage", help="Optuna storage URL, or a journal-file path")
     p.add_argument("--space", type=Path, help="search-space YAML (default: the task's own)")
     p.add_argument("--data-dir", type=Path, help="data root (default: $BENCH_DATA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the study")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="start no trial after this many seconds (the running ones finish)")
+    p.add_argument("--eval-top", type=int, metavar="N",
+                   help="when done, evaluate the best N configurations on the test set")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save a running trial's state at an epoch end at most this often "
+                   "(default 60; always on Ctrl-C, SIGTERM and preemption)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
     p.add_argument("--gpus-per-trial", type=float, help="ray: GPUs per trial (may be fractional)")
     p.add_argument("--cpus-per-trial", type=float, help="ray: CPUs per trial")
@@ -214,6 +306,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description=SUMMARY,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="tasks, their variants and search spaces")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("validate", help="check search-space files; exit 2 listing every error")
+    p.add_argument("paths", nargs="*", help="YAML files (default: every shipped space)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_validate)
+    _add_run(sub)
+
+    p = sub.add_parser("eval", help="test-set metrics of the best configurations, added to "
+                       "their rows")
+    p.add_argument("task")
+    p.add_argument("--study", help="default: the task's search study (TASK)")
+    p.add_argument("--variant")
+    p.add_argument("--top", type=int, default=3, help="configurations to evaluate (default 3)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluation parameters, e.g. test_size=1000 iwae_k=50")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", type=Path)
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("rerun", help="run one trial again from its row; print both "
+                       "objectives")
+    p.add_argument("uid", help="the trial's trial_uid (a column of the leaderboard)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--record", action="store_true",
+                   help="write its row (study <study>.rerun) into the leaderboard")
+    _add_common(p)
+    p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("board", help="ranked table: mean +- std and n over seeds")
     p.add_argument("task")
@@ -248,9 +376,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted; finished trials are saved. Rerun the same command to resume.",
-              file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bench board ... | head`
+        return 0
+    except OSError as exc:  # a full disk or a read-only folder under the study or the rows
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}. Finished trials keep their rows; free "
+              "space or fix the permissions, then rerun: the next run repairs the study",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:
+        root = _storage_failure(exc)
+        if root is None:
+            raise
+        print(f"error: the study's storage failed: {root}. Finished trials keep their rows; "
+              "free space or fix the permissions, then rerun: the next run repairs the study",
+              file=sys.stderr)
+        return 1
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """The root message of a storage failure (Optuna wraps SQLAlchemy's), or None."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(type(x).__module__.startswith(("sqlalchemy", "optuna.exceptions", "sqlite3"))
+               for x in chain):
+        return None
+    return str(chain[-1]).splitlines()[0]
 
 
 if __name__ == "__main__":

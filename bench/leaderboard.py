@@ -2,18 +2,21 @@
 
 `<out>/<task>/trials/<trial_uid>.parquet` is written to a temporary name that starts with
 `.` and moved into place with `os.replace`, so concurrent writers never share a file and a
-reader never sees half of one. Readers union the schemas of all files (a new parameter is
-a new nullable column) and skip, with a warning, any file that cannot be read.
+reader never sees half of one. Every file of a task has the same columns with the same
+types (`task_schema`: the fixed columns, `param_<name>` typed by the task's declarations,
+`metric_<name>` for every declared metric, null where a trial has none), so pandas,
+pyarrow datasets and DuckDB read the folder as it is. Readers also union older files'
+schemas, and name and skip any file they cannot read or merge.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import socket
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +24,38 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-IDENTITY = ["task", "study", "variant", "trial_uid", "trial_number", "backend", "sampler",
-            "pruner", "seed"]
-RESULTS = ["state", "objective", "metric", "direction", "error"]  # metric: the objective's name
-COST = ["started_at", "finished_at", "duration_s", "epochs_done", "peak_mem_gb"]
+from bench import faults
+
+IDENTITY = ["task", "study", "study_uid", "variant", "trial_uid", "trial_number", "backend",
+            "sampler", "pruner", "seed", "group_id", "group_size"]
+RESULTS = ["state", "objective", "metric", "direction", "error",  # metric: the objective's name
+           "evaluated_at", "eval_params"]
+COST = ["started_at", "finished_at", "duration_s", "train_s", "epochs_done", "attempts",
+        "peak_mem_gb"]
 PROVENANCE = ["config_hash", "git_sha", "bench_version", "torch_version", "device", "gpu_name",
               "host"]
 STATES = ("COMPLETE", "PRUNED", "FAIL")
+_TS = pa.timestamp("us", tz="UTC")
+FIXED_TYPES: dict[str, pa.DataType] = {
+    **{c: pa.string() for c in IDENTITY + RESULTS + PROVENANCE},
+    "trial_number": pa.int64(), "seed": pa.int64(), "group_size": pa.int64(),
+    "objective": pa.float64(), "evaluated_at": _TS, "started_at": _TS, "finished_at": _TS,
+    "duration_s": pa.float64(), "train_s": pa.float64(), "epochs_done": pa.int64(),
+    "attempts": pa.int64(), "peak_mem_gb": pa.float64(),
+}
+COLUMNS = IDENTITY + RESULTS + COST + PROVENANCE
 
 
 def task_dir(out: str | Path, task: str) -> Path:
     return Path(out) / task
+
+
+def task_schema(spec: Any) -> pa.Schema:
+    """The one schema of a task's rows: fixed columns, declared parameters and metrics."""
+    fields = [pa.field(c, FIXED_TYPES[c]) for c in COLUMNS]
+    fields += [pa.field(f"param_{k}", d.arrow_type()) for k, d in spec.params.items()]
+    fields += [pa.field(f"metric_{k}", pa.float64()) for k in spec.metrics]
+    return pa.schema(fields)
 
 
 def _cell(value: Any) -> Any:
@@ -41,40 +65,40 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _write_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_name(path)
     try:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        faults.pause("row-write")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the few milliseconds of a row's write: a Ctrl-C then lands
-    after the row exists, not between the trial's end and its record."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+def _table(row: Mapping[str, Any], schema: pa.Schema | None) -> pa.Table:
+    cells = {k: _cell(v) for k, v in row.items()}
+    if schema is None:
+        return pa.Table.from_pylist([cells])
+    extra = sorted(set(cells) - set(schema.names))
+    if extra:
+        raise ValueError(f"row columns {extra} are not in the task's schema")
+    return pa.Table.from_pylist([cells], schema=schema)
 
 
 def write_trial(out: str | Path, row: Mapping[str, Any],
-                curve: Sequence[tuple[int, str, float]] = ()) -> Path:
-    """Write a trial's curve (if any), then its row; the row's presence implies its curve's."""
-    with _signals_deferred():
-        return _write_trial(out, row, curve)
+                curve: Sequence[tuple[int, str, float]] = (),
+                schema: pa.Schema | None = None) -> Path:
+    """Write a trial's curve (if any), then its row; the row's presence implies its curve's.
 
-
-def _write_trial(out: str | Path, row: Mapping[str, Any],
-                 curve: Sequence[tuple[int, str, float]]) -> Path:
+    With `schema` (see `task_schema`) every column is written with its declared type."""
     base = task_dir(out, row["task"])
     uid = row["trial_uid"]
     if curve:
@@ -82,10 +106,38 @@ def _write_trial(out: str | Path, row: Mapping[str, Any],
         ctab = pa.table({"trial_uid": [uid] * len(curve), "step": pa.array(steps, pa.int64()),
                          "metric": list(names), "value": pa.array(values, pa.float64())})
         _write_atomic(ctab, base / "curves" / f"{uid}.parquet")
-    table = pa.Table.from_pylist([{k: _cell(v) for k, v in row.items()}])
     path = base / "trials" / f"{uid}.parquet"
-    _write_atomic(table, path)
+    _write_atomic(_table(row, schema), path)
     return path
+
+
+def clean_stale_tmp(out: str | Path, task: str, max_age_s: float = 86_400) -> list[Path]:
+    """Remove temporary files left by killed writers: this host's whose process is gone,
+    any host's older than `max_age_s`."""
+    removed = []
+    host = socket.gethostname()
+    for sub in ("trials", "curves"):
+        for path in (task_dir(out, task) / sub).glob(".*.tmp"):
+            parts = path.name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
+            try:
+                same_host, pid = parts[1] == host, int(parts[2])
+                age = time.time() - path.stat().st_mtime
+            except (IndexError, ValueError, OSError):
+                continue
+            if (same_host and not _alive(pid)) or age > max_age_s:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def trial_exists(out: str | Path, task: str, uid: str) -> bool:
@@ -102,12 +154,25 @@ def read_trial(out: str | Path, task: str, uid: str) -> dict[str, Any] | None:
 
 
 def _read_dir(folder: Path) -> pd.DataFrame:
-    tables = []
-    for path in sorted(folder.glob("[!.]*.parquet")):
+    """Every readable file of `folder`, schemas unioned; a file that cannot be read or whose
+    columns conflict with the others' types is named in a warning and skipped."""
+    tables: list[pa.Table] = []
+    schema: pa.Schema | None = None
+    for path in sorted(folder.glob("[!._]*.parquet")):
         try:
-            tables.append(pq.read_table(path))
+            table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
-            warnings.warn(f"{path}: unreadable leaderboard file skipped ({exc})", stacklevel=2)
+            warnings.warn(f"{path}: unreadable leaderboard file skipped ({exc})", stacklevel=3)
+            continue
+        try:
+            merged = table.schema if schema is None else pa.unify_schemas(
+                [schema, table.schema], promote_options="permissive")
+        except (pa.ArrowException, TypeError) as exc:
+            warnings.warn(f"{path}: leaderboard file skipped: its columns conflict with the "
+                          f"other files' types ({exc})", stacklevel=3)
+            continue
+        schema = merged
+        tables.append(table)
     if not tables:
         return pd.DataFrame()
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
@@ -209,3 +274,24 @@ def board(out: str | Path, task: str, study: str | None = None, variant: str | N
     rows = read_trials(out, task, study, variant)
     table = rank(rows, by)
     return table.head(top) if top else table
+
+
+def find_trial(out: str | Path, uid: str) -> tuple[str, dict[str, Any]] | None:
+    """(task, row) of the trial `uid` in any task under `out`, or None."""
+    for path in sorted(Path(out).glob(f"*/trials/{uid}.parquet")):
+        row = read_trial(out, path.parent.parent.name, uid)
+        if row is not None:
+            return path.parent.parent.name, row
+    return None
+
+
+def update_trial(out: str | Path, task: str, uid: str, updates: Mapping[str, Any],
+                 schema: pa.Schema | None = None) -> Path:
+    """Rewrite one row with `updates` (atomically, like every write)."""
+    row = read_trial(out, task, uid)
+    if row is None:
+        raise FileNotFoundError(f"no readable row for trial {uid} of {task} under {out}")
+    row.update(updates)
+    path = task_dir(out, task) / "trials" / f"{uid}.parquet"
+    _write_atomic(_table(row, schema), path)
+    return path

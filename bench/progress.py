@@ -1,4 +1,6 @@
-"""Live progress for `bench run`: trial i/N, the running trial's epoch, the best value so far."""
+"""Live progress for `bench run`: trials done of this run's total, moving epoch by epoch (so
+the elapsed time and the ETA move during a long trial), the running trials and their
+epochs, and the best objective so far."""
 
 from __future__ import annotations
 
@@ -6,59 +8,65 @@ import math
 import sys
 from typing import Any
 
-from optuna.trial import TrialState
 from tqdm.auto import tqdm
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 class Progress:
-    def __init__(self, plan: Any, total: int, study: Any):
-        self.plan, self.study = plan, study
+    def __init__(self, plan: Any, total: int, study: Any = None):
+        self.plan = plan
         self.maximize = plan.direction == "maximize"
         self.best: float | None = None
-        self.epochs: Any = None
-        self.trial: int | None = None
-        self.start_finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+        self.done = 0
+        self.running: dict[int, list[Any]] = {}  # worker -> [trial, epochs, epochs done]
         self.bar = tqdm(total=total, desc=f"{plan.task.name} [{plan.study_name}]", unit="trial",
-                        file=sys.stderr, dynamic_ncols=True, disable=not plan.opts.progress)
+                        file=sys.stderr, dynamic_ncols=True, disable=not plan.opts.progress,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}"
+                                   "{postfix}]")
 
     def _better(self, v: float) -> bool:
         return self.best is None or (v > self.best if self.maximize else v < self.best)
 
-    def _postfix(self, epoch: str = "") -> None:
+    def _refresh(self) -> None:
+        partial = sum(min(1.0, done / epochs) for _, epochs, done in self.running.values()
+                      if epochs)
+        self.bar.n = min(self.bar.total or 0, self.done + partial)
+        trials = " ".join(f"{t}:{d}/{e or '?'}" for t, e, d in self.running.values())
         best = "-" if self.best is None else f"{self.best:.4g}"
-        self.bar.set_postfix_str(f"trial {self.trial} epoch {epoch or '-'} | "
-                                 f"best {self.plan.metric}={best}", refresh=True)
+        self.bar.set_postfix_str(f"trial:epoch {trials or '-'} | best {self.plan.metric}={best}",
+                                 refresh=True)
 
-    def start_trial(self, number: int, epochs: Any) -> None:
-        self.trial, self.epochs = number, epochs
-        self._postfix()
+    # in-process events (worker 0) ...
+    def start_trial(self, number: int, epochs: Any, worker: int = 0) -> None:
+        self.running[worker] = [number, int(epochs) if epochs else 0, 0]
+        self._refresh()
 
-    def on_step(self, step: int, values: dict[str, float]) -> None:
-        self._postfix(f"{step + 1}/{self.epochs}" if self.epochs else str(step + 1))
+    def on_step(self, step: int, values: dict[str, float], worker: int = 0) -> None:
+        if worker in self.running:
+            self.running[worker][2] = step + 1
+        self._refresh()
 
-    def end_trial(self, number: int, outcome: Any) -> None:
-        self.counts[outcome.state] += 1
-        if outcome.state == "COMPLETE" and self._better(outcome.objective):
-            self.best = outcome.objective
-        if outcome.state == "FAIL":
-            self.bar.write(f"trial {number} FAIL: {outcome.error}")
-        self.bar.update(1)
-        self._postfix()
+    def end_trial(self, number: int, outcome: Any, worker: int = 0) -> None:
+        self._ended(number, outcome.state, outcome.objective, outcome.error, worker)
 
-    def poll(self) -> None:
-        """Multi-process mode: read progress back from the study's storage."""
-        trials = self.study.get_trials(deepcopy=False, states=FINISHED)
-        self.bar.n = max(0, len(trials) - self.start_finished)
-        for t in trials:
-            if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
-                if self._better(t.value):
-                    self.best = t.value
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        self.trial = ",".join(str(t.number) for t in running) or None  # type: ignore[assignment]
-        self._postfix()
+    def _ended(self, number: int, state: str, objective: float | None, error: str | None,
+               worker: int) -> None:
+        self.running.pop(worker, None)
+        self.done += 1
+        if state == "COMPLETE" and objective is not None and math.isfinite(objective) \
+                and self._better(objective):
+            self.best = objective
+        if state == "FAIL":
+            self.bar.write(f"trial {number} FAIL: {error}", file=sys.stderr)
+        self._refresh()
+
+    # ... and the same events from worker processes
+    def event(self, kind: str, worker: int, payload: Any) -> None:
+        if kind == "start":
+            self.start_trial(payload[0], payload[1], worker)
+        elif kind == "step":
+            self.on_step(payload[0], payload[1], worker)
+        elif kind == "end":
+            self._ended(payload[0], payload[1], payload[2], payload[3], worker)
 
     def close(self) -> None:
         self.bar.close()

@@ -1,34 +1,78 @@
-"""Task registry: `@register_task` fills one dict; `get_task(name)` fails with the known names."""
+"""Task registry: `@register_task` fills one dict; `get_task(name)` fails with the known names.
+
+A task is an `EpochTrial` subclass registered with its typed parameter declarations
+(`bench.params`), the metrics it reports (with units), its objective, a seconds-long CPU
+budget (`smoke`), cross-parameter rules, a data check and the optional packages it needs.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from bench.errors import UnknownTaskError
+from bench.errors import BenchError, ConfigError, UnknownTaskError
+from bench.lifecycle import THROUGHPUT, EpochTrial
+from bench.params import Decl, Metric, defaults, problems
 
-if TYPE_CHECKING:
-    from bench.trial import TrialContext
-
-Objective = Callable[[Mapping[str, Any], "TrialContext"], Mapping[str, float]]
 PlotHook = Callable[..., list]
-Check = Callable[[Mapping[str, Any], Any], None]  # (params, data_dir) -> None or raise BenchError
+Rules = Callable[[Mapping[str, Any]], list[str]]  # cross-parameter rules -> problems
+DataCheck = Callable[[Mapping[str, Any], Path | None], None]  # raise DataError when missing
+
+HARNESS_METRICS = {THROUGHPUT: Metric("examples/s", "training throughput (training epochs "
+                                                    "only, not validation)")}
+
+
+class MissingExtraError(BenchError):
+    """An optional stack a task or backend needs is not installed."""
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    objective: Objective
+    trial: type[EpochTrial]
     metric: str
     direction: str
-    defaults: Mapping[str, Any]  # every parameter the task knows, with its default
+    params: Mapping[str, Decl]
+    metrics: Mapping[str, Metric]
     doc: str = ""
-    smoke: Mapping[str, Any] = field(default_factory=dict)  # overrides for a seconds-long CPU run
-    check: Check | None = None  # preflight: bad values, missing data -> BenchError before a run
+    smoke: Mapping[str, Any] = field(default_factory=dict)  # a seconds-long CPU budget
+    rules: Rules | None = None
+    data: DataCheck | None = None
+    requires: tuple[str, Sequence[str]] | None = None  # (extra, modules)
+    fusable: bool = False
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return defaults(self.params)
+
+    def problems(self, params: Mapping[str, Any], where: str = "") -> list[str]:
+        """Every bad value of a (merged) parameter set, the cross-parameter rules included."""
+        found = problems(self.name, self.params, params, where)
+        if not found and self.rules is not None:
+            prefix = f"{where}: " if where else ""
+            found = [f"{prefix}{p}" for p in self.rules(params)]
+        return found
+
+    def require_extra(self) -> None:
+        """MissingExtraError naming the pip extra when an optional package is absent."""
+        if self.requires is None:
+            return
+        extra, modules = self.requires
+        missing = []
+        for m in modules:
+            try:
+                importlib.import_module(m)
+            except ImportError:
+                missing.append(m)
+        if missing:
+            raise MissingExtraError(
+                f"task {self.name!r} needs {', '.join(missing)}, which is not installed: "
+                f"pip install -e '.[{extra}]' (or pip install 'bench[{extra}]')")
 
 
 _TASKS: dict[str, Task] = {}
@@ -36,28 +80,36 @@ _PLOTS: dict[str, list[PlotHook]] = {}
 
 
 def register_task(
-    name: str, *, metric: str, direction: str, defaults: Mapping[str, Any],
-    smoke: Mapping[str, Any] | None = None, check: Check | None = None,
-) -> Callable[[Objective], Objective]:
-    """Register an objective under `name`.
+    name: str, *, metric: str, direction: str, params: Mapping[str, Decl],
+    metrics: Mapping[str, Metric], smoke: Mapping[str, Any] | None = None,
+    rules: Rules | None = None, data: DataCheck | None = None,
+    requires: tuple[str, Sequence[str]] | None = None, fusable: bool = False,
+) -> Callable[[type[EpochTrial]], type[EpochTrial]]:
+    """Register an `EpochTrial` subclass as the task `name`.
 
-    `defaults` lists every parameter the objective reads (anything else is rejected before a
-    run); `smoke` overrides them for a tiny CPU run: the contract tests use it; `check` is
-    called with the merged parameters before anything runs or is written (exit 2 on error).
+    `params` declares every parameter the task reads (type, range or choices, default);
+    `metrics` every metric it returns (unit, meaning); `smoke` overrides parameters for a
+    seconds-long CPU run (`bench run TASK --smoke`, the contract tests); `rules` checks
+    combinations of values, `data` the presence of the data, both before anything runs.
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
+    if metric not in metrics:
+        raise ValueError(f"task {name!r}: objective {metric!r} is not a declared metric")
+    if "epochs" not in params:
+        raise ValueError(f"task {name!r}: every task declares `epochs`")
 
-    def wrap(fn: Objective) -> Objective:
-        if name in _TASKS and _TASKS[name].objective is not fn:
+    def wrap(cls: type[EpochTrial]) -> type[EpochTrial]:
+        if name in _TASKS and _TASKS[name].trial is not cls:
             raise ValueError(f"task {name!r} is registered twice")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        unknown = set(smoke or {}) - set(defaults)
-        if unknown:
-            raise ValueError(f"task {name!r}: smoke keys {sorted(unknown)} are not in defaults")
-        _TASKS[name] = Task(name, fn, metric, direction, dict(defaults),
-                            doc[0] if doc else "", dict(smoke or {}), check)
-        return fn
+        bad = problems(name, params, smoke or {}, "smoke")
+        if bad:
+            raise ValueError("; ".join(bad))
+        doc = (cls.__doc__ or "").strip().splitlines()
+        _TASKS[name] = Task(name, cls, metric, direction, dict(params),
+                            {**metrics, **HARNESS_METRICS}, doc[0] if doc else "",
+                            dict(smoke or {}), rules, data, requires, fusable)
+        return cls
 
     return wrap
 
@@ -106,3 +158,10 @@ def get_task(name: str) -> Task:
         known = ", ".join(sorted(_TASKS)) or "(none)"
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}")
     return _TASKS[name]
+
+
+def check_values(task: Task, params: Mapping[str, Any], where: str = "") -> None:
+    """ConfigError listing every problem of one merged parameter set."""
+    found = task.problems(params, where)
+    if found:
+        raise ConfigError(found)

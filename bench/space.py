@@ -1,8 +1,13 @@
 """Search-space YAML -> `Space` of `Param`s and `Variant`s -> Optuna distributions / Ray domains.
 
 One file per task is the single source of truth for both backends. Every rule is checked
-at load time and every violation is reported at once (`ConfigError.problems`), naming
-the file, the key and the rule, so nothing runs on a half-valid space.
+at load time and every violation is reported at once (`ConfigError.problems`), naming the
+file, the key and the rule, so nothing runs on a half-valid space. Values are checked
+against the task's typed declarations (`bench.params`): a `fixed` or `grid` value must be
+a valid value of its parameter, a searched range must lie inside the parameter's rule.
+
+The YAML is read as YAML 1.2 reads numbers (`1e-4` is a float, not a string), duplicate
+keys are errors, and aliases may not expand a document beyond `MAX_NODES` nodes.
 """
 
 from __future__ import annotations
@@ -19,17 +24,30 @@ from typing import Any
 import yaml
 
 from bench.errors import BenchError, ConfigError
+from bench.params import Decl, looks_numeric
 from bench.registry import Task, get_task
 
 TOP_KEYS = {"task", "metric", "direction", "fixed", "params", "variants"}
-VARIANT_KEYS = {"grid", "seeds", "fixed", "params", "metric", "direction", "description"}
+VARIANT_KEYS = {"grid", "seeds", "fixed", "params", "metric", "direction", "description",
+                "reference"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
     "categorical": {"type", "choices"},
 }
 DIRECTIONS = ("minimize", "maximize")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1e-3: YAML 1.1 reads a str
+MAX_NODES = 100_000  # a YAML document expanded through its aliases
+MAX_SEEDS = 1_000
+MAX_TRIALS = 100_000  # points x seeds of a variant, or points of a grid search
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def name_problem(value: str) -> str | None:
+    """Study and variant names become file names: letters, digits, `.`, `_`, `-` only."""
+    if not NAME.fullmatch(value) or ".." in value:
+        return (f"must be 1-100 characters of letters, digits, '.', '_' and '-', starting "
+                f"with a letter or digit, without '..', got {value!r}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -70,19 +88,36 @@ class Param:
             return tune.quniform(lo, hi, self.step)
         return tune.loguniform(lo, hi) if self.log else tune.uniform(lo, hi)
 
+    def grid_size(self) -> int | None:
+        """How many values the grid sampler would try, or None when the set is not finite."""
+        if self.type == "categorical":
+            return len(self.choices)
+        if self.type == "int" and not self.log:
+            return int(self.high - self.low) // int(self.step or 1) + 1
+        if self.type == "float" and self.step and not self.log:
+            return int(round((self.high - self.low) / self.step)) + 1
+        return None
+
     def grid_values(self) -> list[Any]:
         """Finite set of values for the grid sampler, or ConfigError naming the param."""
+        n = self.grid_size()
+        if n is None:
+            raise ConfigError(
+                f"params.{self.name}: the grid sampler needs a finite set (categorical, int, "
+                f"or float with `step`), got type={self.type} log={self.log} step={self.step}")
         if self.type == "categorical":
             return list(self.choices)
-        if self.type == "int" and not self.log:
+        if self.type == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.type == "float" and self.step and not self.log:
-            n = int(round((self.high - self.low) / self.step))
-            return [self.low + i * self.step for i in range(n + 1)]
-        raise ConfigError(
-            f"params.{self.name}: the grid sampler needs a finite set (categorical, int, or "
-            f"float with `step`), got type={self.type} log={self.log} step={self.step}"
-        )
+        assert self.step is not None
+        return [self.low + i * self.step for i in range(n)]
+
+    def values_to_check(self) -> list[Any]:
+        """The values whose validity implies every sampled value's: choices, or the bounds."""
+        if self.type == "categorical":
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
 
 
 @dataclass(frozen=True)
@@ -95,11 +130,15 @@ class Variant:
     metric: str | None = None
     direction: str | None = None
     description: str = ""
+    reference: Any = None  # the original report's numbers (bench board/compare show them)
 
     @property
     def enumerated(self) -> bool:
         """A variant without `params` is a finite list of points, each run `seeds` times."""
         return not self.params
+
+    def n_points(self) -> int:
+        return math.prod(len(v) for v in self.grid.values()) if self.grid else 1
 
     def points(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
@@ -133,8 +172,74 @@ def space_path(task: str) -> Path:
     return spaces_dir() / f"{task.replace('-', '_')}.yaml"
 
 
+# ---------------------------------------------------------------- reading YAML safely
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.2) and refuses duplicate keys."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: later keys may override merged ones
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"duplicate key `{key}` at line {line} (first at line "
+                                  f"{seen[key]}); a YAML mapping takes each key once")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def _expanded_size(node: Any, memo: dict[int, int], active: set[int]) -> int:
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ConfigError("a YAML alias refers to a node that contains it (a recursive "
+                          "document)")
+    active.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, memo, active) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, active) + _expanded_size(v, memo, active)
+                    for k, v in node.value)
+    active.discard(key)
+    memo[key] = size
+    if size > MAX_NODES:
+        raise ConfigError(f"the document expands to more than {MAX_NODES:,} nodes through "
+                          "its aliases (a YAML alias bomb?)")
+    return size
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML text with `_Loader`, bounding what aliases may expand to."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+# ---------------------------------------------------------------- parsing and checking
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _num_problem(val: Any) -> str:
+    hint = " (YAML read it as a string)" if looks_numeric(val) else ""
+    return f"must be a finite number, got {val!r}{hint}"
 
 
 def _parse_param(where: str, name: str, spec: Any, errs: list[str]) -> Param | None:
@@ -154,6 +259,9 @@ def _parse_param(where: str, name: str, spec: Any, errs: list[str]) -> Param | N
         if not isinstance(choices, list) or not choices:
             errs.append(f"{where}.{name}.choices: must be a non-empty list, got {choices!r}")
             return None
+        if len({type(c) for c in choices}) > 1:
+            errs.append(f"{where}.{name}.choices: must all be of one type, got "
+                        f"{', '.join(sorted({type(c).__name__ for c in choices}))}: {choices!r}")
         return None if len(errs) > n0 else Param(name, kind, choices=tuple(choices))
     low: Any = spec.get("low")
     high: Any = spec.get("high")
@@ -161,7 +269,7 @@ def _parse_param(where: str, name: str, spec: Any, errs: list[str]) -> Param | N
     step: Any = spec.get("step")
     for key, val in (("low", low), ("high", high)):
         if not _is_num(val):
-            errs.append(f"{where}.{name}.{key}: must be a finite number, got {val!r}")
+            errs.append(f"{where}.{name}.{key}: {_num_problem(val)}")
         elif kind == "int" and float(val) != int(val):
             errs.append(f"{where}.{name}.{key}: must be an integer for type int, got {val!r}")
     if not isinstance(log, bool):
@@ -180,38 +288,85 @@ def _parse_param(where: str, name: str, spec: Any, errs: list[str]) -> Param | N
     return Param(name, kind, float(low), float(high), log, step)
 
 
+def _against_decl(where: str, p: Param, decl: Decl, errs: list[str]) -> None:
+    """A searched parameter's type and range must fit its declaration."""
+    if decl.kind in ("choice", "bool", "str") and p.type != "categorical":
+        errs.append(f"{where}.{p.name}: `{p.name}` is {decl.rule()}: search it as "
+                    f"`type: categorical`, got type={p.type}")
+        return
+    if decl.kind == "int" and p.type == "float":
+        errs.append(f"{where}.{p.name}: `{p.name}` is an integer parameter: search it as "
+                    "`type: int` or categorical, got type=float")
+        return
+    for value in p.values_to_check():
+        problem = decl.problem(value)
+        if problem:
+            errs.append(f"{where}.{p.name}: value {value!r} of the search space: {problem}")
+
+
 def _parse_params(where: str, raw: Any, task: Task | None, errs: list[str]) -> dict[str, Param]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         errs.append(f"{where}: must be a mapping of parameter specs, got {type(raw).__name__}")
         return {}
-    _check_known(where, raw, task, errs)
     out = {}
     for name, spec in raw.items():
-        p = _parse_param(where, str(name), spec, errs)
+        name = str(name)
+        if task is not None and name not in task.params:
+            errs.append(_unknown(where, name, task))
+            continue
+        p = _parse_param(where, name, spec, errs)
         if p is not None:
-            out[str(name)] = p
+            if task is not None:
+                _against_decl(where, p, task.params[name], errs)
+            out[name] = p
     return out
 
 
-def _check_known(where: str, keys: Iterable[Any], task: Task | None, errs: list[str]) -> None:
-    if task is None:
-        return
-    for key in keys:
-        if key not in task.defaults:
-            errs.append(f"{where}.{key}: `{key}` is not a parameter of task {task.name!r}; "
-                        f"known: {', '.join(sorted(task.defaults))}")
+def _unknown(where: str, key: str, task: Task) -> str:
+    return (f"{where}.{key}: `{key}` is not a parameter of task {task.name!r}; "
+            f"known: {', '.join(sorted(task.params))}")
 
 
-def _parse_mapping(where: str, raw: Any, task: Task | None, errs: list[str]) -> dict[str, Any]:
+def _parse_fixed(where: str, raw: Any, task: Task | None, errs: list[str]) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         errs.append(f"{where}: must be a mapping, got {type(raw).__name__}")
         return {}
-    _check_known(where, raw, task, errs)
+    if task is not None:
+        for key, value in raw.items():
+            if key not in task.params:
+                errs.append(_unknown(where, str(key), task))
+                continue
+            problem = task.params[key].problem(value)
+            if problem:
+                errs.append(f"{where}.{key}: {problem}")
     return dict(raw)
+
+
+def _parse_grid(where: str, raw: Any, task: Task | None, errs: list[str]) -> dict[str, list]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        errs.append(f"{where}: must be a mapping, got {type(raw).__name__}")
+        return {}
+    grid = {}
+    for key, vals in raw.items():
+        if task is not None and key not in task.params:
+            errs.append(_unknown(where, str(key), task))
+            continue
+        if not isinstance(vals, list) or not vals:
+            errs.append(f"{where}.{key}: must be a non-empty list of values, got {vals!r}")
+            continue
+        if task is not None:
+            for v in vals:
+                problem = task.params[key].problem(v)
+                if problem:
+                    errs.append(f"{where}.{key}: value {v!r}: {problem}")
+        grid[str(key)] = vals
+    return grid
 
 
 def _parse_direction(where: str, value: Any, errs: list[str]) -> None:
@@ -219,27 +374,42 @@ def _parse_direction(where: str, value: Any, errs: list[str]) -> None:
         errs.append(f"{where}: must be minimize or maximize, got {value!r}")
 
 
+def _parse_metric(where: str, value: Any, task: Task | None, errs: list[str]) -> None:
+    if value is None or task is None:
+        return
+    if value not in task.metrics:
+        errs.append(f"{where}: {value!r} is not a metric of task {task.name!r}; known: "
+                    f"{', '.join(sorted(task.metrics))}")
+
+
 def _parse_variant(src: str, name: str, raw: Any, task: Task | None, errs: list[str]) -> Variant:
     where = f"{src}: variants.{name}"
+    problem = name_problem(name)
+    if problem:
+        errs.append(f"{where}: the variant's name {problem}")
     if not isinstance(raw, Mapping):
         errs.append(f"{where}: must be a mapping, got {raw!r}")
         return Variant(name)
     for key in sorted(set(raw) - VARIANT_KEYS):
         errs.append(f"{where}: unknown key `{key}`; allowed: {', '.join(sorted(VARIANT_KEYS))}")
-    grid = _parse_mapping(f"{where}.grid", raw.get("grid"), task, errs)
-    for key, vals in grid.items():
-        if not isinstance(vals, list) or not vals:
-            errs.append(f"{where}.grid.{key}: must be a non-empty list of values, got {vals!r}")
+    grid = _parse_grid(f"{where}.grid", raw.get("grid"), task, errs)
     seeds = raw.get("seeds", 1)
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        errs.append(f"{where}.seeds: must be an integer >= 1, got {seeds!r}")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
+        errs.append(f"{where}.seeds: must be an integer in [1, {MAX_SEEDS}], got {seeds!r}")
+        seeds = 1
     _parse_direction(f"{where}.direction", raw.get("direction"), errs)
+    _parse_metric(f"{where}.metric", raw.get("metric"), task, errs)
     params = _parse_params(f"{where}.params", raw.get("params"), task, errs)
     if grid and params:
         errs.append(f"{where}: give either `grid` (enumerated) or `params` (searched), not both")
-    return Variant(name, grid, seeds if isinstance(seeds, int) else 1,
-                   _parse_mapping(f"{where}.fixed", raw.get("fixed"), task, errs),
-                   params, raw.get("metric"), raw.get("direction"), raw.get("description", ""))
+    variant = Variant(name, grid, seeds, _parse_fixed(f"{where}.fixed", raw.get("fixed"), task,
+                                                      errs),
+                      params, raw.get("metric"), raw.get("direction"),
+                      str(raw.get("description", "")), raw.get("reference"))
+    if variant.n_points() * seeds > MAX_TRIALS:
+        errs.append(f"{where}: {variant.n_points():,} points x {seeds} seeds = "
+                    f"{variant.n_points() * seeds:,} trials; at most {MAX_TRIALS:,} per variant")
+    return variant
 
 
 def parse_space(raw: Any, source: str, expect_task: str | None = None) -> Space:
@@ -257,12 +427,13 @@ def parse_space(raw: Any, source: str, expect_task: str | None = None) -> Space:
     else:
         try:
             task = get_task(name)
-        except Exception as exc:  # UnknownTaskError: keep collecting the other problems
+        except BenchError as exc:  # UnknownTaskError: keep collecting the other problems
             errs.append(f"{source}: task: {exc}")
         if expect_task is not None and name != expect_task:
             errs.append(f"{source}: task: file is for {expect_task!r}, got {name!r}")
     _parse_direction(f"{source}: direction", raw.get("direction"), errs)
-    fixed = _parse_mapping(f"{source}: fixed", raw.get("fixed"), task, errs)
+    _parse_metric(f"{source}: metric", raw.get("metric"), task, errs)
+    fixed = _parse_fixed(f"{source}: fixed", raw.get("fixed"), task, errs)
     params = _parse_params(f"{source}: params", raw.get("params"), task, errs)
     variants_raw = raw.get("variants") or {}
     if not isinstance(variants_raw, Mapping):
@@ -270,12 +441,26 @@ def parse_space(raw: Any, source: str, expect_task: str | None = None) -> Space:
         variants_raw = {}
     variants = {str(k): _parse_variant(source, str(k), v, task, errs)
                 for k, v in variants_raw.items()}
+    if task is not None:
+        _check_points(source, task, fixed, variants, errs)
     if errs:
         raise ConfigError(errs)
     assert task is not None
     metric, direction = raw.get("metric") or task.metric, raw.get("direction") or task.direction
-    return Space(task.name, metric, direction,
-                 fixed, params, variants, source)
+    return Space(task.name, metric, direction, fixed, params, variants, source)
+
+
+def _check_points(source: str, task: Task, fixed: Mapping[str, Any],
+                  variants: Mapping[str, Variant], errs: list[str]) -> None:
+    """Cross-parameter rules on every enumerated point (values were checked one by one)."""
+    if errs:
+        return
+    for v in variants.values():
+        if not v.enumerated or v.n_points() > 1000:
+            continue
+        for point in v.points():
+            merged = {**task.defaults, **fixed, **v.fixed, **point}
+            errs.extend(f"{source}: variants.{v.name}: {p}" for p in task.problems(merged))
 
 
 def load_space(path: str | Path, expect_task: str | None = None) -> Space:
@@ -285,7 +470,9 @@ def load_space(path: str | Path, expect_task: str | None = None) -> Space:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read search space: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -313,8 +500,8 @@ def validate_file(path: str | Path, overrides: Iterable[str] = ()) -> tuple[list
 
 def _declared_task(path: str | Path) -> str | None:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError, ConfigError):
         return None
     name = raw.get("task") if isinstance(raw, Mapping) else None
     return name if isinstance(name, str) else None
@@ -329,7 +516,7 @@ def space_for(task: str) -> Space:
 
 
 def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> dict[str, Any]:
-    """`key=value` strings -> dict (values parsed as YAML scalars); unknown keys all reported."""
+    """`key=value` strings -> typed dict; every unknown key and bad value reported at once."""
     out, errs = {}, []
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -337,50 +524,29 @@ def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> 
         if not sep or not key:
             errs.append(f"{source} {pair!r}: must be key=value")
             continue
-        if key not in task.defaults:
+        decl = task.params.get(key)
+        if decl is None:
             errs.append(f"{source} {key}: `{key}` is not a parameter of task {task.name!r}; "
-                        f"known: {', '.join(sorted(task.defaults))}")
+                        f"known: {', '.join(sorted(task.params))}")
             continue
-        parsed = _scalar(value)
-        rule = _type_rule(task.defaults[key], parsed)
-        if rule:
-            errs.append(f"{source} {key}={value}: {rule}")
+        parsed = decl.parse_text(value)
+        problem = decl.problem(parsed)
+        if problem:
+            errs.append(f"{source} {key}={value}: {problem}")
         out[key] = parsed
     if errs:
         raise ConfigError(errs)
     return out
 
 
-def _scalar(text: str) -> Any:
-    """A --set value as YAML reads it, except that `1e-3` is a number (YAML 1.1 says str)."""
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return value
-
-
-def _type_rule(default: Any, value: Any) -> str | None:
-    """A --set value must have its default's type (an int may stand for a float)."""
-    if default is None or value is None:
-        return None
-    kind = type(default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return None
-    if isinstance(value, kind) and (kind is not int or not isinstance(value, bool)):
-        return None
-    return f"must be {kind.__name__} like its default {default!r}, got {value!r}"
-
-
 def merge_params(task: Task, space: Space, variant: Variant | None,
                  point: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """task defaults <- YAML fixed <- variant fixed <- sampled/grid point <- --set overrides."""
+    """task defaults <- YAML fixed <- variant fixed <- sampled/grid point <- --set overrides,
+    each value in its declared type (3 -> 3.0 for a float parameter)."""
     merged = dict(task.defaults)
     merged.update(space.fixed)
     if variant is not None:
         merged.update(variant.fixed)
     merged.update(point)
     merged.update(overrides)
-    return merged
+    return {k: task.params[k].coerce(v) if k in task.params else v for k, v in merged.items()}

@@ -1,24 +1,12 @@
-"""`TrialContext`: what an objective sees of the backend running it.
+"""`TrialContext`: what a trial sees of the backend running it.
 
-An objective reports curve points with `ctx.report(step, **metrics)`; the backend hears
-about the objective metric through `on_report` and may stop the trial by returning True
-from `should_prune()`, in which case `report` raises `TrialPruned`. Objectives never
-import Optuna or Ray, so the same function runs under either, under Slurm, or in a test.
-
-Preemption is backend-neutral too: `should_stop()` turns True when the backend wants the
-trial to give up its slot (Slurm's `--signal=USR2@90` under `bench run --worker-id`); the
-objective then calls `suspend(state)` at a step boundary, which saves `state` and the curve
-so far and ends this attempt (no row). When the backend runs the trial again (same
-artifact folder), `load_state()` returns that state, restores the curve, and the objective
-continues where it stopped:
-
-    state = ctx.load_state()                      # None on a fresh trial
-    first = 0 if state is None else state["next_epoch"]
-    for epoch in range(first, epochs):
-        ...
-        ctx.report(epoch, ...)
-        if ctx.should_stop():
-            ctx.suspend({"next_epoch": epoch + 1, "model": model.state_dict(), ...})
+The trial lifecycle (`bench.lifecycle`) reports each epoch's metrics with
+`ctx.report(step, **metrics)`; the backend hears the objective metric through `on_report`
+and may stop the trial by returning True from `prune_check`, in which case `report` raises
+`TrialPruned`. `stop_check` turns True when the run must give up the trial's slot (Ctrl-C,
+SIGTERM, a preemption notice): the lifecycle then saves the trial's state at the epoch
+boundary and ends the attempt with `TrialSuspended`. Tasks never import Optuna or Ray, so
+the same trial runs under either, under Slurm, or in a plain test.
 """
 
 from __future__ import annotations
@@ -27,13 +15,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from bench.errors import TrialPruned, TrialSuspended
-
-STATE_FILE = "suspended_state.pt"
+from bench import signals
+from bench.errors import TrialPruned
 
 
 def _never() -> bool:
@@ -50,14 +37,11 @@ class TrialContext:
     on_report: Callable[[int, float], None] | None = None
     prune_check: Callable[[], bool] = _never
     on_step: Callable[[int, dict[str, float]], None] | None = None  # progress display
+    stop_check: Callable[[], bool] = signals.stop_requested
+    checkpoint_every_s: float = 60.0  # resume state saved at epoch ends at most this often
     curve: list[tuple[int, str, float]] = field(default_factory=list)
     steps_done: int = 0
-    stop_check: Callable[[], bool] = _never  # the backend asks the trial to suspend
-
-    @property
-    def state_path(self) -> Path:
-        """Where `suspend` saves the trial's state: the artifact folder, kept across attempts."""
-        return self.artifact_dir / STATE_FILE
+    resumed_from: int | None = None  # the epoch a resumed attempt started at
 
     def report(self, step: int, **metrics: Any) -> None:
         """Record one curve point per metric at `step` (an epoch); may raise TrialPruned."""
@@ -76,35 +60,18 @@ class TrialContext:
         return bool(self.prune_check())
 
     def should_stop(self) -> bool:
-        """True when the backend wants this trial suspended (e.g. a preemption notice)."""
+        """True when the backend wants this trial suspended (Ctrl-C, preemption notice)."""
         return bool(self.stop_check())
-
-    def suspend(self, state: Any) -> NoReturn:
-        """Save `state` (anything `torch.save` takes) and the curve so far, then end this
-        attempt with `TrialSuspended`; the backend resumes the trial later."""
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{STATE_FILE}.tmp")
-        torch.save({"state": state, "curve": list(self.curve), "steps_done": self.steps_done},
-                   tmp)
-        tmp.replace(self.state_path)
-        raise TrialSuspended(f"suspended after step {self.steps_done - 1}")
-
-    def load_state(self) -> Any | None:
-        """The state saved by `suspend` in an earlier attempt (its curve restored), or None."""
-        if not self.state_path.exists():
-            return None
-        saved = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        self.curve = [tuple(p) for p in saved["curve"]]  # type: ignore[misc]
-        self.steps_done = int(saved["steps_done"])
-        return saved["state"]
 
 
 def local_context(seed: int = 0, device: str = "cpu", artifact_dir: str | Path = ".",
-                  metric: str = "", data_dir: str | Path | None = None) -> TrialContext:
-    """A context with no backend: for tests, notebooks and benchmarks."""
+                  metric: str = "", data_dir: str | Path | None = None,
+                  **kw: Any) -> TrialContext:
+    """A context with no backend, its seed applied: for tests, notebooks and benchmarks."""
     from bench.train import seed_everything
 
     seed_everything(seed)
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    kw.setdefault("stop_check", _never)
     return TrialContext(seed, torch.device(device), Path(artifact_dir), metric,
-                        Path(data_dir) if data_dir else None)
+                        Path(data_dir) if data_dir else None, **kw)

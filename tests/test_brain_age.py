@@ -152,18 +152,21 @@ def test_task_raises_data_error_unless_skip(tiny_cohort: Path, tmp_path: Path) -
 
     folder, _ = make_bad_cohort(tiny_cohort, tmp_path)
     copy_cohort(tiny_cohort, tmp_path / "more")  # enough good subjects for three splits
+    from bench.lifecycle import train
+
     task = get_task("brain-age")
     params = {**task.defaults, **task.smoke, "cohort": str(folder), "shape": 16}
     with pytest.raises(DataError):
-        task.objective(params, local_context(0, "cpu", tmp_path / "a", "val_mae"))
+        train(task, params, local_context(0, "cpu", tmp_path / "a", "val_mae"))
     params["cohort"] = str(tmp_path / "more")
-    metrics = task.objective({**params, "on_bad_file": "skip"},
-                             local_context(0, "cpu", tmp_path / "b", "val_mae"))
+    metrics = train(task, {**params, "on_bad_file": "skip"},
+                    local_context(0, "cpu", tmp_path / "b", "val_mae"))
     assert np.isfinite(metrics["val_mae"])
 
 
 def test_cosine_schedule_changes_training_after_the_first_epoch(tiny_cohort: Path,
                                                                 tmp_path: Path) -> None:
+    from bench.lifecycle import train
     from bench.registry import get_task
     from bench.trial import local_context
 
@@ -172,7 +175,7 @@ def test_cosine_schedule_changes_training_after_the_first_epoch(tiny_cohort: Pat
     curves = {}
     for sched in ("constant", "cosine"):
         ctx = local_context(0, "cpu", tmp_path / sched, "val_mae")
-        task.objective({**params, "lr_schedule": sched}, ctx)
+        train(task, {**params, "lr_schedule": sched}, ctx)
         curves[sched] = [p for p in ctx.curve if p[1] == "train_loss"]
     const, cos = curves["constant"], curves["cosine"]
     assert len(const) == len(cos) == 3
@@ -256,7 +259,13 @@ def test_bench_run_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
 
     rows = leaderboard.read_trials(out, "brain-age")
     assert list(rows["state"]) == ["COMPLETE", "COMPLETE"], rows["error"].tolist()
+    assert rows["metric_test_mae"].isna().all(), "a search does not touch the test set"
+    assert rows["metric_val_mae_mean_predictor"].notna().all()
+    ev = bench_cli("eval", "brain-age", "--out", str(out), "--top", "2", timeout=600)
+    assert ev.returncode == 0, ev.stderr
+    rows = leaderboard.read_trials(out, "brain-age")
     assert rows["metric_test_mae"].between(0, 80).all()
+    assert rows["metric_test_mae_mean_predictor"].notna().all()
     assert rows["metric_val_mae"].equals(rows["objective"])
     uid = rows["trial_uid"].iloc[0]
     pred = pd.read_csv(out / "brain-age" / "artifacts" / uid / "predictions.csv")

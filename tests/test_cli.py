@@ -21,8 +21,23 @@ def test_list_shows_tasks_spaces_and_variants() -> None:
     res = bench_cli("list")
     assert res.returncode == 0, res.stderr
     assert "vae: Convolutional VAE/AE" in res.stdout
-    assert "variant beta-sweep: grid {'beta': [0.0, 0.0001" in res.stdout
+    assert "variant beta-sweep: rate-distortion trade-off" in res.stdout
+    assert "grid {'beta': [0.0, 0.0001" in res.stdout and "data: mnist" in res.stdout
     assert "objective: maximize val_elbo" in res.stdout
+    assert "param depth: int [1, 3]" in res.stdout, "integer ranges print as integers"
+
+
+def test_help_is_a_users_summary_and_loads_no_search_stack() -> None:
+    res = bench_cli("--help")
+    assert res.returncode == 0 and "bench run vae --smoke" in res.stdout
+    import subprocess
+    import sys
+
+    code = ("import sys; from bench.cli import main; main(['list']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'optuna', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_validate_shipped_spaces() -> None:
@@ -49,8 +64,11 @@ def test_validate_lists_every_error_and_exits_2(tmp_path: Path) -> None:
     (["run", "nope"], "unknown task 'nope'; known tasks:"),
     (["run", "vae", "--set", "betta=1", "--set", "epochs=x"], "`betta` is not a parameter"),
     (["run", "vae", "--variant", "nope"], "unknown variant 'nope'; known variants: beta-sweep"),
-    (["run", "vae", "--set", "model=gan", "--set", "beta=-1"], "vae: model: must be vae or ae"),
-    (["run", "synthetic", "--trials", "-1"], "--trials: must be >= 0"),
+    (["run", "vae", "--set", "model=gan", "--set", "beta=-1"],
+     "--set model=gan: must be one of vae, ae, got 'gan'"),
+    (["run", "synthetic", "--trials", "-1"], "--trials: must be in [0, 100000], got -1"),
+    (["run", "synthetic", "--sampler", "tpee"], "--sampler: must be one of tpe, random"),
+    (["run", "synthetic", "--study", "../x"], "--study: must be 1-100 characters"),
 ])
 def test_bad_run_input_exits_2_and_writes_nothing(tmp_path: Path, args, message) -> None:
     out = tmp_path / "lb"
@@ -78,6 +96,32 @@ def test_missing_data_exits_2_naming_where_it_looked(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_every_bad_value_is_listed_within_seconds_before_any_data(tmp_path: Path) -> None:
+    import time
+
+    out = tmp_path / "lb"
+    t0 = time.time()
+    res = bench_cli("run", "vae", "--out", str(out), "--data-dir", str(tmp_path / "nodata"),
+                    "--set", "epochs=-1", "--set", "lr=-0.1", "--set", "batch_size=0",
+                    "--set", "width=0", "--set", "train_size=-5")
+    assert time.time() - t0 < 30
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    for key in ("epochs=-1", "lr=-0.1", "batch_size=0", "width=0", "train_size=-5"):
+        assert f"--set {key}: must be" in res.stderr, res.stderr
+    assert "not found" not in res.stderr, "values are checked before the data"
+    assert not out.exists()
+
+
+def test_a_missing_optional_stack_names_its_extra(tmp_path: Path) -> None:
+    fake = tmp_path / "site" / "nibabel"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named nibabel')\n")
+    res = bench_cli("run", "brain-age", "--smoke", "--out", str(tmp_path / "lb"),
+                    env={"PYTHONPATH": str(tmp_path / "site")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "needs nibabel" in res.stderr and "pip install -e '.[brain]'" in res.stderr
+
+
 @needs_mnist
 def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "lb"
@@ -86,24 +130,39 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "3 COMPLETE, 0 PRUNED, 0 FAIL" in res.stdout
     assert "top configurations (maximize val_elbo)" in res.stdout
+    assert f"bench eval vae --study vae --top 3 --out {out}" in res.stdout
     assert (out / "vae" / "optuna.db").exists()
 
     rows = leaderboard.read_trials(out, "vae")
     assert len(rows) == 3 and (rows["state"] == "COMPLETE").all()
-    for col in ("param_beta", "param_latent_dim", "metric_test_iwae_ll", "metric_val_elbo",
-                "metric_active_units", "peak_mem_gb", "git_sha", "torch_version", "host"):
+    for col in ("param_beta", "param_latent_dim", "metric_val_elbo", "metric_val_active_units",
+                "peak_mem_gb", "git_sha", "torch_version", "host"):
         assert col in rows.columns, col
+    assert rows["metric_test_iwae_ll"].isna().all(), "a search never touches the test set"
     assert (rows["metric_val_elbo"] == rows["objective"]).all()
-    assert (rows["metric_test_iwae_ll"] >= rows["metric_test_elbo"] - 1.0).all()
     curves = leaderboard.read_curves(out, "vae")
     assert set(curves["metric"]) >= {"val_elbo", "val_recon", "val_kl", "train_loss"}
     import torch
 
+    from bench.lifecycle import load_state
+
     for _, r in rows.iterrows():  # each checkpoint is the trial's own model
-        blob = torch.load(out / "vae" / "artifacts" / r["trial_uid"] / "model.pt",
+        blob = load_state(out / "vae" / "artifacts" / r["trial_uid"] / "checkpoint.pt")
+        assert blob["trial"]["model"]["decoder.fc.weight"].shape[1] == r["param_latent_dim"]
+        assert "opt" not in blob["trial"], "no optimiser moments in a final checkpoint"
+        assert torch.load(out / "vae" / "artifacts" / r["trial_uid"] / "checkpoint.pt",
                           weights_only=True)
-        assert blob["metrics"]["val_elbo"] == pytest.approx(r["metric_val_elbo"])
-        assert blob["config"]["latent_dim"] == r["param_latent_dim"]
+
+    ev = bench_cli("eval", "vae", "--out", str(out), "--top", "2", "--set", "iwae_k=4")
+    assert ev.returncode == 0, ev.stderr
+    rows = leaderboard.read_trials(out, "vae")
+    done = rows.dropna(subset=["metric_test_iwae_ll"])
+    assert len(done) == 2 and done["evaluated_at"].notna().all()
+    assert (done["metric_test_iwae_ll"] >= done["metric_test_elbo"] - 1.0).all()
+    assert set(done["objective"]) == set(rows["objective"].nlargest(2))
+    assert json.loads(done["eval_params"].iloc[0]) == {"iwae_k": 4}
+    bad = bench_cli("eval", "vae", "--out", str(out), "--study", "nosuch")
+    assert bad.returncode == 2 and "known: vae" in bad.stderr
 
     formats = {f: bench_cli("board", "vae", "--out", str(out), "--format", f)
                for f in ("table", "csv", "markdown", "json")}

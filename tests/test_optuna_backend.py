@@ -1,7 +1,10 @@
-"""The Optuna backend end to end on the synthetic task: states, resume, kills, variants."""
+"""The Optuna backend end to end on the synthetic task: states, totals, resume, kills,
+signals, variants, workers, storages."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -15,8 +18,17 @@ import pandas as pd
 import pytest
 from conftest import bench_cli
 
-from bench import leaderboard
+from bench import leaderboard, signals
 from bench.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _fresh_signals():
+    signals.reset()
+    yield
+    signals.reset()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
 
 
 def run(out: Path, *args: str) -> int:
@@ -27,8 +39,12 @@ def rows(out: Path, **kw) -> pd.DataFrame:
     return leaderboard.read_trials(out, "synthetic", **kw)
 
 
-def study_trials(out: Path, name: str = "synthetic") -> list:
-    storage = f"sqlite:///{out / 'synthetic' / 'optuna.db'}"
+def study_trials(out: Path, name: str = "synthetic", journal: bool = False) -> list:
+    if journal:
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+            str(out / "synthetic" / "optuna.journal")))
+    else:
+        storage = f"sqlite:///{out / 'synthetic' / 'optuna.db'}"
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
@@ -38,20 +54,27 @@ def test_search_writes_one_row_per_trial_with_seeds(out: Path) -> None:
     assert list(df["trial_number"]) == [0, 1, 2, 3]
     assert list(df["seed"]) == [7, 8, 9, 10]
     assert (df["state"] == "COMPLETE").all() and df["error"].isna().all()
-    # the objective is the task's own value at the sampled point
     x, y = df["param_x"], df["param_y"]
     expected = (1 - x) ** 2 + 100 * (y - x * x) ** 2
     assert df["objective"].tolist() == pytest.approx(expected.tolist())
     assert (df["backend"] == "optuna").all() and (df["sampler"] == "tpe").all()
     assert df["config_hash"].is_unique and (df["epochs_done"] == 5).all()
-    values = {t.number: t.value for t in study_trials(out)}
-    assert values == dict(zip(df["trial_number"], df["objective"], strict=True))
+    assert df["study_uid"].nunique() == 1 and df["study_uid"].iloc[0]
+    trials = study_trials(out)
+    assert {t.number: t.value for t in trials} == dict(
+        zip(df["trial_number"], df["objective"], strict=True))
+    # what optuna-dashboard shows: the row's uid, seed, final metrics
+    t0 = trials[0]
+    assert t0.user_attrs["bench"]["uid"] == df.iloc[0]["trial_uid"]
+    assert t0.user_attrs["bench_result"]["metrics"]["distance"] == pytest.approx(
+        df.iloc[0]["metric_distance"])
 
 
-def test_exception_and_nan_fail_the_trial_and_the_study_goes_on(out: Path) -> None:
-    assert run(out, "--trials", "2", "--set", "fail=exception", "--set", "fail_at=1") == 0
-    assert run(out, "--trials", "2", "--set", "fail=nan", "--study", "nan") == 0
-    assert run(out, "--trials", "2", "--study", "nan") == 0  # the same study carries on
+def test_exception_and_nan_fail_the_trial_and_the_study_goes_on(out: Path, capsys) -> None:
+    assert run(out, "--trials", "2", "--set", "fail=exception", "--set", "fail_at=1") == 1
+    assert "every trial of this run failed" in capsys.readouterr().err
+    assert run(out, "--trials", "2", "--set", "fail=nan", "--study", "nan") == 1
+    assert run(out, "--add", "2", "--study", "nan") == 0  # the same study carries on
     df = rows(out)
     exc = df[df["study"] == "synthetic"]
     assert (exc["state"] == "FAIL").all()
@@ -59,9 +82,8 @@ def test_exception_and_nan_fail_the_trial_and_the_study_goes_on(out: Path) -> No
     assert (exc["epochs_done"] == 1).all()
     nan = df[df["study"] == "nan"].sort_values("trial_number")
     assert list(nan["state"]) == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
-    assert nan["error"].iloc[0].startswith("ValueError: non-finite final metric(s): loss=nan")
-    states = [t.state.name for t in study_trials(out, "nan")]
-    assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert nan["error"].iloc[0] == "FloatingPointError: non-finite loss=nan at epoch 0"
+    assert [t.state.name for t in study_trials(out, "nan")] == list(nan["state"])
 
 
 def test_pruned_trials_get_rows_with_their_last_value(out: Path) -> None:
@@ -75,16 +97,22 @@ def test_pruned_trials_get_rows_with_their_last_value(out: Path) -> None:
         pruned["trial_number"])
 
 
-def test_rerun_resumes_and_adds_trials(out: Path) -> None:
+def test_a_rerun_continues_to_the_same_total_and_add_asks_for_more(out: Path,
+                                                                    capsys) -> None:
     assert run(out, "--trials", "3") == 0
-    assert run(out, "--trials", "2") == 0
+    assert run(out, "--trials", "3") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert len(rows(out)) == 3
+    assert run(out, "--trials", "5") == 0
+    assert run(out, "--add", "2") == 0
     df = rows(out)
-    assert sorted(df["trial_number"]) == [0, 1, 2, 3, 4] and df["trial_uid"].is_unique
+    assert sorted(df["trial_number"]) == list(range(7)) and df["trial_uid"].is_unique
+    assert "(target 7)" in capsys.readouterr().out
 
 
 def test_a_resumed_search_does_not_replay_its_first_points(out: Path) -> None:
     assert run(out, "--trials", "2", "--sampler", "random") == 0
-    assert run(out, "--trials", "2", "--sampler", "random") == 0
+    assert run(out, "--add", "2", "--sampler", "random") == 0
     df = rows(out)
     assert len(df) == 4 and not df.duplicated(["param_x", "param_y"]).any()
 
@@ -105,39 +133,58 @@ def _running(out: Path, study: str) -> int:
         return 0
 
 
-def _wait_running(out: Path, study: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+def _wait(cond, proc: subprocess.Popen, timeout_s: float = 60, what: str = "") -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if _running(out, study):
+        if cond():
             return
-        time.sleep(0.3)
-    raise AssertionError("no trial started")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _resume_files(out: Path) -> list[Path]:
+    return list((out / "synthetic" / "artifacts").glob("*/resume.pt"))
 
 
 def _spawn(out: Path, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
-           "--set", "sleep_s=0.4", "--set", "epochs=10", *args]
+           "--set", "sleep_s=0.3", "--set", "epochs=10", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill_9_mid_trial_then_rerun_marks_it_fail_and_resumes(out: Path) -> None:
-    proc = _spawn(out, "--trials", "3")
-    _wait_running(out, "synthetic", proc)
+def test_kill_9_before_any_saved_state_marks_the_trial_fail(out: Path) -> None:
+    proc = _spawn(out, "--trials", "3")  # state saved at most every 60 s: none yet
+    _wait(lambda: _running(out, "synthetic"), proc, what="a running trial")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = [t.number for t in study_trials(out) if t.state.name == "RUNNING"]
     assert len(killed) == 1
-    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "1",
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
                     "--set", "epochs=2")
     assert res.returncode == 0, res.stderr
-    assert f"marked FAIL (left RUNNING by a killed run): trials {killed}" in res.stdout
-    trials = study_trials(out)
-    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert f"marked FAIL (left RUNNING by a killed run, nothing saved to resume from): " \
+           f"trials {killed}" in res.stderr
+    assert [t.state.name for t in study_trials(out)] == ["FAIL", "COMPLETE"]
     df = rows(out).set_index("trial_number")
-    assert df.loc[killed[0], "state"] == "FAIL"
-    assert "worker died" in df.loc[killed[0], "error"]
-    assert df.loc[1, "state"] == "COMPLETE"
+    assert df.loc[killed[0], "state"] == "FAIL" and "the run died" in df.loc[killed[0], "error"]
+
+
+def test_kill_9_after_a_saved_epoch_resumes_the_trial_there(out: Path) -> None:
+    proc = _spawn(out, "--trials", "1", "--checkpoint-every", "0")
+    _wait(lambda: _resume_files(out), proc, what="a saved state")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "1",
+                    "--set", "sleep_s=0.3", "--set", "epochs=10")
+    assert res.returncode == 0, res.stderr
+    assert "resuming trials [0]" in res.stderr
+    df = rows(out)
+    assert len(df) == 1 and df["state"].iloc[0] == "COMPLETE" and df["attempts"].iloc[0] == 2
+    curve = leaderboard.read_curves(out, "synthetic")
+    assert sorted(curve["step"]) == list(range(10)), "each epoch once, none lost or doubled"
+    assert [t.state.name for t in study_trials(out)] == ["COMPLETE"]
 
 
 def test_a_trial_killed_after_writing_its_row_keeps_that_row(out: Path) -> None:
@@ -151,47 +198,63 @@ def test_a_trial_killed_after_writing_its_row_keeps_that_row(out: Path) -> None:
         conn.exec_driver_sql(f"UPDATE trials SET state='RUNNING' WHERE trial_id={trial_id}")
         conn.exec_driver_sql(f"DELETE FROM trial_values WHERE trial_id={trial_id}")
     assert study_trials(out)[0].state.name == "RUNNING"
-    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "0")
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2")
     assert res.returncode == 0, res.stderr
-    assert "marked FAIL" not in res.stdout
+    assert "repaired the record of trials [0]" in res.stderr
     again = study_trials(out)[0]
     assert again.state.name == "COMPLETE" and again.value == pytest.approx(first.value)
     df = rows(out)
     assert len(df) == 2 and (df["state"] == "COMPLETE").all()
 
 
-def test_sigterm_marks_the_running_trial_fail_and_exits_130(out: Path) -> None:
-    proc = _spawn(out, "--trials", "3")
-    _wait_running(out, "synthetic", proc)
-    proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_the_running_trial_and_the_rerun_resumes_it(out: Path, sig: int,
+                                                                   code: int) -> None:
+    proc = _spawn(out, "--trials", "2")
+    _wait(lambda: _running(out, "synthetic"), proc, what="a running trial")
+    time.sleep(0.5)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Rerun the same command to resume" in err
-    df = rows(out)
-    assert list(df["state"]) == ["FAIL"] and "interrupted" in df["error"].iloc[0]
-    assert [t.state.name for t in study_trials(out)] == ["FAIL"]
+    assert proc.returncode == code, err
+    assert "run the same command again to resume it" in err
+    assert rows(out).empty, "an interrupted trial is not finished: no row"
+    [t] = study_trials(out)
+    assert t.state.name == "RUNNING" and t.user_attrs["suspended"]
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
+                    "--set", "sleep_s=0.01", "--set", "epochs=10")
+    assert res.returncode == 0, res.stderr
+    df = rows(out).sort_values("trial_number")
+    assert list(df["state"]) == ["COMPLETE", "COMPLETE"]
+    assert list(df["attempts"]) == [2, 1]
+    curve = leaderboard.read_curves(out, "synthetic", [df["trial_uid"].iloc[0]])
+    assert sorted(curve["step"]) == list(range(10))
 
 
-def test_an_interrupt_before_the_objective_starts_still_leaves_a_fail_row(
-        out: Path, monkeypatch) -> None:
-    from bench.backends import optuna as ob
+def test_a_second_ctrl_c_stops_at_once_and_the_trial_still_resumes(out: Path) -> None:
+    proc = _spawn(out, "--trials", "1", "--set", "sleep_s=2")
+    _wait(lambda: _running(out, "synthetic"), proc, what="a running trial")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - t0 < 1.5, "did not wait for the epoch"
+    [t] = study_trials(out)
+    assert t.state.name == "RUNNING" and t.user_attrs["suspended"]
+    assert run(out, "--trials", "1", "--set", "sleep_s=0", "--set", "epochs=10") == 0
+    assert list(rows(out)["state"]) == ["COMPLETE"]
 
-    def interrupted(self, trial):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(ob.Objective, "params_for", interrupted)
+def test_a_stop_requested_before_a_trial_starts_starts_none(out: Path) -> None:
+    signals.request_stop(signal.SIGINT)
     assert run(out, "--trials", "2") == 130
-    df = rows(out)
-    assert list(df["state"]) == ["FAIL"] and "before it started" in df["error"].iloc[0]
-    assert [t.state.name for t in study_trials(out)] == ["FAIL"]
+    assert rows(out).empty and study_trials(out) == []
 
 
 def test_variant_runs_each_point_once_per_seed_even_across_a_kill(out: Path) -> None:
     proc = _spawn(out, "--variant", "grid", "--set", "sleep_s=0.05", "--set", "epochs=3")
-    deadline = time.time() + 60
-    while len(rows(out)) < 3 and time.time() < deadline:  # a few points done, then kill
-        time.sleep(0.1)
-    _wait_running(out, "synthetic.grid", proc)
+    _wait(lambda: len(rows(out)) >= 3, proc, what="three rows")
+    _wait(lambda: _running(out, "synthetic.grid"), proc, what="a running trial")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert run(out, "--variant", "grid", "--set", "epochs=3") == 0
@@ -201,7 +264,6 @@ def test_variant_runs_each_point_once_per_seed_even_across_a_kill(out: Path) -> 
     assert len(done) == 12  # 6 points x 2 seeds
     assert not done.duplicated(["param_x", "param_y", "seed"]).any()
     assert set(done["seed"]) == {0, 1}
-    # the killed trial: FAIL and re-run, unless its row was written before the kill
     assert (df["state"] == "FAIL").sum() <= 1
     assert df["trial_uid"].is_unique
     assert (df["variant"] == "grid").all() and (df["pruner"] == "none").all()
@@ -220,10 +282,20 @@ def test_workers_share_a_journal_study_exactly(out: Path, capsys) -> None:
     assert "optuna.journal" in capsys.readouterr().out
     df = rows(out)
     assert sorted(df["trial_number"]) == list(range(7)) and (df["state"] == "COMPLETE").all()
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(out / "synthetic" / "optuna.journal")))
-    trials = optuna.load_study(study_name="synthetic", storage=storage).get_trials()
+    trials = study_trials(out, journal=True)
     assert len(trials) == 7 and all(t.state.name == "COMPLETE" for t in trials)
+    # one study whatever the worker count: one worker reopens the journal's study
+    assert run(out, "--trials", "9") == 0
+    assert len(study_trials(out, journal=True)) == 9
+    assert not (out / "synthetic" / "optuna.db").exists()
+
+
+def test_more_workers_on_an_sqlite_study_are_refused_not_forked(out: Path) -> None:
+    assert run(out, "--trials", "1") == 0
+    res = bench_cli("run", "synthetic", "--out", str(out), "--trials", "3", "--workers", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "lives in" in res.stderr and "cannot take 2 writing processes" in res.stderr
+    assert not (out / "synthetic" / "optuna.journal").exists()
 
 
 def test_sqlite_with_several_workers_is_refused_before_anything_is_written(out: Path) -> None:
@@ -232,6 +304,34 @@ def test_sqlite_with_several_workers_is_refused_before_anything_is_written(out: 
     assert res.returncode == 2
     assert "SQLite cannot take 2 writing processes" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_sigterm_to_the_parent_reaches_the_workers_and_all_resume(out: Path) -> None:
+    proc = _spawn(out, "--trials", "4", "--workers", "2")
+    journal = out / "synthetic" / "optuna.journal"
+    _wait(lambda: journal.exists() and journal.read_text().count('"op_code":4') >= 2, proc,
+          what="two running trials")  # op 4: a trial's param was set
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    suspended = [t for t in study_trials(out, journal=True) if t.user_attrs.get("suspended")]
+    assert len(suspended) == 2
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "4",
+                    "--workers", "2", "--set", "sleep_s=0.01", "--set", "epochs=10")
+    assert res.returncode == 0, res.stderr
+    df = rows(out)
+    assert len(df) == 4 and (df["state"] == "COMPLETE").all()
+    assert sorted(df["attempts"]) == [1, 1, 2, 2]
+
+
+def test_timeout_stops_starting_trials(out: Path, capsys) -> None:
+    t0 = time.time()
+    assert run(out, "--trials", "50", "--timeout", "1", "--set", "sleep_s=0.1",
+               "--set", "epochs=3") == 0
+    assert time.time() - t0 < 10
+    n = len(rows(out))
+    assert 1 <= n < 50
 
 
 @pytest.mark.parametrize("sampler", ["random", "cmaes", "qmc"])
@@ -249,3 +349,71 @@ def test_grid_sampler_and_hyperband(out: Path, tmp_path: Path) -> None:
     df = rows(out)
     assert sorted(zip(df["param_x"], df["param_y"], strict=True)) == [
         (x, y) for x in (0.0, 0.5, 1.0) for y in (0.0, 1.0)]
+
+
+def test_a_sampled_combination_breaking_a_rule_fails_alone(out: Path, tmp_path: Path) -> None:
+    """Cross-parameter rules of searched values are checked per trial, before training."""
+    from bench.registry import get_task
+
+    task = get_task("synthetic")
+    old = task.rules
+    object.__setattr__(task, "rules", lambda p: ["x: must not exceed y"] if p["x"] > p["y"]
+                       else [])
+    space = tmp_path / "s.yaml"
+    space.write_text("task: synthetic\nparams:\n  x: {type: float, low: -2, high: 2}\n"
+                     "  y: {type: float, low: -2, high: 2}\n")
+    try:
+        assert run(out, "--trials", "6", "--sampler", "random", "--pruner", "none",
+                   "--space", str(space)) in (0, 1)
+    finally:
+        object.__setattr__(task, "rules", old)
+    df = rows(out)
+    bad = df[df["param_x"] > df["param_y"]]
+    assert len(bad) and (bad["state"] == "FAIL").all()
+    assert bad["error"].str.contains("ConfigError: x: must not exceed y").all()
+    assert (df[df["param_x"] <= df["param_y"]]["state"] == "COMPLETE").all()
+
+
+def test_storage_identity_a_replaced_study_file_is_refused(out: Path) -> None:
+    assert run(out, "--trials", "1") == 0
+    db = out / "synthetic" / "optuna.db"
+    db.write_bytes(b"")
+    res = bench_cli("run", "synthetic", "--out", str(out), "--trials", "1")
+    assert res.returncode == 2 and "empty (0 bytes)" in res.stderr, res.stderr
+    db.unlink()
+    res = bench_cli("run", "synthetic", "--out", str(out), "--trials", "1")
+    assert res.returncode == 2 and "holds a different study of that name" in res.stderr
+    assert len(rows(out)) == 1
+    record = json.loads((out / "synthetic" / ".studies" / "synthetic.json").read_text())
+    assert record["uid"] == rows(out)["study_uid"].iloc[0]
+
+
+def test_a_study_name_cannot_leave_the_leaderboard(out: Path, tmp_path: Path) -> None:
+    for name in ("../../x", "a/b", str(tmp_path / "abs"), ".hidden", "x" * 101):
+        res = bench_cli("run", "synthetic", "--out", str(out), "--study", name)
+        assert res.returncode == 2 and "--study" in res.stderr, (name, res.stderr)
+    assert not out.exists() and not (tmp_path / "abs").exists()
+
+
+def test_a_planted_state_file_is_refused_not_run(out: Path, tmp_path: Path) -> None:
+    """A resume state must be plain data: a pickled payload is never executed."""
+    proc = _spawn(out, "--trials", "1", "--checkpoint-every", "0")
+    _wait(lambda: _resume_files(out), proc, what="a saved state")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    [state] = _resume_files(out)
+    state.write_bytes(pickle.dumps(Payload()))
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "1",
+                    "--set", "sleep_s=0.3", "--set", "epochs=10")
+    assert not marker.exists(), "the payload ran"
+    assert res.returncode == 1
+    df = rows(out)
+    assert df["state"].iloc[0] == "FAIL" and "refusing to load" in df["error"].iloc[0]

@@ -20,6 +20,7 @@ from bench.distributions import (
     kl_mc,
 )
 from bench.errors import ConfigError, DataError
+from bench.lifecycle import execute_trial
 from bench.registry import get_task
 from bench.trial import local_context
 
@@ -163,23 +164,25 @@ def test_pair_without_analytic_kl_uses_monte_carlo() -> None:
 
 
 # ---------------------------------------------------------------- the task
-def test_check_params_lists_every_problem_and_missing_data(tmp_path: Path) -> None:
-    from bench.tasks.priors import preflight
+def test_bad_values_are_all_listed_and_missing_data_named(tmp_path: Path) -> None:
+    from bench.registry import check_values
+    from bench.tasks.priors import data_check
 
-    params = {**get_task("priors").defaults, "model": "ae", "prior": "gumbel", "beta": -1.0}
+    task = get_task("priors")
+    params = {**task.defaults, "model": "ae", "prior": "gumbel", "beta": -1.0}
     with pytest.raises(ConfigError) as err:
-        preflight(params, tmp_path)
-    assert {"model", "prior", "beta"} <= {p.split(": ")[1] for p in err.value.problems}
+        check_values(task, params)
+    assert {"model", "prior", "beta"} == {p.split(":")[0] for p in err.value.problems}
     with pytest.raises(DataError, match="fashion-mnist"):
-        preflight(get_task("priors").defaults, tmp_path)
+        data_check(task.defaults, tmp_path)
 
 
 @needs_mnist
 @pytest.mark.usefixtures("one_thread")
 def test_ad_test_time_fit_lowers_recon_monotonically() -> None:
     from bench.data import load_images
+    from bench.nets import binarize
     from bench.tasks.priors import LatentModel, fit_codes
-    from bench.tasks.vae import binarize
 
     torch.manual_seed(0)
     model = LatentModel(get_family("normal"), "ad", 8, 1, 28, 8, 2, 8, 0.1)
@@ -200,13 +203,18 @@ def test_trial_writes_readable_artifacts(tmp_path: Path) -> None:
     task = get_task("priors")
     params = {**task.defaults, **task.smoke, "model": "ad", "prior": "uniform", "test_size": 64,
               "tsne_size": 40}
-    ctx = local_context(0, "cpu", tmp_path, "test_recon")
-    metrics = task.objective(params, ctx)
+    ctx = local_context(0, "cpu", tmp_path, "val_recon")
+    out = execute_trial(task, params, ctx, {"task": "priors", "trial_uid": "t"},
+                        tmp_path / "lb", "minimize", evaluate=True)
+    assert out.state == "COMPLETE", out.error
+    metrics = out.metrics
     assert metrics["test_bce_per_pixel"] == pytest.approx(metrics["test_recon"] / 784)
     with np.load(tmp_path / "grids.npz") as grids:
         assert {k: grids[k].shape for k in grids} == {
             "test": (64, 28, 28), "decoded": (64, 28, 28), "prior_samples": (64, 28, 28)}
         assert grids["prior_samples"].std() > 0
+    history = np.load(tmp_path / "test_fit_history.npy")
+    assert history.shape == (3,) and history[-1] <= history[0]
     for name in ("decoded.png", "prior_samples.png", "tsne.png"):
         img = imread(tmp_path / name)
         assert img.ndim == 3 and min(img.shape[:2]) > 50 and img.std() > 0, name
@@ -217,7 +225,8 @@ def test_trial_writes_readable_artifacts(tmp_path: Path) -> None:
         k.startswith("codes.") for k in blob["state_dict"])
 
 
-TINY = ["dataset=mnist", "epochs=1", "train_size=128", "test_size=32", "latent_dim=4",
+TINY = ["dataset=mnist", "epochs=1", "train_size=128", "val_size=32", "test_size=32",
+        "latent_dim=4",
         "width=4", "batch_size=64", "test_steps=3", "iwae_k=2", "tsne_size=0"]
 
 
@@ -237,7 +246,8 @@ def test_prior_comparison_end_to_end(tmp_path: Path) -> None:
 
     table = leaderboard.board(out, "priors", variant="prior-comparison")  # `bench board`
     assert len(table) == 9 and set(table["n"]) == {3}
-    assert table["objective_mean"].is_monotonic_increasing  # ranked: minimize test_recon
+    assert table["objective_mean"].is_monotonic_increasing  # ranked: minimize val_recon
+    assert rows["metric_test_recon"].notna().all(), "a variant evaluates every trial"
 
     plot = bench_cli("plot", "priors", "--variant", "prior-comparison", "--out", str(out),
                      env=ONE_THREAD)

@@ -11,6 +11,8 @@ import torch
 from conftest import needs_mnist
 
 from bench.errors import ConfigError
+from bench.lifecycle import execute_trial
+from bench.registry import get_task
 from bench.tasks import simsiam as ss
 from bench.tasks.simsiam_augment import TwoViewAugment
 from bench.tasks.simsiam_eval import collapse_std, knn_accuracy, knn_predict
@@ -125,9 +127,11 @@ def test_grayscale_and_jitter_rates_on_rgb() -> None:
 
 # ---------------------------------------------------------------- task
 def test_bad_params_are_all_reported() -> None:
+    from bench.registry import check_values, get_task
+
     params = {**ss.DEFAULTS, "backbone": "vgg", "predictor": "linear", "knn_k": 0}
     with pytest.raises(ConfigError) as err:
-        ss.check_params(params)
+        check_values(get_task("simsiam"), params)
     text = str(err.value)
     assert "backbone" in text and "predictor" in text and "knn_k" in text
 
@@ -141,7 +145,7 @@ def test_resnet18_has_the_cifar_stem() -> None:
 
 # The collapse run: 96 SGD steps of 32 MNIST images with the small backbone. Measured on
 # 3 seeds: collapse_std 0.18-0.20 without stop-grad, 0.62-0.67 with it.
-COLLAPSE = {**ss.DEFAULTS, **ss.SMOKE, "train_size": 512, "test_size": 256, "batch_size": 32,
+COLLAPSE = {**ss.DEFAULTS, **ss.SMOKE, "train_size": 512, "val_size": 256, "batch_size": 32,
             "epochs": 6, "base_lr": 0.6, "knn_every": 100}
 
 
@@ -150,12 +154,17 @@ def test_no_stop_grad_collapses_on_mnist(tmp_path: Path) -> None:
     out, threads = {}, torch.get_num_threads()
     # Tiny convs on a loaded 2-core machine: 136 s with 2 threads, 16 s with 1 (measured).
     torch.set_num_threads(1)
+    task = get_task("simsiam")
     for sg in (True, False):
-        ctx = local_context(0, "cpu", tmp_path / str(sg), "knn_acc")
-        out[sg] = ss.simsiam({**COLLAPSE, "stop_grad": sg}, ctx)
-        assert [s for s, k, _ in ctx.curve if k == "collapse_std"] == [5]  # final epoch only
+        ctx = local_context(0, "cpu", tmp_path / str(sg), "val_knn_acc")
+        res = execute_trial(task, {**COLLAPSE, "stop_grad": sg}, ctx,
+                            {"task": "simsiam", "trial_uid": str(sg)}, tmp_path / "lb",
+                            "maximize")
+        assert res.state == "COMPLETE", res.error
+        out[sg] = res.metrics
+        assert [s for s, k, _ in ctx.curve if k == "val_collapse_std"] == [5]  # final only
     torch.set_num_threads(threads)
-    assert out[False]["collapse_std"] < 0.5 * out[True]["collapse_std"], out
+    assert out[False]["val_collapse_std"] < 0.5 * out[True]["val_collapse_std"], out
     assert out[False]["train_loss"] < out[True]["train_loss"]  # the loss still falls
 
 
@@ -172,10 +181,11 @@ def test_plots_from_leaderboard(tmp_path: Path) -> None:
         knn = 0.9 if sg and pred == "mlp" else 0.1
         row = {"task": "simsiam", "study": "t", "variant": "ablation", "trial_uid": f"u{i}",
                "trial_number": i, "seed": seed, "direction": "maximize", "state": "COMPLETE",
-               "objective": knn, "metric_knn_acc": knn,
+               "objective": knn, "metric_val_knn_acc": knn,
                "config_hash": f"{sg}-{pred}", **{f"param_{k}": v for k, v in params.items()}}
         curve = [(e, m, v + 0.01 * seed) for e in range(3)
-                 for m, v in (("knn_acc", knn), ("train_loss", -0.5), ("collapse_std", 0.5))]
+                 for m, v in (("val_knn_acc", knn), ("train_loss", -0.5),
+                              ("val_collapse_std", 0.5))]
         leaderboard.write_trial(tmp_path, row, curve)
     paths = make_plots("simsiam", tmp_path, variant="ablation")
     assert {p.name for p in paths} >= {"simsiam_curves.png", "simsiam_final_knn.png"}

@@ -50,7 +50,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "params.width.choices: must be a non-empty list",
         "params.depth: unknown key `lgo`",
         "variants.sweep.grid.beta: must be a non-empty list of values, got 0.1",
-        "variants.sweep.seeds: must be an integer >= 1, got 0",
+        "variants.sweep.seeds: must be an integer in [1, 1000], got 0",
         "variants.sweep: unknown key `colour`",
     ]
     for fragment in expected:
@@ -84,7 +84,7 @@ def test_overrides_parse_yaml_scalars_and_check_types() -> None:
     msgs = err.value.problems
     assert len(msgs) == 3
     assert "`epoch` is not a parameter of task 'vae'" in msgs[0]
-    assert "must be int like its default 10, got 'three'" in msgs[1]
+    assert "epochs=three: must be an integer >= 1 and <= 100000, got 'three'" in msgs[1]
     assert "must be key=value" in msgs[2]
 
 
@@ -95,7 +95,7 @@ SPECS = {
     "i": {"type": "int", "low": 2, "high": 4},
     "ilog": {"type": "int", "low": 1, "high": 128, "log": True},
     "istep": {"type": "int", "low": 0, "high": 10, "step": 5},
-    "c": {"type": "categorical", "choices": ["a", 1, None]},
+    "c": {"type": "categorical", "choices": ["a", "b", "c"]},
 }
 
 
@@ -128,7 +128,7 @@ def test_optuna_sampling_respects_names_types_and_inclusive_bounds() -> None:
     assert seen["i"] == {2, 3, 4}, "inclusive high is reachable"
     assert seen["istep"] == {0, 5, 10}
     assert seen["fstep"] == {0.0, 0.25, 0.5, 0.75, 1.0}
-    assert seen["c"] == {"a", 1, None}
+    assert seen["c"] == {"a", "b", "c"}
     assert max(seen["ilog"]) > 64 and min(seen["ilog"]) < 4
 
 
@@ -159,3 +159,69 @@ def test_grid_and_params_are_exclusive(tmp_path: Path) -> None:
         "grid": {"x": [1.0]}, "params": {"y": {"type": "float", "low": 0, "high": 1}}}}}
     with pytest.raises(ConfigError, match="either `grid`"):
         load_space(write(tmp_path, yaml.safe_dump(doc)))
+
+
+def test_values_are_checked_against_the_task_declarations(tmp_path: Path) -> None:
+    """fixed, grid and searched values obey the parameter's type and rule."""
+    doc = """
+task: vae
+fixed: {epochs: "5", lr: -0.1, model: gan}
+params:
+  latent_dim: {type: float, low: 2, high: 8}
+  depth: {type: int, low: 0, high: 3}
+  width: {type: categorical, choices: [16, "32"]}
+variants:
+  v: {grid: {batch_size: [64, 0]}, seeds: 2}
+"""
+    with pytest.raises(ConfigError) as err:
+        load_space(write(tmp_path, doc))
+    problems = "\n".join(err.value.problems)
+    for fragment in [
+        "fixed.epochs: must be an integer >= 1 and <= 100000, got '5'",
+        "fixed.lr: must be a number > 0 and <= 10, got -0.1",
+        "fixed.model: must be one of vae, ae, got 'gan'",
+        "params.latent_dim: `latent_dim` is an integer parameter: search it as `type: int`",
+        "params.depth: value 0 of the search space: must be an integer >= 1 and <= 8",
+        "params.width.choices: must all be of one type",
+        "variants.v.grid.batch_size: value 0: must be an integer >= 1",
+    ]:
+        assert fragment in problems, (fragment, problems)
+
+
+def test_yaml_reads_exponent_numbers_and_refuses_duplicate_keys(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, "task: vae\nfixed: {lr: 1e-4, beta: 1e2}\n"))
+    assert space.fixed == {"lr": 1e-4, "beta": 100.0}
+    with pytest.raises(ConfigError, match=r"duplicate key `epochs` at line 4 \(first at line 3"):
+        load_space(write(tmp_path, "task: vae\nfixed:\n  epochs: 1\n  epochs: 2\n"))
+
+
+def test_yaml_alias_bombs_and_huge_variants_are_refused(tmp_path: Path) -> None:
+    bomb = ["task: synthetic", 'a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for i, prev in zip("bcdefgh", "abcdefg", strict=True):
+        bomb.append(f"{i}: &{i} [" + ",".join([f"*{prev}"] * 10) + "]")
+    with pytest.raises(ConfigError, match="more than 100,000 nodes through its aliases"):
+        load_space(write(tmp_path, "\n".join(bomb) + "\n"))
+    with pytest.raises(ConfigError, match=r"seeds: must be an integer in \[1, 1000\]"):
+        load_space(write(tmp_path, "task: synthetic\nvariants: {v: {seeds: 1000000000}}\n"))
+    with pytest.raises(ConfigError, match="at most 100,000 per variant"):
+        grid = "{x: [" + ",".join(["0.0"] * 1000) + "], y: [" + ",".join(["1.0"] * 200) + "]}"
+        load_space(write(tmp_path, f"task: synthetic\nvariants: {{v: {{grid: {grid}}}}}\n"))
+
+
+def test_a_wide_grid_search_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    from bench.plan import RunOptions, make_plan
+
+    path = write(tmp_path, "task: synthetic\nparams:\n  epochs: {type: int, low: 1, "
+                 "high: 100000}\n  fail_at: {type: int, low: 0, high: 100000}\n")
+    with pytest.raises(ConfigError, match="the grid has 10,000,100,000 points"):
+        make_plan(RunOptions("synthetic", sampler="grid", space_file=path,
+                             out=tmp_path / "lb"))
+    assert not (tmp_path / "lb").exists()
+
+
+def test_set_lists_every_bad_value_at_once() -> None:
+    task = get_task("vae")
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(["lr=-0.1", "batch_size=0", "width=0", "train_size=-5", "epochs=-1",
+                         "model=gan"], task)
+    assert len(err.value.problems) == 6

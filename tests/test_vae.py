@@ -10,7 +10,7 @@ import torch
 from conftest import needs_mnist
 from torch import distributions as D
 
-from bench.backends._base import execute_trial
+from bench.lifecycle import execute_trial
 from bench.registry import get_task
 from bench.space import merge_params, space_for
 from bench.tasks import vae as V
@@ -64,8 +64,8 @@ def trained(tmp_path_factory) -> tuple[V.VAE, torch.Tensor]:
     out = execute_trial(task, params, ctx, {"task": "vae", "trial_uid": "t"}, art / "lb",
                         "maximize")
     assert out.state == "COMPLETE", out.error
-    model = V.load_checkpoint(art / "model.pt")
-    data = V.load_split({**params, "test_size": 256}, torch.device("cpu"), None)
+    model = V.load_model(params, art)
+    data = V.load_split({**params, "test_size": 256}, torch.device("cpu"), None, test=True)
     return model, data["test"]
 
 
@@ -90,65 +90,57 @@ def test_iwae_with_one_sample_is_the_elbo_in_expectation(trained) -> None:
     assert iw1.mean() <= k10 <= k100 + 0.05  # the bound tightens with K
 
 
+def run_vae(tmp_path: Path, evaluate: bool = True, **extra):
+    task = get_task("vae")
+    params = merge_params(task, space_for("vae"), None, {}, {**task.smoke, **extra})
+    metric = "val_recon" if params["model"] == "ae" else "val_elbo"
+    ctx = local_context(0, "cpu", tmp_path / "art", metric)
+    out = execute_trial(task, params, ctx, {"task": "vae", "trial_uid": "x"}, tmp_path / "lb",
+                        "maximize", evaluate=evaluate)
+    return out, ctx, params
+
+
 @needs_mnist
 def test_val_elbo_is_the_beta_one_bound_whatever_beta(tmp_path: Path) -> None:
-    task = get_task("vae")
-    params = merge_params(task, space_for("vae"), None, {}, {**task.smoke, "beta": 4.0})
-    ctx = local_context(0, "cpu", tmp_path, "val_elbo")
-    m = task.objective(params, ctx)
+    out, ctx, params = run_vae(tmp_path, beta=4.0)
+    m = out.metrics
     assert m["val_elbo"] == pytest.approx(-(m["val_recon"] + m["val_kl"]), rel=1e-5)
     assert m["test_elbo"] == pytest.approx(-(m["test_recon"] + m["test_kl"]), rel=1e-5)
-    assert 0 <= m["active_units"] <= params["latent_dim"]
+    assert 0 <= m["test_active_units"] <= params["latent_dim"]
     assert {"val_elbo", "val_recon", "val_kl", "train_loss"} <= {k for _, k, _ in ctx.curve}
 
 
 @needs_mnist
+def test_a_search_trial_never_touches_the_test_set(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = V.load_split
+    monkeypatch.setattr(V, "load_split", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out, _, _ = run_vae(tmp_path, evaluate=False)
+    assert out.state == "COMPLETE" and not any(k.get("test") for k in calls)
+    assert not {k for k in out.metrics if k.startswith("test_")}
+
+
+@needs_mnist
 def test_ae_reports_reconstruction_and_no_elbo(tmp_path: Path) -> None:
-    task = get_task("vae")
-    params = merge_params(task, space_for("vae"), None, {}, {**task.smoke, "model": "ae"})
-    m = task.objective(params, local_context(0, "cpu", tmp_path, "val_recon"))
+    out, _, _ = run_vae(tmp_path, model="ae")
+    assert out.state == "COMPLETE", out.error
+    m = out.metrics
     assert "val_recon" in m and "test_recon" in m
     assert not {"val_elbo", "test_iwae_ll", "val_kl"} & set(m)
 
 
 @needs_mnist
-def test_diverging_training_fails_with_the_reason(tmp_path: Path) -> None:
-    task = get_task("vae")
-    params = merge_params(task, space_for("vae"), None, {}, {**task.smoke, "lr": 1e30})
-    ctx = local_context(0, "cpu", tmp_path, "val_elbo")
-    out = execute_trial(task, params, ctx, {"task": "vae", "trial_uid": "x"}, tmp_path / "lb",
-                        "maximize")
+def test_diverging_training_fails_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    real = V.build_model
+
+    def poisoned(*a, **k):
+        model = real(*a, **k)
+        with torch.no_grad():
+            model.decoder.fc.bias.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(V, "build_model", poisoned)
+    out, _, _ = run_vae(tmp_path)
     assert out.state == "FAIL"
-    assert "non-finite" in out.error or "training loss is" in out.error
-
-
-def test_bad_values_are_all_reported_before_training() -> None:
-    from bench.errors import ConfigError
-
-    params = {**V.DEFAULTS, "model": "gan", "beta": -1, "depth": 0}
-    with pytest.raises(ConfigError) as err:
-        V.check_params(params)
-    assert len(err.value.problems) == 3
-
-
-@needs_mnist
-def test_a_suspended_trial_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    """Preemption: suspend after the first epoch, resume in a new context, same numbers."""
-    task = get_task("vae")
-    params = merge_params(task, space_for("vae"), None, {}, {**task.smoke, "epochs": 3})
-
-    def attempt(folder: Path, stop_after: int | None):
-        ctx = local_context(5, "cpu", folder, "val_elbo")
-        ctx.stop_check = lambda: stop_after is not None and ctx.steps_done >= stop_after
-        return execute_trial(task, params, ctx, {"task": "vae", "trial_uid": folder.name},
-                             tmp_path / "lb", "maximize")
-
-    whole = attempt(tmp_path / "whole", None)
-    first = attempt(tmp_path / "split", 1)
-    assert first.state == "SUSPENDED" and (tmp_path / "split" / "suspended_state.pt").exists()
-    resumed = attempt(tmp_path / "split", None)
-    assert resumed.state == "COMPLETE" and whole.state == "COMPLETE"
-    for name in ("val_elbo", "test_elbo", "test_iwae_ll", "active_units"):
-        assert resumed.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-6), name
-    assert resumed.row["epochs_done"] == 3
-    assert not (tmp_path / "split" / "suspended_state.pt").exists()
+    assert out.error == "FloatingPointError: non-finite train_loss=nan at epoch 0"
+    assert out.row["epochs_done"] == 0

@@ -1,20 +1,28 @@
 """Optuna backend: a study per (task, variant), trials run by one or several local workers.
 
-- Storage: an SQLite file under `<out>/<task>/` by default. SQLite does not take several
-  writing processes, so `--workers N > 1` uses a journal file there instead (or whatever
-  `--storage` names: an RDB URL such as postgresql://..., or a journal-file path).
-- Resume: re-running a study adds `--trials` more. Trials left RUNNING by a killed run are
-  marked FAIL (and get a FAIL row) when this run holds the study's lock file, i.e. when no
-  other local run is using the study; RDB storages also fail them by heartbeat.
-- Enumerated variants (a grid, or just fixed values, times `seeds`) are enqueued: every
-  (point, seed) pair not already COMPLETE, PRUNED, RUNNING or WAITING in the study is
-  enqueued once, so a resumed sweep runs each missing pair exactly once.
+- Storage (bench.plan): SQLite under `<out>/<task>/` for one worker, a journal file there
+  for several, or whatever `--storage` names; a study that exists is always reopened where
+  it lives. Journal files use an `fcntl` lock (released by the kernel when a writer dies,
+  so a kill -9 never leaves a stale lock) and drop a record torn by a full disk.
+- Targets: `--trials N` is the study's total (a rerun of the same command continues to the
+  same total, as a restored Ray Tune experiment does); `--add N` asks for N more; a
+  variant's total is its points x seeds. `--timeout` stops starting trials after that many
+  seconds.
+- The run's own loop (ask -> run -> tell), not `study.optimize`: a stop request (Ctrl-C,
+  SIGTERM, SIGUSR2) lets the running trial save its state at the epoch boundary; the trial
+  stays RUNNING, marked `suspended`, and the next run resumes it before starting new ones.
+- A run that holds the study's lock alone repairs what killed runs left: a RUNNING trial
+  with a saved state is resumed; one whose result reached the study but whose row did not
+  gets its row; one with neither is marked FAIL with a FAIL row. Every finished trial
+  without a row gets one from the study's record. With heartbeats (RDB servers) Optuna
+  fails stale trials itself and retries them.
+- Enumerated variants: every (point, seed) pair the study lacks is enqueued once,
+  seed-major, and workers pop only enqueued trials.
 - Worker slots (`--worker-id`, used by `bench slurm`): `--trials` counts the trials that
-  worker has finished in total, so K slots of quota n_i finish exactly sum(n_i) trials
-  however often each is restarted. SIGUSR2 asks the running trial to suspend (the objective
-  saves its state through `ctx.suspend`); the trial stays RUNNING, owned by the slot, and
-  the worker exits with EXIT_SUSPENDED (75) so its job script can requeue it; the restarted
-  slot resumes its RUNNING trials first (from their saved state), then runs new ones.
+  slot has finished in total; on SIGUSR2 the slot suspends its trial and exits with
+  EXIT_SUSPENDED (75) so its job requeues it; the restarted slot resumes it first.
+- Each trial's `bench` user attributes carry its row uid, seed, `--set` overrides, final
+  metrics and FAIL reason, so optuna-dashboard shows what the leaderboard shows.
 """
 
 from __future__ import annotations
@@ -24,147 +32,186 @@ import fcntl
 import json
 import multiprocessing as mp
 import os
-import signal
 import sys
-import threading
 import time
-import warnings
+import uuid
 import zlib
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # as optimize
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from bench import leaderboard
-from bench.backends._base import (
+from bench import faults, leaderboard, signals
+from bench.backends._base import Backend, RunResult, register_backend
+from bench.errors import BenchError, ConfigError
+from bench.lifecycle import (
+    RESUME_FILE,
     Outcome,
-    RunOptions,
     build_row,
     execute_trial,
     new_trial_uid,
-    preflight,
+    now,
+    write_row,
 )
-from bench.errors import ConfigError, TrialFailed, TrialSuspended
-from bench.registry import Task, get_task
-from bench.space import Param, Space, Variant, load_space, merge_params, space_for
+from bench.plan import Plan, describe_storage, make_sampler
+from bench.space import Param
 from bench.train import resolve_device
 from bench.trial import TrialContext
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
-PRUNERS = ("median", "asha", "hyperband", "none")
-DEFAULT_SEARCH_TRIALS = 20
-EXIT_SUSPENDED = 75  # EX_TEMPFAIL: a slot stopped on SIGUSR2; requeue it to continue
-STOP = threading.Event()  # set by SIGUSR2 in a worker slot: suspend the trial, take no new one
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+ATTR = "bench"  # the trial's identity: uid, seed, overrides (set when it starts)
+RESULT = "bench_result"  # its outcome: state, metrics, error (set before it is told)
+STUDY_UID = "bench_study_uid"
 
 
-@dataclass
-class Plan:
-    """The resolved run: task, space, variant, objective and the storage it lives in."""
+# ---------------------------------------------------------------- storage
+class FlockLock(BaseJournalFileLock):
+    """An `fcntl.flock` lock beside the journal: the kernel releases it when its holder
+    dies, so a killed writer never leaves a lock behind (Optuna's symlink lock can)."""
 
-    opts: RunOptions
-    task: Task
-    space: Space
-    variant: Variant | None
-    metric: str
-    direction: str
-    study_name: str
-    storage_url: str  # a URL, or "journal:<path>"
-    pruner: str
+    def __init__(self, path: str):
+        self.path = path + ".flock"
+        self.fh: Any = None
 
-    @property
-    def variant_name(self) -> str:
-        return self.variant.name if self.variant else "default"
+    def acquire(self) -> bool:
+        self.fh = open(self.path, "a")  # noqa: SIM115 - held until release()
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return True
 
-    def searched(self) -> dict[str, Param]:
-        """Sampled parameters: the variant's own, else the space's, minus --set overrides."""
-        params = self.variant.params if self.variant and self.variant.params else self.space.params
-        return {k: p for k, p in params.items() if k not in self.opts.overrides}
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
 
 
-def make_plan(opts: RunOptions) -> Plan:
-    task = get_task(opts.task)
-    space = load_space(opts.space_file, opts.task) if opts.space_file else space_for(opts.task)
-    variant = space.variant(opts.variant) if opts.variant else None
-    if opts.sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler: must be one of {', '.join(SAMPLERS)}, got {opts.sampler!r}")
-    pruner = opts.pruner or ("none" if variant and variant.enumerated else "median")
-    if pruner not in PRUNERS:
-        raise ConfigError(f"--pruner: must be one of {', '.join(PRUNERS)}, got {pruner!r}")
-    if opts.workers < 1:
-        raise ConfigError(f"--workers: must be >= 1, got {opts.workers}")
-    if opts.trials is not None and opts.trials < 0:
-        raise ConfigError(f"--trials: must be >= 0, got {opts.trials}")
-    metric = (variant.metric if variant else None) or space.metric
-    direction = (variant.direction if variant else None) or space.direction
-    study = opts.study or (f"{task.name}.{variant.name}" if variant else task.name)
-    plan = Plan(opts, task, space, variant, metric, direction, study,
-                resolve_storage(opts), pruner)
-    if opts.sampler == "grid" and not (variant and variant.enumerated):
-        for p in plan.searched().values():
-            p.grid_values()  # raises ConfigError naming a param without a finite grid
-    points = variant.points() if variant and variant.enumerated else [{}]
-    preflight(task, [merge_params(task, space, variant, pt, opts.overrides) for pt in points],
-              opts.data_dir)
-    return plan
+class Journal(JournalFileBackend):
+    """A journal file whose last record, if torn by a full disk or a killed writer, is
+    dropped before the next append, and whose damage is reported with the file's name."""
+
+    def __init__(self, path: str):
+        super().__init__(path, lock_obj=FlockLock(path))
+        self.path = path
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with _held(self._lock):
+            size = _drop_torn_tail(self.path)
+            data = ("\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\n")
+            try:
+                with open(self.path, "ab") as fh:
+                    fh.write(data.encode())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError:
+                os.truncate(self.path, size)  # leave no torn record behind
+                raise
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        try:
+            yield from super().read_logs(log_number_from)
+        except ValueError as exc:  # JSONDecodeError included
+            raise BenchError(
+                f"{self.path}: the study journal is damaged ({exc}); a record was torn by a "
+                "full disk or a killed writer and later records were appended to it. Keep a "
+                "copy, then remove the damaged line (the error names its position) to "
+                "recover the studies in it") from None
 
 
-def resolve_storage(opts: RunOptions) -> str:
-    folder = Path(opts.out) / opts.task
-    if opts.storage is None:
-        if opts.workers > 1:
-            return f"journal:{folder / 'optuna.journal'}"
-        return f"sqlite:///{folder / 'optuna.db'}"
-    if "://" in opts.storage:
-        if opts.storage.startswith("sqlite") and opts.workers > 1:
-            raise ConfigError(
-                f"--storage {opts.storage}: SQLite cannot take {opts.workers} writing processes; "
-                "use a journal file (--storage path/to/study.journal) or postgresql://...")
-        return opts.storage
-    return f"journal:{opts.storage}"
+@contextmanager
+def _held(lock: BaseJournalFileLock) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _drop_torn_tail(path: str) -> int:
+    """Truncate an incomplete last line (a write that never completed); the file's size."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 1))
+        if fh.read(1) == b"\n":
+            return size
+        fh.seek(max(0, size - 65536))
+        tail = fh.read()
+    cut = tail.rfind(b"\n")
+    keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size)
+    os.truncate(path, keep)
+    print(f"warning: {path}: dropped an incomplete last record ({size - keep} bytes) left by "
+          "a writer that was killed or ran out of disk", file=sys.stderr)
+    return keep
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    # A server database: heartbeats let a crashed worker's trial be failed and retried.
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=10, grace_period=30,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=2))
+    try:
+        if url.startswith("journal:"):
+            path = Path(url.removeprefix("journal:"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(Journal(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.RDBStorage(url,
+                                              engine_kwargs={"connect_args": {"timeout": 60}})
+        # A server database: heartbeats let a crashed worker's trial be failed and retried.
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=10, grace_period=30,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=2))
+    except ModuleNotFoundError as exc:
+        raise BenchError(f"storage {describe_storage(url)} needs {exc.name}, which is not "
+                         "installed: pip install -e '.[postgres]'") from None
+    except PermissionError as exc:
+        raise BenchError(f"cannot open the study storage {describe_storage(url)}: "
+                         f"{exc.strerror} ({exc.filename})") from None
+    except Exception as exc:  # sqlalchemy's OperationalError, DatabaseError
+        if "sqlalchemy" in type(exc).__module__:
+            raise BenchError(f"cannot open the study storage {describe_storage(url)}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        raise
 
 
-def make_sampler(plan: Plan, worker: int, n_existing: int = 0) -> optuna.samplers.BaseSampler:
-    # Workers must not propose the same points, nor a resumed study replay its first ones.
+def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
+    """Open (or create) the plan's study; check its direction and its identity."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    storage = open_storage(plan.storage_url)
+    retry = getattr(storage, "heartbeat_stale_trial_callback", None)
+    if retry is not None:  # a heartbeat-failed trial gets its FAIL row, then is retried
+        storage.heartbeat_stale_trial_callback = _RowThenRetry(plan, retry)  # type: ignore
+    study = optuna.create_study(
+        storage=storage, sampler=_sampler(plan, worker, 0), pruner=make_pruner(plan.pruner),
+        study_name=plan.study_name, direction=StudyDirection[plan.direction.upper()],
+        load_if_exists=True)
+    if study.direction.name.lower() != plan.direction:
+        raise ConfigError(
+            f"study {plan.study_name!r} in {describe_storage(plan.storage_url)} was created to "
+            f"{study.direction.name.lower()} but this run would {plan.direction}; use "
+            "--study NEW")
+    check_identity(plan, study)
+    n_existing = len(study.get_trials(deepcopy=False))
+    if n_existing:  # workers must not propose the same points, nor a rerun replay its first
+        study.sampler = _sampler(plan, worker, n_existing)
+    return study
+
+
+def _sampler(plan: Plan, worker: int, n_existing: int) -> optuna.samplers.BaseSampler:
     seed = plan.opts.seed + 1000 * worker + 100_003 * n_existing
-    name = plan.opts.sampler
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "tpe":
-            concurrent = plan.opts.workers > 1 or "worker_id" in plan.opts.extra
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                              constant_liar=concurrent)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-        if name == "qmc":
-            return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
-        grid = {k: p.grid_values() for k, p in plan.searched().items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
+    concurrent = plan.opts.workers > 1 or "worker_id" in plan.opts.extra
+    grid = ({k: p.grid_values() for k, p in plan.searched().items()}
+            if plan.opts.sampler == "grid" and not plan.enumerated else None)
+    return make_sampler(plan.opts.sampler, seed, concurrent, grid)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -177,25 +224,31 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
-    storage = open_storage(plan.storage_url)
-    hook = ("heartbeat_stale_trial_callback"  # Optuna >= 4.9; failed_trial_callback before
-            if hasattr(storage, "heartbeat_stale_trial_callback") else "failed_trial_callback")
-    retry = getattr(storage, hook, None)
-    if retry is not None:  # a heartbeat-failed trial gets its FAIL row, then is retried
-        setattr(storage, hook, _RowThenRetry(plan, retry))
-    study = optuna.create_study(
-        storage=storage, sampler=make_sampler(plan, worker),
-        pruner=make_pruner(plan.pruner), study_name=plan.study_name,
-        direction=StudyDirection[plan.direction.upper()], load_if_exists=True)
-    if study.direction.name.lower() != plan.direction:
+def check_identity(plan: Plan, study: optuna.Study) -> str:
+    """A study is its storage's study, not its name: its uid is stored in it and beside the
+    leaderboard, and a leaderboard that recorded another study of this name is refused."""
+    uid = study.user_attrs.get(STUDY_UID)
+    if uid is None:
+        uid = uuid.uuid4().hex[:16]
+        study.set_user_attr(STUDY_UID, uid)
+    record = plan.task_dir / ".studies" / f"{plan.study_name}.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = None
+    if known is not None and known.get("uid") != uid:
         raise ConfigError(
-            f"study {plan.study_name!r} in {plan.storage_url} was created to "
-            f"{study.direction.name.lower()} but this run would {plan.direction}; use --study NEW")
-    n_existing = len(study.get_trials(deepcopy=False))
-    if n_existing:
-        study.sampler = make_sampler(plan, worker, n_existing)
-    return study
+            f"the leaderboard {plan.task_dir} recorded study {plan.study_name!r} with uid "
+            f"{known.get('uid')} in {known.get('storage')}, but "
+            f"{describe_storage(plan.storage_url)} holds a different study of that name (uid "
+            f"{uid}): its storage was replaced, truncated or is another one. Use --storage to "
+            f"point at the recorded one, or --study NEW for a new study")
+    if known is None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.tmp")
+        tmp.write_text(json.dumps({"uid": uid, "storage": describe_storage(plan.storage_url)}))
+        tmp.replace(record)
+    return uid
 
 
 class _RowThenRetry:
@@ -205,21 +258,18 @@ class _RowThenRetry:
         self.plan, self.retry = plan, retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        _stale_row(self.plan, trial, "worker stopped sending heartbeats (killed?); marked FAIL "
-                   "by another worker")
+        _record_row(self.plan, study, trial, "FAIL", error="worker stopped sending heartbeats "
+                    "(killed?); marked FAIL by another worker")
         self.retry(study, trial)
 
 
 class StudyLock:
     """Every run holds the study's lock file shared; `sole` is True when this run got it
-    exclusively at start, i.e. no other local run was using the study. Call `share()` once
-    stale trials are dealt with, so that other runs may join."""
+    exclusively at start, i.e. no other run on this storage was using the study. Call
+    `share()` once stale trials are dealt with, so that other runs may join."""
 
     def __init__(self, fh: Any, sole: bool):
         self.fh, self.sole = fh, sole
-
-    def __bool__(self) -> bool:
-        return self.sole
 
     def share(self) -> None:
         if self.sole:
@@ -228,14 +278,18 @@ class StudyLock:
 
 @contextmanager
 def study_lock(plan: Plan) -> Iterator[StudyLock]:
-    path = Path(plan.opts.out) / plan.task.name / f".{plan.study_name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    path = plan.lock_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a")  # noqa: SIM115
+    except OSError as exc:
+        raise BenchError(f"cannot create the study's lock file {path}: {exc.strerror}") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             sole = True
         except BlockingIOError:
-            fcntl.flock(fh, fcntl.LOCK_SH)  # waits only while a starting run fails stale trials
+            fcntl.flock(fh, fcntl.LOCK_SH)  # waits only while a starting run repairs the study
             sole = False
         try:
             yield StudyLock(fh, sole)
@@ -243,155 +297,125 @@ def study_lock(plan: Plan) -> Iterator[StudyLock]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def identity(plan: Plan, number: int, uid: str, seed: int) -> dict[str, Any]:
-    return {"task": plan.task.name, "study": plan.study_name, "variant": plan.variant_name,
-            "trial_uid": uid, "trial_number": number, "backend": "optuna",
-            "sampler": plan.opts.sampler, "pruner": plan.pruner, "seed": seed}
+# ---------------------------------------------------------------- rows from the study's record
+def _info(t: FrozenTrial) -> dict[str, Any]:
+    info = t.user_attrs.get(ATTR)
+    return info if isinstance(info, dict) else {}
 
 
-def fail_stale_trials(plan: Plan, study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a killed run FAIL, each with a FAIL leaderboard row.
+def identity(plan: Plan, number: int, uid: str, seed: int, study_uid: str) -> dict[str, Any]:
+    return {"task": plan.task.name, "study": plan.study_name, "study_uid": study_uid,
+            "variant": plan.variant_name, "trial_uid": uid, "trial_number": number,
+            "backend": "optuna", "sampler": plan.opts.sampler, "pruner": plan.pruner,
+            "seed": seed}
 
-    Suspended trials (a preempted worker slot saved their state) are left to their slot."""
+
+def _record_row(plan: Plan, study: optuna.Study, t: FrozenTrial, state: str,
+                error: str | None = None) -> str | None:
+    """A row built from the study's record of a trial (its params, result attributes)."""
+    info = _info(t)
+    uid = info.get("uid") or new_trial_uid()
+    if leaderboard.trial_exists(plan.out, plan.task.name, uid):
+        return None
+    result = t.user_attrs.get(RESULT) or {}
+    params = plan.params(dict(t.params))
+    started = (t.datetime_start.astimezone(dt.timezone.utc) if t.datetime_start else now())
+    finished = (t.datetime_complete.astimezone(dt.timezone.utc) if t.datetime_complete
+                else now())
+    value = t.value if state == "COMPLETE" else result.get("objective")
+    row = build_row(identity(plan, t.number, uid, int(info.get("seed", plan.opts.seed)),
+                             study.user_attrs.get(STUDY_UID, "")),
+                    params, state=state, objective=value, metric=plan.metric,
+                    direction=plan.direction, metrics=result.get("metrics", {}),
+                    error=error or result.get("error"), started_at=started,
+                    finished_at=finished, epochs_done=max(t.intermediate_values, default=-1) + 1,
+                    device=resolve_device(plan.opts.device))
+    return write_row(plan.out, plan.task, row)
+
+
+def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str, list[int]]:
+    """What killed runs left (call with the study's lock held alone, or as a slot for its
+    own trials): resume, repair, or fail RUNNING trials; write missing rows."""
+    done: dict[str, list[int]] = {"resumable": [], "failed": [], "repaired": []}
     storage = study._storage
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if not t.user_attrs.get("suspended")]
-    failed = []
-    for t in stale:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
-        row = _written_row(plan, t)
-        if row is not None:  # killed after its row was written: the study adopts the row
-            state = TrialState[row["state"]]
-            done = state == TrialState.COMPLETE
-            storage.set_trial_state_values(trial_id, state, [row["objective"]] if done else None)
-        elif storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            _stale_row(plan, t)
-            failed.append(t.number)
-    return failed
+    faults.pause("repair")
+    for t in study.get_trials(deepcopy=False):
+        owner = t.user_attrs.get("worker_id")
+        if owner is not None and owner != slot:
+            continue  # another slot's trial: its slot resumes it
+        if slot is not None and owner is None:
+            continue
+        info = _info(t)
+        if t.state == TrialState.RUNNING:
+            result = t.user_attrs.get(RESULT)
+            row = leaderboard.read_trial(plan.out, plan.task.name, info["uid"]) if info.get(
+                "uid") else None
+            known = row or result
+            if isinstance(known, dict):  # finished, but the study was not told
+                state = known["state"]
+                value = known.get("objective")
+                storage.set_trial_state_values(
+                    t._trial_id, TrialState[state],
+                    [value] if state == "COMPLETE" and value is not None else None)
+                if row is None:
+                    _record_row(plan, study, storage.get_trial(t._trial_id), state)
+                done["repaired"].append(t.number)
+            elif info.get("uid") and (plan.artifact_dir(info["uid"]) / RESUME_FILE).exists() \
+                    or t.user_attrs.get("suspended"):
+                done["resumable"].append(t.number)
+            elif storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                _record_row(plan, study, storage.get_trial(t._trial_id), "FAIL",
+                            "the run died while the trial was RUNNING (killed?), before it saved "
+                            "a state to resume from; marked FAIL by the next run")
+                done["failed"].append(t.number)
+        elif t.state in FINISHED and info.get("uid") and not leaderboard.trial_exists(
+                plan.out, plan.task.name, info["uid"]):
+            if _record_row(plan, study, t, t.state.name) is None:
+                done["repaired"].append(t.number)
+    return done
 
 
-def _written_row(plan: Plan, t: FrozenTrial) -> dict[str, Any] | None:
-    uid = t.user_attrs.get("trial_uid")
-    return leaderboard.read_trial(plan.opts.out, plan.task.name, uid) if uid else None
-
-
-def _stale_row(plan: Plan, t: FrozenTrial,
-               error: str = "worker died while the trial was RUNNING; marked FAIL on resume",
-               ) -> None:
-    uid = t.user_attrs.get("trial_uid") or new_trial_uid()
-    if leaderboard.trial_exists(plan.opts.out, plan.task.name, uid):
-        return  # the killed run wrote its row before the storage heard of the outcome
-    point = {k: v for k, v in t.params.items()}
-    params = merge_params(plan.task, plan.space, plan.variant, point, plan.opts.overrides)
-    # Optuna stores naive local times; rows carry UTC.
-    started = t.datetime_start.astimezone(dt.timezone.utc) if t.datetime_start else time_now()
-    steps = max(t.intermediate_values, default=-1) + 1
-    row = build_row(identity(plan, t.number, uid, t.user_attrs.get("seed", plan.opts.seed)),
-                    params, state="FAIL", objective=None, metric=plan.metric,
-                    direction=plan.direction, metrics={},
-                    error=error,
-                    started_at=started, finished_at=time_now(), epochs_done=steps,
-                    peak_mem=None, device=resolve_device(plan.opts.device))
-    leaderboard.write_trial(plan.opts.out, row)
-
-
-def time_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
+# ---------------------------------------------------------------- enumerated variants
 def point_key(point: dict[str, Any]) -> str:
     return json.dumps(point, sort_keys=True, default=str)
 
 
-def enqueue_missing(plan: Plan, study: optuna.Study) -> int:
-    """Enqueue every (point, seed) pair of an enumerated variant that the study lacks."""
+def enqueue_missing(plan: Plan, study: optuna.Study, limit: int | None = None) -> int:
+    """Enqueue every (point, seed) pair of an enumerated variant that the study lacks,
+    seed-major (a partial run covers every point once before repeating any); at most up to
+    `limit` trials in the study in all."""
     assert plan.variant is not None
+    trials = study.get_trials(deepcopy=False)
     taken = {(t.user_attrs.get("bench_point"), t.user_attrs.get("seed_index"))
-             for t in study.get_trials(deepcopy=False, states=(
-                 TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))}
+             for t in trials if t.state != TrialState.FAIL}
+    room = None if limit is None else max(0, limit - len(
+        [t for t in trials if t.state != TrialState.FAIL]))
     added = 0
-    # Seed-major: a partial run covers every point once before repeating any.
     for s in range(plan.variant.seeds):
         for point in plan.variant.points():
             if (point_key(point), s) in taken:
                 continue
+            if room is not None and added >= room:
+                return added
             study.enqueue_trial(point, user_attrs={"bench_point": point_key(point),
                                                    "seed_index": s, "seed": plan.opts.seed + s})
             added += 1
     return added
 
 
-def waiting(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
-class Objective:
-    """The Optuna objective: suggest, merge, run the task through `execute_trial`."""
-
-    def __init__(self, plan: Plan, progress: Any = None):
-        self.plan, self.progress = plan, progress
-        self.device = resolve_device(plan.opts.device)
-        self.searched = plan.searched()
-
-    def params_for(self, trial: optuna.Trial) -> tuple[dict[str, Any], int]:
-        v = self.plan.variant
-        if "bench_point" in trial.user_attrs:
-            assert v is not None
-            point = {k: trial.suggest_categorical(k, vals) for k, vals in v.grid.items()}
-            seed = int(trial.user_attrs["seed"])
-        else:
-            point = {k: suggest(trial, p) for k, p in self.searched.items()}
-            seed = self.plan.opts.seed + trial.number
-        plan = self.plan
-        return merge_params(plan.task, plan.space, v, point, plan.opts.overrides), seed
-
-    def __call__(self, trial: optuna.Trial) -> float:
+def _pop_waiting(study: optuna.Study) -> optuna.Trial | None:
+    """An enqueued trial, taken atomically (as Study.ask does), or None when none is left."""
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            params, seed, uid, ctx = self._prepare(trial)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the objective began: still a row
-            frozen = trial.study._storage.get_trial(trial._trial_id)
-            _stale_row(self.plan, frozen, "interrupted (KeyboardInterrupt) before it started")
-            raise
-        if self.progress:
-            self.progress.start_trial(trial.number, params.get("epochs"))
-        outcome = execute_trial(self.plan.task, params, ctx,
-                                identity(self.plan, trial.number, uid, seed),
-                                Path(self.plan.opts.out), self.plan.direction)
-        if self.progress:
-            self.progress.end_trial(trial.number, outcome)
-        return _to_optuna(outcome)
-
-    def _prepare(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str, TrialContext]:
-        params, seed = self.params_for(trial)
-        uid = trial.user_attrs.get("trial_uid")
-        if uid is not None and trial.user_attrs.get("uid_trial_number") == trial.number:
-            seed = int(trial.user_attrs.get("seed", seed))  # a suspended trial, resumed
-        else:  # a new trial (a retry copies its failed trial's user attrs: not its uid)
-            uid = new_trial_uid()
-            trial.set_user_attr("trial_uid", uid)
-            trial.set_user_attr("uid_trial_number", trial.number)
-            trial.set_user_attr("seed", seed)
-        art = Path(self.plan.opts.out) / self.plan.task.name / "artifacts" / uid
-        art.mkdir(parents=True, exist_ok=True)
-        ctx = TrialContext(seed, self.device, art, self.plan.metric, self.plan.opts.data_dir,
-                           on_report=lambda step, value: trial.report(value, step),
-                           prune_check=trial.should_prune,
-                           on_step=self.progress.on_step if self.progress else None,
-                           stop_check=STOP.is_set)
-        return params, seed, uid, ctx
+            if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
 
 
-def _to_optuna(outcome: Outcome) -> float:
-    if outcome.state == "SUSPENDED":
-        raise TrialSuspended(outcome.error)
-    if outcome.state == "PRUNED":
-        raise optuna.TrialPruned(outcome.error)
-    if outcome.state == "FAIL":
-        raise TrialFailed(outcome.error or "failed")
-    assert outcome.objective is not None
-    return outcome.objective
-
-
+# ---------------------------------------------------------------- one trial
 def suggest(trial: optuna.Trial, p: Param) -> Any:
     if p.type == "categorical":
         return trial.suggest_categorical(p.name, list(p.choices))
@@ -400,23 +424,151 @@ def suggest(trial: optuna.Trial, p: Param) -> Any:
     return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
 
 
-def run_worker(plan: Plan, n_trials: int, worker: int = 0, progress: Any = None) -> None:
-    """Run `n_trials` trials of the plan's study in this process."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if n_trials <= 0:
-        return
-    study = open_study(plan, worker)
-    study.optimize(Objective(plan, progress), n_trials=n_trials, catch=(Exception,),
-                   gc_after_trial=False)
+@dataclass
+class Worker:
+    """Runs trials of one study in this process; counts what it did."""
+
+    plan: Plan
+    study: optuna.Study
+    progress: Any = None
+    slot: str | None = None
+    ran: Counter = field(default_factory=Counter)
+    row_errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.plan.opts.device)
+        self.study_uid = self.study.user_attrs.get(STUDY_UID, "")
+        self.evaluate = self.plan.evaluates_every_trial()
+        # As in study.optimize: a sampler may call study.stop() (GridSampler, when its grid
+        # is exhausted), which Optuna allows only inside an optimisation loop.
+        self.study._thread_local.in_optimize_loop = True
+
+    def params_for(self, trial: optuna.Trial) -> tuple[dict[str, Any], int]:
+        plan, info = self.plan, trial.user_attrs.get(ATTR) or {}
+        if "bench_point" in trial.user_attrs:
+            assert plan.variant is not None
+            point = {k: trial.suggest_categorical(k, vals) for k, vals in plan.variant.grid.items()
+                     if k not in plan.overrides}
+            seed = int(trial.user_attrs["seed"])
+        else:
+            point = {k: suggest(trial, p) for k, p in plan.searched().items()}
+            seed = plan.opts.seed + trial.number
+        return plan.params(point), int(info.get("seed", seed))
+
+    def run_one(self, trial: optuna.Trial) -> str:
+        """Run (or resume) one trial and tell the study; its state, or SUSPENDED."""
+        with get_heartbeat_thread(trial._trial_id, self.study._storage):
+            outcome = self._execute(trial)
+        if outcome.state == "SUSPENDED":
+            trial.set_user_attr("suspended", True)
+            return "SUSPENDED"
+        trial.set_user_attr(RESULT, {"state": outcome.state, "objective": outcome.objective,
+                                     "metrics": outcome.metrics, "error": outcome.error})
+        if outcome.row_error:
+            self.row_errors.append(f"trial {trial.number}: could not write its row: "
+                                   f"{outcome.row_error}")
+        if trial.user_attrs.get("suspended"):
+            trial.set_user_attr("suspended", False)
+        state = TrialState[outcome.state]
+        faults.pause("tell")
+        self.study.tell(trial, outcome.objective if state == TrialState.COMPLETE else None,
+                        state=state)
+        self.ran[outcome.state] += 1
+        if self.progress:
+            self.progress.end_trial(trial.number, outcome)
+        return outcome.state
+
+    def _execute(self, trial: optuna.Trial) -> Outcome:
+        plan = self.plan
+        faults.pause("trial-start")
+        params, seed = self.params_for(trial)
+        info = trial.user_attrs.get(ATTR)
+        if not isinstance(info, dict) or info.get("number") != trial.number:
+            # a new trial (a retry copies its failed trial's attributes, not its identity)
+            info = {"uid": new_trial_uid(), "seed": seed, "number": trial.number,
+                    "overrides": {k: v for k, v in plan.overrides.items()}}
+            trial.set_user_attr(ATTR, info)
+        uid = info["uid"]
+        ctx = TrialContext(seed, self.device, plan.artifact_dir(uid), plan.metric,
+                           plan.opts.data_dir, on_report=lambda s, v: trial.report(v, s),
+                           prune_check=trial.should_prune,
+                           on_step=self.progress.on_step if self.progress else None,
+                           checkpoint_every_s=plan.opts.checkpoint_every_s)
+        ident = identity(plan, trial.number, uid, seed, self.study_uid)
+        if self.progress:
+            self.progress.start_trial(trial.number, params.get("epochs"))
+        bad = plan.task.problems(params)
+        if bad:  # a sampled combination that breaks a cross-parameter rule
+            return _config_failure(plan, ident, params, "; ".join(bad), ctx)
+        ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
+        return execute_trial(plan.task, params, ctx, ident, plan.out, plan.direction,
+                             evaluate=self.evaluate)
+
+    def work(self, resume: list[int], n_new: int, deadline: float | None) -> int:
+        """Resume `resume` (trial numbers), then run up to `n_new` new trials. Exit code."""
+        for number in resume:
+            if self._should_stop(deadline):
+                break
+            trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
+                self.study._study_id, number)
+            if self.run_one(optuna.Trial(self.study, trial_id)) == "SUSPENDED":
+                return signals.exit_code()
+            if self.row_errors:
+                return 1
+        for _ in range(n_new):
+            if self._should_stop(deadline):
+                break
+            trial = _pop_waiting(self.study) if self.plan.enumerated else self._ask()
+            if trial is None:
+                break
+            if self.run_one(trial) == "SUSPENDED":
+                return signals.exit_code()
+            if self.row_errors:
+                return 1
+        return signals.exit_code() if signals.stop_requested() else 0
+
+    def _ask(self) -> optuna.Trial:
+        if is_heartbeat_enabled(self.study._storage):  # as study.optimize does, per trial
+            optuna.storages.fail_stale_trials(self.study)
+        trial = self.study.ask()
+        if self.slot is not None:
+            trial.set_user_attr("worker_id", self.slot)
+        return trial
+
+    def _should_stop(self, deadline: float | None) -> bool:
+        return (signals.stop_requested() or getattr(self.study, "_stop_flag", False)
+                or (deadline is not None and time.time() >= deadline))
 
 
-# ---------------------------------------------------------------- worker slots (bench slurm)
+def _config_failure(plan: Plan, ident: dict[str, Any], params: dict[str, Any], error: str,
+                    ctx: TrialContext) -> Outcome:
+    t = now()
+    row = build_row(ident, params, state="FAIL", objective=None, metric=plan.metric,
+                    direction=plan.direction, metrics={}, error=f"ConfigError: {error}",
+                    started_at=t, finished_at=t, device=ctx.device)
+    out = Outcome("FAIL", None, {}, row["error"], row)
+    out.row_error = write_row(plan.out, plan.task, row)
+    return out
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+# ---------------------------------------------------------------- the run
+def split(n: int, k: int) -> list[int]:
+    """n trials over k workers, exactly: the first n % k workers run one more."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
-def _on_usr2(signum: int, frame: Any) -> None:
-    STOP.set()
+def _counts(study: optuna.Study) -> dict[str, int]:
+    c = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    suspended = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if t.user_attrs.get("suspended"))
+    return {"COMPLETE": c["COMPLETE"], "PRUNED": c["PRUNED"], "FAIL": c["FAIL"],
+            "RUNNING": c["RUNNING"] - suspended, "SUSPENDED": suspended,
+            "WAITING": c["WAITING"]}
+
+
+def _finished(study: optuna.Study, slot: str | None = None) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if slot is None or t.user_attrs.get("worker_id") == slot)
 
 
 def slot_index(worker_id: str) -> int:
@@ -424,143 +576,206 @@ def slot_index(worker_id: str) -> int:
     return zlib.crc32(worker_id.encode()) % 100_000
 
 
-def finished_by(study: optuna.Study, worker_id: str) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if t.user_attrs.get("worker_id") == worker_id)
+@register_backend
+class OptunaBackend(Backend):
+    name = "optuna"
+
+    def prepare(self, plan: Plan) -> int:
+        study = open_study(plan)
+        target = self._target(plan, study)
+        if plan.enumerated:
+            enqueue_missing(plan, study, target)
+        return max(0, target - _finished(study))
+
+    def status(self, plan: Plan) -> str:
+        study = open_study(plan)
+        counts = _counts(study)
+        return (f"study {plan.study_name!r} in {describe_storage(plan.storage_url)}: "
+                + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+    def _target(self, plan: Plan, study: optuna.Study) -> int:
+        opts = plan.opts
+        if opts.add is not None:
+            live = len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
+            return live + opts.add
+        default = plan.default_total()
+        if opts.trials is None:
+            return default
+        return min(opts.trials, default) if plan.enumerated else opts.trials
+
+    def run(self, plan: Plan, progress: Callable[..., Any] | None = None) -> RunResult:
+        signals.install(quiet=not plan.opts.progress)
+        slot = plan.opts.extra.get("worker_id")
+        if slot is not None:
+            return self._run_slot(plan, str(slot))
+        result = RunResult(plan, f"study {plan.study_name!r} in "
+                                 f"{describe_storage(plan.storage_url)}")
+        leaderboard.clean_stale_tmp(plan.out, plan.task.name)
+        with study_lock(plan) as lock:
+            study = open_study(plan)
+            heartbeat = is_heartbeat_enabled(study._storage)
+            fixed = repair(plan, study) if lock.sole and not heartbeat else {
+                "resumable": [], "failed": [], "repaired": []}
+            lock.share()
+            _report_repairs(result, fixed)
+            target = result.target = self._target(plan, study)
+            if plan.enumerated:
+                enqueue_missing(plan, study, target)
+            resume = fixed["resumable"]
+            if plan.enumerated:  # failed points are enqueued again, up to the target
+                n_new = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            else:
+                n_new = max(0, target - len(study.get_trials(
+                    deepcopy=False, states=FINISHED + (TrialState.RUNNING,))))
+            if not resume and n_new == 0:
+                result.note(f"nothing to do: the study has {_finished(study)} finished trials "
+                            f"of its {target}; `--add N` runs N more")
+            deadline = time.time() + plan.opts.timeout_s if plan.opts.timeout_s else None
+            bar = progress(plan, len(resume) + n_new, study) if progress else None
+            try:
+                if plan.opts.workers == 1:
+                    worker = Worker(plan, study, bar)
+                    result.exit_code = worker.work(resume, n_new, deadline)
+                    result.ran = dict(worker.ran)
+                    result.messages += worker.row_errors
+                else:
+                    result.exit_code = _run_processes(plan, resume, n_new, deadline, bar,
+                                                      result)
+            finally:
+                if bar:
+                    bar.close()
+            result.counts = _counts(study)
+        _finish(plan, result)
+        return result
+
+    def _run_slot(self, plan: Plan, slot: str) -> RunResult:
+        """A worker slot: its own RUNNING trials first, then new ones up to its quota."""
+        result = RunResult(plan, f"study {plan.study_name!r} in "
+                                 f"{describe_storage(plan.storage_url)}")
+        study = open_study(plan, slot_index(slot))
+        fixed = repair(plan, study, slot)
+        _report_repairs(result, fixed)
+        resume = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if t.user_attrs.get("worker_id") == slot and t.number not in fixed["failed"]]
+        quota = plan.opts.trials if plan.opts.trials is not None else plan.default_total()
+        n_new = max(0, quota - _finished(study, slot) - len(resume))
+        worker = Worker(plan, study, slot=slot)
+        result.exit_code = worker.work(resume, n_new, None)
+        result.ran, result.messages = dict(worker.ran), result.messages + worker.row_errors
+        result.counts = _counts(study)
+        return result
 
 
-def run_slot(plan: Plan, worker_id: str, quota: int | None) -> int:
-    """Resume the slot's RUNNING trials, then run new ones until it has finished `quota`.
-
-    Returns 0, or EXIT_SUSPENDED when SIGUSR2 stopped it (its trial saved and left RUNNING).
-    An enumerated variant's trials are enqueued beforehand (`bench slurm submit` does it):
-    concurrent slots enqueueing at once would duplicate them.
-    """
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    signal.signal(signal.SIGUSR2, _on_usr2)
-    quota = DEFAULT_SEARCH_TRIALS if quota is None else quota
-    study = open_study(plan, slot_index(worker_id))  # reseeded: a restart proposes anew
-    objective = Objective(plan)
-    owned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if t.user_attrs.get("worker_id") == worker_id]
-    for t in owned:
-        if STOP.is_set() or not _run_one(study, optuna.Trial(study, t._trial_id), objective):
-            return EXIT_SUSPENDED
-    enumerated = plan.variant is not None and plan.variant.enumerated
-    while finished_by(study, worker_id) < quota:
-        if STOP.is_set():
-            return EXIT_SUSPENDED
-        if enumerated and waiting(study) == 0:
-            break
-        if is_heartbeat_enabled(study._storage):  # as study.optimize does before each trial
-            optuna.storages.fail_stale_trials(study)
-        trial = study.ask()
-        trial.set_user_attr("worker_id", worker_id)
-        if not _run_one(study, trial, objective):
-            return EXIT_SUSPENDED
-    return 0
+def _report_repairs(result: RunResult, fixed: dict[str, list[int]]) -> None:
+    if fixed["resumable"]:
+        result.note(f"resuming trials {fixed['resumable']} (interrupted) from their saved "
+                    "epoch")
+    if fixed["failed"]:
+        result.note(f"marked FAIL (left RUNNING by a killed run, nothing saved to resume "
+                    f"from): trials {fixed['failed']}")
+    if fixed["repaired"]:
+        result.note(f"repaired the record of trials {fixed['repaired']} (finished, but their "
+                    "row or the study's record was missing)")
 
 
-def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> bool:
-    """Run one trial and tell the study; False when it was suspended (left RUNNING)."""
-    if trial.user_attrs.get("suspended"):
-        trial.set_user_attr("suspended", False)
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        try:
-            value = objective(trial)
-        except TrialSuspended:
-            trial.set_user_attr("suspended", True)
-            trial.set_user_attr("suspensions", int(trial.user_attrs.get("suspensions", 0)) + 1)
-            return False
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            return True
-        except KeyboardInterrupt:  # SIGTERM: the row says FAIL, so must the study
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        except Exception:
-            study.tell(trial, state=TrialState.FAIL)
-            return True
-    study.tell(trial, value)
-    return True
+def _finish(plan: Plan, result: RunResult) -> None:
+    """The exit status: rows lost or every trial of this run failed -> 1."""
+    if result.exit_code != 0:
+        return
+    if any("could not write its row" in m for m in result.messages):
+        result.exit_code = 1
+    elif result.ran and result.ran.get("FAIL", 0) == sum(result.ran.values()):
+        result.note(f"every trial of this run failed ({result.ran['FAIL']}); their reasons are "
+                    f"above and in the `error` column of {plan.task_dir / 'trials'}")
+        result.exit_code = 1
 
 
-def _worker_main(plan: Plan, n_trials: int, worker: int) -> None:
-    from bench.cli import install_signal_handlers
-
-    install_signal_handlers()
+# ---------------------------------------------------------------- several processes
+def _worker_main(plan: Plan, resume: list[int], n_new: int, index: int,
+                 deadline: float | None, queue: Any) -> None:
+    os.setpgrp()  # the terminal's Ctrl-C reaches the parent only; it forwards one signal
+    signals.install(quiet=True)
+    signals.die_with_parent()
     if resolve_device(plan.opts.device).type == "cpu":  # k workers share the cores, not k x all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.opts.workers))
     try:
-        run_worker(plan, n_trials, worker)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        study = open_study(plan, index)
+        worker = Worker(plan, study, progress=_QueueProgress(queue, index))
+        code = worker.work(resume, n_new, deadline)
+        for m in worker.row_errors:
+            queue.put(("message", index, m))
+    except BenchError as exc:
+        queue.put(("message", index, f"worker {index}: {exc}"))
+        code = exc.exit_code
+    sys.exit(code)
 
 
-def split(n: int, k: int) -> list[int]:
-    """n trials over k workers, exactly: the first n % k workers run one more."""
-    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+class _QueueProgress:
+    """A worker's progress events, sent to the parent's display."""
+
+    def __init__(self, queue: Any, index: int):
+        self.queue, self.index = queue, index
+
+    def start_trial(self, number: int, epochs: Any) -> None:
+        self.queue.put(("start", self.index, (number, epochs)))
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        self.queue.put(("step", self.index, (step, values)))
+
+    def end_trial(self, number: int, outcome: Outcome) -> None:
+        self.queue.put(("end", self.index, (number, outcome.state, outcome.objective,
+                                            outcome.error)))
 
 
-@dataclass
-class RunResult:
-    plan: Plan
-    n_planned: int
-    stale_failed: list[int]
-    storage_note: str
-    exit_code: int = 0  # EXIT_SUSPENDED when a worker slot stopped on SIGUSR2
-
-
-def run(opts: RunOptions, progress_factory: Any = None) -> RunResult:
-    if "worker_id" in opts.extra and opts.workers != 1:
-        raise ConfigError(f"--worker-id: a worker slot is one process, got --workers "
-                          f"{opts.workers}; start one slot per worker")
-    plan = make_plan(opts)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with study_lock(plan) as lock:
-        study = open_study(plan)
-        # With heartbeats (RDB) Optuna fails stale trials itself, and retries them.
-        heartbeat = is_heartbeat_enabled(study._storage)
-        stale = fail_stale_trials(plan, study) if lock.sole and not heartbeat else []
-        lock.share()
-        note = f"study {plan.study_name!r} in {plan.storage_url}"
-        if "worker_id" in opts.extra:
-            code = run_slot(plan, str(opts.extra["worker_id"]), opts.trials)
-            return RunResult(plan, opts.trials or 0, stale, note, code)
-        if plan.variant is not None and plan.variant.enumerated:
-            enqueue_missing(plan, study)
-            todo = waiting(study)
-            n = todo if opts.trials is None else min(opts.trials, todo)
-        else:
-            n = DEFAULT_SEARCH_TRIALS if opts.trials is None else opts.trials
-        progress = progress_factory(plan, n, study) if progress_factory else None
-        try:
-            if opts.workers == 1:
-                run_worker(plan, n, 0, progress)
-            else:
-                _run_processes(plan, n, progress)
-        finally:
-            if progress:
-                progress.close()
-    return RunResult(plan, n, stale, note)
-
-
-def _run_processes(plan: Plan, n: int, progress: Any) -> None:
+def _run_processes(plan: Plan, resume: list[int], n_new: int, deadline: float | None,
+                   bar: Any, result: RunResult) -> int:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(plan, k, i), name=f"bench-worker-{i}")
-             for i, k in enumerate(split(n, plan.opts.workers)) if k > 0]
+    queue = ctx.Queue()
+    k = plan.opts.workers
+    shares = [resume[i::k] for i in range(k)]
+    procs = [ctx.Process(target=_worker_main, args=(plan, shares[i], n, i, deadline, queue),
+                         name=f"bench-worker-{i}")
+             for i, n in enumerate(split(n_new, k)) if n > 0 or shares[i]]
     for p in procs:
         p.start()
+    forwarded = 0
     try:
         while any(p.is_alive() for p in procs):
-            if progress:
-                progress.poll()
-            time.sleep(1.0)
+            _drain(queue, bar, result)
+            if signals.stop_requested() and forwarded < (2 if signals.hard_stop_requested()
+                                                         else 1):
+                forwarded += 1  # Ctrl-C reaches the process group; kill -TERM only the parent
+                for p in procs:
+                    if p.is_alive() and p.pid:
+                        os.kill(p.pid, signals.current_signal())
+            time.sleep(0.2)
     finally:
         for p in procs:
             p.join()
-    if progress:
-        progress.poll()
-    failed = [p.name for p in procs if p.exitcode not in (0, None)]
-    if failed:
-        print(f"warning: worker(s) exited abnormally: {', '.join(failed)}", file=sys.stderr)
+        _drain(queue, bar, result)
+    codes = {p.name: p.exitcode for p in procs}
+    crashed = {n: c for n, c in codes.items() if c not in (0, 1, 2, 75, 130, 143)}
+    if crashed:
+        result.note("worker(s) crashed: " + ", ".join(f"{n} (exit {c})"
+                                                       for n, c in crashed.items()))
+    if procs and len(crashed) == len(procs):
+        return 1
+    if signals.stop_requested():
+        return signals.exit_code()
+    return max((c for c in codes.values() if c in (1, 2)), default=0)
+
+
+def _drain(queue: Any, bar: Any, result: RunResult) -> None:
+    import queue as q
+
+    while True:
+        try:
+            kind, index, payload = queue.get_nowait()
+        except q.Empty:
+            return
+        if kind == "message":
+            result.note(payload)
+        elif kind == "end":
+            result.ran[payload[1]] = result.ran.get(payload[1], 0) + 1
+        if bar is not None:
+            bar.event(kind, index, payload)

@@ -7,15 +7,18 @@
   3 brackets: the synchronous one pauses trials, which a function trainable without
   checkpoints would restart from scratch), `median` the median-stopping rule, `none` FIFO.
   Every scheduler counts `epochs_done`, so rungs are in the task's own steps.
-- Trials: each one runs the objective through `execute_trial` in its Ray worker and writes
-  its own row. A trial the scheduler stops gets a PRUNED row: Ray stops a function trainable
-  by raising `SystemExit` from `tune.report` in its thread, which `_Reporter` turns into
-  bench's prune decision; `BenchTrainable.cleanup` waits for the row before Ray tears the
-  actor down. A failed trial raises, so Ray's `--max-failures` retries it; the retry has
-  the same `trial_uid` (derived from the experiment path and Ray's trial id), so the
-  leaderboard keeps one row per trial: its last attempt.
+- Trials: each one runs the task's trial lifecycle (`bench.lifecycle.execute_trial`) in
+  its Ray worker and writes its own row. A trial the scheduler stops gets a PRUNED row: Ray
+  stops a function trainable by raising `SystemExit` from `tune.report` in its thread,
+  which `_Reporter` turns into bench's prune decision; `BenchTrainable.cleanup` waits for
+  the row before Ray tears the actor down. A failed trial raises, so Ray's
+  `--max-failures` retries it; the retry has the same `trial_uid` (derived from the
+  experiment path and Ray's trial id), so the leaderboard keeps one row per trial: its
+  last attempt.
 - Experiments live under `<out>/<task>/ray/<study>` (or under `--storage`, any Ray storage
-  path); `--resume` continues one with `Tuner.restore`, re-running only unfinished trials.
+  path). Rerunning the same command restores the experiment (`Tuner.restore`) and continues
+  it to its total, re-running only unfinished trials; a trial interrupted after saving its
+  state (its artifact folder is keyed by a uid stable across restores) resumes from it.
   Ray changes the working directory of trials, so every path is made absolute first.
 """
 
@@ -27,7 +30,6 @@ import math
 import os
 import re
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +41,11 @@ from ray import tune
 from ray.tune.result import RESULT_DUPLICATE
 from ray.tune.trainable.function_trainable import FunctionTrainable
 
-from bench.backends._base import RunOptions, execute_trial
-from bench.backends.optuna import DEFAULT_SEARCH_TRIALS, Plan, make_plan
+from bench import leaderboard
+from bench.backends._base import Backend, RunResult, register_backend
 from bench.errors import ConfigError, TrialFailed
-from bench.space import merge_params
+from bench.lifecycle import execute_trial
+from bench.plan import Plan, RunOptions, describe_storage, make_sampler
 from bench.train import resolve_device
 from bench.trial import TrialContext
 
@@ -85,16 +88,6 @@ class RayOptions:
             errs.append(f"--max-failures: must be >= 0 (or -1: retry forever), got "
                         f"{self.max_failures}")
         return errs
-
-
-@dataclass
-class RayRunResult:
-    plan: Plan
-    n_planned: int
-    stale_failed: list[int]
-    storage_note: str
-    experiment_path: str
-    errors: int
 
 
 # ---------------------------------------------------------------- inside a trial (Ray worker)
@@ -157,19 +150,26 @@ def run_trial(plan: Plan, experiment_path: str, ray_trial_id: str,
     number = trial_number(ray_trial_id, tune.get_context().get_trial_dir() or "")
     offset = int(config[SEED_INDEX]) if SEED_INDEX in config else number
     seed = plan.opts.seed + offset
-    params = merge_params(plan.task, plan.space, plan.variant, point, plan.opts.overrides)
+    params = plan.params(point)
     uid = trial_uid(experiment_path, ray_trial_id)
-    out = Path(plan.opts.out)
-    art = out / plan.task.name / "artifacts" / uid
+    art = plan.artifact_dir(uid)
     art.mkdir(parents=True, exist_ok=True)
     reporter = _Reporter(plan.metric)
     ctx = TrialContext(seed, resolve_device(plan.opts.device), art, plan.metric,
                        plan.opts.data_dir, on_report=reporter.report,
-                       prune_check=reporter.should_prune)
-    ident = {"task": plan.task.name, "study": plan.study_name, "variant": plan.variant_name,
+                       prune_check=reporter.should_prune, stop_check=lambda: False,
+                       checkpoint_every_s=plan.opts.checkpoint_every_s)
+    ident = {"task": plan.task.name, "study": plan.study_name,
+             "study_uid": trial_uid(experiment_path, ""), "variant": plan.variant_name,
              "trial_uid": uid, "trial_number": number, "backend": "ray",
              "sampler": plan.opts.sampler, "pruner": plan.pruner, "seed": seed}
-    outcome = execute_trial(plan.task, params, ctx, ident, out, plan.direction)
+    bad = plan.task.problems(params)
+    if bad:
+        raise TrialFailed("ConfigError: " + "; ".join(bad))
+    outcome = execute_trial(plan.task, params, ctx, ident, plan.out, plan.direction,
+                            evaluate=plan.evaluates_every_trial())
+    if outcome.row_error:
+        raise TrialFailed(f"could not write its row: {outcome.row_error}")
     if outcome.state == "FAIL":
         raise TrialFailed(outcome.error or "failed")  # Ray marks it ERROR and may retry it
     if outcome.state == "COMPLETE":
@@ -219,21 +219,11 @@ class BenchTrainable(FunctionTrainable):
 
 def _searcher(plan: Plan) -> Any:
     """OptunaSearch with the Optuna sampler of the same name; None: Ray's random/grid."""
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    seed, name = plan.opts.seed, plan.opts.sampler
-    factories: dict[str, Callable[[], Any]] = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                                  constant_liar=True),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
-    }
-    if name not in factories or not plan.searched():
+    if plan.opts.sampler in ("random", "grid") or not plan.searched():
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return OptunaSearch(sampler=factories[name]())
+    return OptunaSearch(sampler=make_sampler(plan.opts.sampler, plan.opts.seed, True))
 
 
 def max_steps(plan: Plan) -> int:
@@ -241,8 +231,7 @@ def max_steps(plan: Plan) -> int:
     searched = plan.searched().get("epochs")
     if searched is not None and searched.high is not None:
         return int(searched.high)
-    params = merge_params(plan.task, plan.space, plan.variant, {}, plan.opts.overrides)
-    return max(1, int(params.get("epochs") or 1))
+    return max(1, int(plan.params({}).get("epochs") or 1))
 
 
 def _scheduler(plan: Plan) -> Any:
@@ -267,12 +256,12 @@ def param_space(plan: Plan) -> tuple[dict[str, Any], int]:
     v = plan.variant
     if v is not None and v.enumerated:
         space: dict[str, Any] = {k: tune.grid_search(list(vals)) for k, vals in v.grid.items()
-                                 if k not in plan.opts.overrides}
+                                 if k not in plan.overrides}
         space[SEED_INDEX] = tune.grid_search(list(range(v.seeds)))
         return space, 1
     if plan.opts.sampler == "grid":
         return {k: tune.grid_search(p.grid_values()) for k, p in plan.searched().items()}, 1
-    n = DEFAULT_SEARCH_TRIALS if plan.opts.trials is None else plan.opts.trials
+    n = plan.default_total() if plan.opts.trials is None else plan.opts.trials
     return {k: p.to_ray() for k, p in plan.searched().items()}, n
 
 
@@ -342,14 +331,11 @@ def make_tuner(plan: Plan, ropts: RayOptions, path: str, name: str) -> tune.Tune
     trainable = tune.with_resources(
         tune.with_parameters(BenchTrainable, plan=plan, experiment_path=experiment),
         {"cpu": ropts.cpus_per_trial, "gpu": ropts.gpus_per_trial})
-    if ropts.resume:
-        if not tune.Tuner.can_restore(experiment):
-            raise ConfigError(f"--resume: no Ray experiment to restore at {experiment}")
+    if tune.Tuner.can_restore(experiment):  # the same command again: continue it
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                   resume_errored=ropts.max_failures != 0)
-    if tune.Tuner.can_restore(experiment):
-        raise ConfigError(f"a Ray experiment already exists at {experiment}: add --resume to "
-                          "continue it, or name a new one with --study")
+    if ropts.resume:
+        raise ConfigError(f"--resume: no Ray experiment to restore at {experiment}")
     space, n = param_space(plan)
     cfg = tune.TuneConfig(metric=plan.metric, mode=plan.direction[:3], num_samples=n,
                           search_alg=_searcher(plan), scheduler=_scheduler(plan),
@@ -361,19 +347,34 @@ def make_tuner(plan: Plan, ropts: RayOptions, path: str, name: str) -> tune.Tune
     return tune.Tuner(trainable, param_space=space, tune_config=cfg, run_config=run_cfg)
 
 
-def run(opts: RunOptions) -> RayRunResult:
-    """`bench run --backend ray`: plan, connect, fit; the rows are already written by then."""
-    ropts = RayOptions.from_extra(opts.extra)
-    plan = make_plan(absolute(opts))
-    path = storage_path(plan)
-    started = connect(ropts, quiet=not plan.opts.progress)
-    try:
-        check_resources(ropts, plan.opts.device)
-        tuner = make_tuner(plan, ropts, path, plan.study_name)
-        results = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    where = f"{path}/{plan.study_name}"
-    note = f"Ray experiment {plan.study_name!r} in {where}"
-    return RayRunResult(plan, len(results), [], note, where, len(results.errors))
+@register_backend
+class RayBackend(Backend):
+    name = "ray"
+
+    def run(self, plan: Plan, progress: Callable[..., Any] | None = None) -> RunResult:
+        """Connect, fit; the rows are already written when Ray returns."""
+        if plan.opts.add is not None:
+            raise ConfigError("--add: a Ray Tune experiment is restored to its total; start "
+                              "a new one with --study NAME --trials N")
+        ropts = RayOptions.from_extra(plan.opts.extra)
+        plan = dataclasses.replace(plan, opts=absolute(plan.opts))
+        path = storage_path(plan)
+        started = connect(ropts, quiet=not plan.opts.progress)
+        try:
+            check_resources(ropts, plan.opts.device)
+            tuner = make_tuner(plan, ropts, path, plan.study_name)
+            results = tuner.fit()
+        finally:
+            if started:
+                ray.shutdown()
+        where = f"{path}/{plan.study_name}"
+        result = RunResult(plan, f"Ray experiment {plan.study_name!r} in "
+                                 f"{describe_storage(where)}")
+        rows = leaderboard.read_trials(plan.out, plan.task.name, study=plan.study_name)
+        result.counts = rows["state"].value_counts().to_dict() if not rows.empty else {}
+        result.target = len(results)
+        if results.errors:
+            result.note(f"{len(results.errors)} Ray trial(s) ended in error (FAIL rows)")
+            if len(results.errors) == len(results):
+                result.exit_code = 1
+        return result

@@ -23,7 +23,6 @@ channels_last_3d on CUDA; the training loss is read once per epoch.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,76 +35,92 @@ from bench.brain import plots as _plots  # noqa: F401  (registers the brain-age 
 from bench.brain.models import CNN3d, JointModel, joint_head, make_regressor
 from bench.data import data_root
 from bench.errors import ConfigError
+from bench.lifecycle import EpochTrial
+from bench.params import Choice, Float, Int, Metric, Text
 from bench.registry import register_task
 from bench.train import autocast, batches, generator
 from bench.trial import TrialContext
 
-DEFAULTS: dict[str, Any] = {
-    "cohort": None,              # cohort folder; None: the simulated cohort under the data root
-    "metadata": "metadata.csv",
-    "file_pattern": "{id}.nii.gz",
-    "id_column": "id",
-    "age_column": "age",
-    "concepts": "csfv,gmv,wmv",
-    "split_column": "split",     # rows whose value is "test" form the test split, if present
-    "shape": 96,                 # edge of the cube the volumes are brought to
-    "resize": "resample",        # resample | crop
-    "normalize": "percentile",   # percentile | zscore | none
-    "on_bad_file": "error",      # error | skip
-    "sim_n": 600,                # simulated cohort: subjects and seed
-    "sim_seed": 0,
-    "model": "bottleneck",       # bottleneck | direct (CNN -> age)
-    "mode": "independent",       # independent | sequential | joint
-    "regressor": "mlp",          # mlp | kernel_ridge | ridge
-    "depth": 1,                  # the original baseline: 1 conv layer, 2 channels, max-pool
-    "width": 2,
-    "kernel": 3,
-    "pooling": "max",            # max | avg
-    "dropout": 0.0,
-    "lr": 1e-3,
-    "lr_schedule": "constant",   # constant | cosine (to 0 over `epochs`, stepped per epoch)
-    "weight_decay": 0.0,
-    "batch_size": 16,
-    "epochs": 20,
-    "concept_weight": 1.0,       # joint: weight of the concept MSE
-    "mlp_hidden": 32,
-    "mlp_layers": 1,
-    "mlp_steps": 500,
-    "mlp_lr": 1e-2,
-    "kr_alpha": 0.1,             # 5-fold CV on the simulated training split (RESULTS.md)
-    "kr_gamma": 3.0,
-    "ridge_alpha": 1.0,
-    "train_size": None,
-    "test_size": None,
-    "test_fraction": 0.25,
-    "val_fraction": 0.15,
-    "split_seed": 0,
-    "eval_batch_size": 32,
+PARAMS = {
+    "cohort": Text(None, help="cohort folder; null: the simulated cohort (generated once)"),
+    "metadata": Text("metadata.csv"),
+    "file_pattern": Text("{id}.nii.gz"),
+    "id_column": Text("id"),
+    "age_column": Text("age"),
+    "concepts": Text("csfv,gmv,wmv", help="metadata columns the CNN predicts"),
+    "split_column": Text("split", help='rows whose value is "test" form the test split'),
+    "shape": Int(96, 8, 512, help="edge of the cube the volumes are brought to"),
+    "resize": Choice("resample", ["resample", "crop"]),
+    "normalize": Choice("percentile", ["percentile", "zscore", "none"]),
+    "on_bad_file": Choice("error", ["error", "skip"]),
+    "sim_n": Int(600, 10, 100_000, help="simulated cohort: subjects"),
+    "sim_seed": Int(0, 0),
+    "model": Choice("bottleneck", ["bottleneck", "direct"], help="direct: CNN -> age"),
+    "mode": Choice("independent", ["independent", "sequential", "joint"]),
+    "regressor": Choice("mlp", ["mlp", "kernel_ridge", "ridge"]),
+    "depth": Int(1, 1, 8, help="the original baseline: 1 conv layer, 2 channels, max-pool"),
+    "width": Int(2, 1, 512),
+    "kernel": Int(3, 1, 11),
+    "pooling": Choice("max", ["max", "avg"]),
+    "dropout": Float(0.0, 0.0, 0.99),
+    "lr": Float(1e-3, high=10.0, above=0.0),
+    "lr_schedule": Choice("constant", ["constant", "cosine"],
+                          help="cosine: to 0 over `epochs`, stepped per epoch"),
+    "weight_decay": Float(0.0, 0.0),
+    "batch_size": Int(16, 1),
+    "epochs": Int(20, 1, 100_000),
+    "concept_weight": Float(1.0, 0.0, help="joint: weight of the concept MSE"),
+    "mlp_hidden": Int(32, 1),
+    "mlp_layers": Int(1, 0, 16),
+    "mlp_steps": Int(500, 1),
+    "mlp_lr": Float(1e-2, high=10.0, above=0.0),
+    "kr_alpha": Float(0.1, above=0.0, help="5-fold CV on the simulated training split"),
+    "kr_gamma": Float(3.0, above=0.0),
+    "ridge_alpha": Float(1.0, 0.0),
+    "train_size": Int(None, 1),
+    "test_size": Int(None, 1),
+    "test_fraction": Float(0.25, high=0.9, above=0.0),
+    "val_fraction": Float(0.15, high=0.9, above=0.0),
+    "split_seed": Int(0, 0),
+    "eval_batch_size": Int(32, 1),
 }
+DEFAULTS = {k: d.default for k, d in PARAMS.items()}
 SMOKE = {"shape": 24, "sim_n": 40, "epochs": 2, "batch_size": 8, "mlp_steps": 100}
-CHOICES = {"model": ("bottleneck", "direct"), "mode": ("independent", "sequential", "joint"),
-           "regressor": ("mlp", "kernel_ridge", "ridge"), "pooling": ("max", "avg"),
-           "lr_schedule": ("constant", "cosine"),
-           "on_bad_file": ("error", "skip"), "resize": ("resample", "crop"),
-           "normalize": ("percentile", "zscore", "none")}
+CONCEPTS = ("csfv", "gmv", "wmv")  # per-concept metrics are declared for these names
+BUCKETS = tuple(range(0, 100, 10))  # MAE by 10-year age bucket
+YEARS, ML = "years", "mL"
+METRICS = {
+    "train_loss": Metric("MSE (scaled)", "training loss on scaled targets", "train"),
+    "val_mae": Metric(YEARS, "mean absolute error of the predicted age, validation", "val"),
+    "val_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, "
+                                     "validation", "val"),
+    "test_mae": Metric(YEARS, "mean absolute error of the predicted age, test", "test"),
+    "test_bias": Metric(YEARS, "mean signed error (predicted - true), test", "test"),
+    "test_r2": Metric("", "coefficient of determination of the age, test", "test"),
+    "test_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, test",
+                                      "test"),
+    **{f"test_mae_{b}_{b + 9}": Metric(YEARS, f"test MAE of subjects aged {b}-{b + 9}", "test")
+       for b in BUCKETS},
+    **{f"concept_mae_{c}": Metric(ML, f"MAE of the predicted {c}, test", "test")
+       for c in CONCEPTS},
+}
 _DEVICE_VOLS: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def check_params(params: Mapping[str, Any]) -> None:
-    bad = [f"brain-age: {k}: must be one of {', '.join(v)}, got {params[k]!r}"
-           for k, v in CHOICES.items() if params[k] not in v]
-    for k, lo in (("depth", 1), ("width", 1), ("kernel", 1), ("shape", 8), ("epochs", 1)):
-        if int(params[k]) < lo:
-            bad.append(f"brain-age: {k}: must be >= {lo}, got {params[k]!r}")
+def rules(params: Mapping[str, Any]) -> list[str]:
+    """Combinations of values that cannot run."""
+    bad = []
     if int(params["shape"]) // 2 ** int(params["depth"]) < 1:
-        bad.append(f"brain-age: depth: {params['depth']} poolings shrink shape "
-                   f"{params['shape']} below 1 voxel")
+        bad.append(f"depth: {params['depth']} poolings shrink shape {params['shape']} below "
+                   "1 voxel")
     if params["model"] == "bottleneck" and params["mode"] == "joint" \
             and params["regressor"] == "kernel_ridge":
-        bad.append("brain-age: mode=joint trains the regressor by gradient descent: "
-                   "regressor must be mlp or ridge, got 'kernel_ridge'")
-    if bad:
-        raise ConfigError(bad)
+        bad.append("regressor: mode=joint trains the regressor by gradient descent: regressor "
+                   "must be mlp or ridge, got 'kernel_ridge'")
+    if not concept_names(params):
+        bad.append(f"concepts: must name at least one metadata column, got "
+                   f"{params['concepts']!r}")
+    return bad
 
 
 # ---------------------------------------------------------------- cohort and splits
@@ -291,7 +306,8 @@ def age_metrics(pred: np.ndarray, true: np.ndarray, prefix: str) -> dict[str, fl
            f"{prefix}_r2": 1.0 - float((err**2).sum()) / ss_tot if ss_tot > 0 else 0.0}
     buckets = age_bucket(true)
     for b in np.unique(buckets):
-        out[f"{prefix}_mae_{b}_{b + 9}"] = float(np.abs(err[buckets == b]).mean())
+        if b in BUCKETS:
+            out[f"{prefix}_mae_{b}_{b + 9}"] = float(np.abs(err[buckets == b]).mean())
     return out
 
 
@@ -311,66 +327,93 @@ def save_predictions(path: Path, meta: pd.DataFrame, parts: dict[str, tuple], pa
     pd.concat(frames).to_csv(path, index=False, float_format="%.6g")
 
 
-# ---------------------------------------------------------------- objective
-def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
-    """Before a run: bad values, then every image of the cohort read in full (and cached),
-    so a broken cohort exits 2 listing every bad file instead of failing each trial."""
-    check_params(params)
+# ---------------------------------------------------------------- the trial
+def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: every image of the cohort read in full (and cached), so a broken cohort
+    exits 2 listing every bad file instead of failing each trial."""
     load_data(params, data_dir)
 
 
-@register_task("brain-age", metric="val_mae", direction="minimize", defaults=DEFAULTS,
-               smoke=SMOKE, check=preflight)
-def brain_age(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
+@register_task("brain-age", metric="val_mae", direction="minimize", params=PARAMS,
+               metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check,
+               requires=("brain", ("nibabel", "nilearn")))
+class BrainAgeTrial(EpochTrial):
     """Brain age from T1 MRI via a CNN -> tissue-volume bottleneck -> regressor (years MAE)."""
-    check_params(params)
-    cohort = load_data(params, ctx.data_dir)
-    meta, concepts = cohort.meta, concept_names(params)
-    sp = make_splits(meta, params)
-    c_all = meta[concepts].to_numpy(float)
-    a_all = meta[params["age_column"]].to_numpy(float)
-    tr = sp["train"]
-    sc = Scaler(c_all[tr], a_all[tr])
-    vols = device_volumes(cohort.volumes, ctx.device)
-    idx = {k: torch.as_tensor(v, device=ctx.device) for k, v in sp.items()}
-    y = np.column_stack([sc.concepts(c_all[tr]), sc.age(a_all[tr])])
-    y_train = torch.as_tensor(y, dtype=torch.float32, device=ctx.device)
-    model = build_model(params, len(concepts), ctx.device)
-    opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]),
-                           weight_decay=float(params["weight_decay"]))
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(params["epochs"]))
-             if params["lr_schedule"] == "cosine" else None)
-    bottleneck = params["model"] == "bottleneck" and params["mode"] != "joint"
-    reg = None
-    if bottleneck and params["mode"] == "independent":  # true volumes -> age, fitted once
-        reg = make_regressor(params, ctx.seed).fit(y[:, :-1], y[:, -1])
-    gen = generator(ctx.device, ctx.seed)
-    t0 = time.perf_counter()
-    for epoch in range(int(params["epochs"])):
-        loss = train_epoch(model, opt, vols, idx["train"], y_train, params, gen)
-        if sched is not None:
-            sched.step()
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at epoch {epoch}")
-        if bottleneck and params["mode"] == "sequential":  # predicted volumes -> age
-            c_tr, _ = forward_all(model, vols, idx["train"], int(params["eval_batch_size"]))
+
+    def __init__(self, params: Mapping[str, Any], ctx: TrialContext):
+        super().__init__(params, ctx)
+        cohort = load_data(params, ctx.data_dir)
+        self.meta, self.concepts = cohort.meta, concept_names(params)
+        self.sp = make_splits(self.meta, params)
+        self.c_all = self.meta[self.concepts].to_numpy(float)
+        self.a_all = self.meta[params["age_column"]].to_numpy(float)
+        tr = self.sp["train"]
+        self.sc = Scaler(self.c_all[tr], self.a_all[tr])
+        self.vols = device_volumes(cohort.volumes, ctx.device)
+        self.idx = {k: torch.as_tensor(v, device=ctx.device) for k, v in self.sp.items()}
+        self.y = np.column_stack([self.sc.concepts(self.c_all[tr]), self.sc.age(self.a_all[tr])])
+        self.y_train = torch.as_tensor(self.y, dtype=torch.float32, device=ctx.device)
+        self.model = build_model(params, len(self.concepts), ctx.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(params["lr"]),
+                                    weight_decay=float(params["weight_decay"]))
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, self.epochs)
+                      if params["lr_schedule"] == "cosine" else None)
+        self.bottleneck = params["model"] == "bottleneck" and params["mode"] != "joint"
+        self.reg: Any = None
+        if self.bottleneck and params["mode"] == "independent":  # true volumes -> age, once
+            self.reg = make_regressor(params, ctx.seed).fit(self.y[:, :-1], self.y[:, -1])
+        self.gen = generator(ctx.device, ctx.seed)
+        self.examples_per_epoch = len(tr)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.sp.items()}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        loss = train_epoch(self.model, self.opt, self.vols, self.idx["train"], self.y_train,
+                           self.params, self.gen)
+        if self.sched is not None:
+            self.sched.step()
+        return {"train_loss": loss}
+
+    def _fit_sequential(self) -> None:
+        """Sequential mode: the regressor learns age from the CNN's predicted volumes."""
+        if self.bottleneck and self.params["mode"] == "sequential":
+            c_tr, _ = forward_all(self.model, self.vols, self.idx["train"],
+                                  int(self.params["eval_batch_size"]))
             assert c_tr is not None
-            reg = make_regressor(params, ctx.seed).fit(c_tr, y[:, -1])
-        val_age, _ = predict(model, reg, vols, idx["val"], params, sc)
-        val_mae = float(np.abs(val_age - a_all[sp["val"]]).mean())
-        ctx.report(epoch, train_loss=loss, val_mae=val_mae)
-    train_s = time.perf_counter() - t0
-    test_age, test_c = predict(model, reg, vols, idx["test"], params, sc)
-    metrics = {"val_mae": val_mae, **age_metrics(test_age, a_all[sp["test"]], "test"),
-               "test_mae_mean_predictor": float(np.abs(a_all[tr].mean() - a_all[sp["test"]])
-                                                .mean()),
-               "train_volumes_per_s": len(tr) * int(params["epochs"]) / max(train_s, 1e-9)}
-    if test_c is not None:
-        for j, name in enumerate(concepts):
-            metrics[f"concept_mae_{name}"] = float(np.abs(test_c[:, j] - c_all[sp["test"], j])
-                                                   .mean())
-    _, val_c = predict(model, reg, vols, idx["val"], params, sc)
-    save_predictions(ctx.artifact_dir / "predictions.csv", meta,
-                     {"val": (sp["val"], val_age, val_c), "test": (sp["test"], test_age, test_c)},
-                     params, concepts)
-    return metrics
+            self.reg = make_regressor(self.params, self.ctx.seed).fit(c_tr, self.y[:, -1])
+
+    def restored(self) -> None:
+        self._fit_sequential()
+
+    def _predict(self, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return predict(self.model, self.reg, self.vols, self.idx[split], self.params, self.sc)
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        self._fit_sequential()
+        val_age, _ = self._predict("val")
+        return {"val_mae": float(np.abs(val_age - self.a_all[self.sp["val"]]).mean())}
+
+    def finish(self) -> dict[str, float]:
+        mean_age = self.a_all[self.sp["train"]].mean()
+        return {"val_mae_mean_predictor": float(np.abs(mean_age - self.a_all[self.sp["val"]])
+                                                .mean())}
+
+    def test(self) -> dict[str, float]:
+        test = self.sp["test"]
+        test_age, test_c = self._predict("test")
+        mean_age = self.a_all[self.sp["train"]].mean()
+        metrics = {**age_metrics(test_age, self.a_all[test], "test"),
+                   "test_mae_mean_predictor": float(np.abs(mean_age - self.a_all[test]).mean())}
+        if test_c is not None:
+            for j, name in enumerate(self.concepts):
+                if name in CONCEPTS:
+                    metrics[f"concept_mae_{name}"] = float(
+                        np.abs(test_c[:, j] - self.c_all[test, j]).mean())
+        return metrics
+
+    def save_artifacts(self, folder: Path) -> None:
+        """predictions.csv: true and predicted age and volumes of every val/test subject."""
+        parts = {split: (self.sp[split], *self._predict(split)) for split in ("val", "test")}
+        save_predictions(folder / "predictions.csv", self.meta, parts, self.params,
+                         self.concepts)

@@ -13,13 +13,14 @@ Losses, per image, in nats, on statically binarised pixels (Bernoulli likelihood
 - `vad`, `vae`: the negative beta-ELBO, -E_q log p(x | z) + beta * KL(q || p), with q and p of
   the same family (bench.distributions), the KL analytic where torch has it.
 
-Metrics: `test_recon` (the objective) and `train_recon` are -log p(x | z) summed over the 784
-pixels (BCE nats per image) at the image's code: the AD code, or the posterior mean. Divide by
-784 for the per-pixel mean BCE that the original study reported (`test_bce_per_pixel`; it used
-grey-level targets, so its 0.11 is not on this scale). Variational models add `test_kl`,
-`test_elbo` (beta = 1, one sample) and `test_iwae_ll` (Burda et al. 2016, `iwae_k` samples).
-The objective needs the test-time fit, so it is computed once, at the end; per-epoch curves
-carry the training loss only (no pruning on the objective: search with `--pruner none`).
+Metrics, in nats per image (784 pixels for MNIST-sized images): `val_recon` (the objective)
+is -log p(x | z) at the code of held-out training images (`val_size`, never trained on):
+fitted with the decoder frozen for `ad` and `vad`, encoded for `vae`; it is computed once, at
+the end, so search with `--pruner none`. `bench eval` (or a variant) adds the same on the
+test split (`test_recon`, `test_bce_per_pixel` = test_recon / pixels, the per-pixel mean
+BCE the original study reported with grey-level targets, so its 0.11 is not on this scale)
+and, for the variational models, `test_kl`, `test_elbo` (beta = 1, one sample) and
+`test_iwae_ll` (Burda et al. 2016, `iwae_k` samples).
 """
 
 from __future__ import annotations
@@ -33,44 +34,64 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.data import require_dataset, subsets
+from bench.data import DATASETS, require_dataset, subsets
 from bench.distributions import Family, family_names, get_family, kl
-from bench.errors import check_rules
+from bench.lifecycle import EpochTrial
+from bench.nets import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
+from bench.params import Choice, Float, Int, Metric
 from bench.registry import register_task
-from bench.tasks.vae import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
 from bench.train import autocast, batches, generator
 from bench.trial import TrialContext
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist",  # mnist works offline
-    "prior": "normal",           # a family of bench.distributions: normal | laplace | uniform
-    "model": "ad",               # ad | vad | vae
-    "latent_dim": 100,
-    "width": 32,                 # decoder (and encoder) channels, as in vae.ConvDecoder
-    "depth": 2,
-    "lr": 1e-3,                  # decoder and encoder
-    "lr_codes": 1e-2,            # per-image codes / variational parameters, train and test
-    "test_steps": 200,           # test-time code fitting (ad, vad); vae encodes
-    "beta": 1.0,                 # weight of KL (vad, vae) or of -log p(z) (ad)
-    "init_std": 0.1,             # vad: initial posterior std, relative to the prior's 1
-    "epochs": 20,
-    "batch_size": 128,
-    "train_size": None,          # cap on training images (default: all 60,000)
-    "test_size": None,           # cap on test images (default: all 10,000)
-    "iwae_k": 200,
-    "eval_batch_size": 1000,
-    "tsne_size": 1000,           # test codes in the t-SNE artifact (0: none)
-}
 MODELS = ("ad", "vad", "vae")
+PARAMS = {
+    "dataset": Choice("fashion-mnist", DATASETS, help="mnist works offline"),
+    "prior": Choice("normal", family_names(), help="a family of bench.distributions"),
+    "model": Choice("ad", MODELS),
+    "latent_dim": Int(100, 1, 4096),
+    "width": Int(32, 1, 1024, help="decoder (and encoder) channels, as in nets.ConvDecoder"),
+    "depth": Int(2, 1, 8),
+    "lr": Float(1e-3, high=10.0, above=0.0, help="decoder and encoder"),
+    "lr_codes": Float(1e-2, high=100.0, above=0.0,
+                      help="per-image codes / variational parameters, train and fit"),
+    "test_steps": Int(200, 0, help="code-fitting steps for held-out images (ad, vad)"),
+    "beta": Float(1.0, 0.0, help="weight of KL (vad, vae) or of -log p(z) (ad)"),
+    "init_std": Float(0.1, high=0.999, above=0.0,
+                      help="vad: initial posterior std, relative to the prior's 1"),
+    "epochs": Int(20, 1, 100_000),
+    "batch_size": Int(128, 1),
+    "train_size": Int(None, 1, help="cap on training images (default: all but val_size)"),
+    "val_size": Int(1000, 1, 59_999, help="held-out training images scoring the search"),
+    "test_size": Int(None, 1, help="cap on test images (default: all 10,000)"),
+    "iwae_k": Int(200, 1),
+    "eval_batch_size": Int(1000, 1),
+    "tsne_size": Int(1000, 0, help="test codes in the t-SNE artifact (0: none)"),
+}
+DEFAULTS = {k: d.default for k, d in PARAMS.items()}
+NATS = "nats"
+METRICS = {
+    "train_loss": Metric(NATS, "training loss per image (MAP or negative beta-ELBO)", "train"),
+    "train_recon": Metric(NATS, "-log p(x|z) per training image, epoch mean", "train"),
+    "val_recon": Metric(NATS, "-log p(x|z) per held-out image at its fitted/encoded code",
+                        "val"),
+    "val_kl": Metric(NATS, "KL(q || p) per held-out image (variational models)", "val"),
+    "test_recon": Metric(NATS, "-log p(x|z) per test image at its fitted/encoded code", "test"),
+    "test_bce_per_pixel": Metric("nats/pixel", "test_recon / pixels", "test"),
+    "test_kl": Metric(NATS, "KL(q || p) per test image", "test"),
+    "test_elbo": Metric(NATS, "beta=1 ELBO per test image, one sample", "test"),
+    "test_iwae_ll": Metric(NATS, "importance-weighted log p(x) per test image", "test"),
+}
 GRID = 64  # images in each artifact grid (8 x 8)
 
 
 # ---------------------------------------------------------------- data
 def load_data(params: Mapping[str, Any], device: torch.device,
               data_dir: Path | None) -> dict[str, torch.Tensor]:
-    """uint8 training images (binarised per batch) and binarised test images, on the device."""
-    d = subsets(params["dataset"], device, data_dir, params["train_size"], params["test_size"])
-    return {**d, "test": binarize(d["test"], "static", "bernoulli")}
+    """uint8 training images (binarised per batch); binarised validation and test images."""
+    d = subsets(params["dataset"], device, data_dir, params["train_size"], params["test_size"],
+                int(params["val_size"]))
+    return {**d, "val": binarize(d["val"], "static", "bernoulli"),
+            "test": binarize(d["test"], "static", "bernoulli")}
 
 
 # ---------------------------------------------------------------- model
@@ -293,25 +314,9 @@ def save_tsne(codes: np.ndarray, labels: np.ndarray, path: Path, seed: int) -> N
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
-# ---------------------------------------------------------------- objective
-def check_params(params: Mapping[str, Any]) -> None:
-    """Every bad value at once (ConfigError); run per trial, as sampled values vary."""
-    check_rules("priors", params, [
-        ("model", params["model"] in MODELS, f"must be one of {', '.join(MODELS)}"),
-        ("prior", params["prior"] in family_names(),
-         f"must be one of {', '.join(family_names())}"),
-        ("beta", float(params["beta"]) >= 0, "must be >= 0"),
-        ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
-        ("depth", int(params["depth"]) >= 1, "must be >= 1"),
-        ("test_steps", int(params["test_steps"]) >= 0, "must be >= 0"),
-        ("init_std", 0 < float(params["init_std"]) < 1, "must be in (0, 1)"),
-        ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
-        ("tsne_size", int(params["tsne_size"]) >= 0, "must be >= 0")])
-
-
-def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
-    """Before a run: the values, then the data set's presence (DataError)."""
-    check_params(params)
+# ---------------------------------------------------------------- the trial
+def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: the data set is present (DataError saying where it was looked for)."""
     require_dataset(params["dataset"], data_dir)
 
 
@@ -322,39 +327,69 @@ def build_model(params: Mapping[str, Any], n_train: int, shape: tuple[int, ...],
                        int(params["latent_dim"]), float(params["init_std"])).to(device)
 
 
-SMOKE = {"dataset": "mnist", "model": "vad", "epochs": 1, "train_size": 128, "test_size": 32,
-         "latent_dim": 4, "width": 4, "batch_size": 64, "test_steps": 3, "iwae_k": 2,
-         "tsne_size": 0}  # vad: posterior, KL, test-time fit and IWAE all run
+SMOKE = {"dataset": "mnist", "model": "vad", "epochs": 1, "train_size": 128, "val_size": 32,
+         "test_size": 32, "latent_dim": 4, "width": 4, "batch_size": 64, "test_steps": 3,
+         "iwae_k": 2, "tsne_size": 0}  # vad: posterior, KL, code fitting and IWAE all run
 
 
-@register_task("priors", metric="test_recon", direction="minimize", defaults=DEFAULTS,
-               smoke=SMOKE, check=preflight)
-def priors(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
+@register_task("priors", metric="val_recon", direction="minimize", params=PARAMS,
+               metrics=METRICS, smoke=SMOKE, data=data_check, fusable=True)
+class PriorsTrial(EpochTrial):
     """Normal/Laplace/Uniform latents in auto-decoders, VADs and VAEs; recon in nats/image."""
-    check_params(params)
-    data = load_data(params, ctx.device, ctx.data_dir)
-    model = build_model(params, len(data["train"]), tuple(data["train"].shape[1:]), ctx.device)
-    opts, gen = make_optimizers(model, params), generator(ctx.device, ctx.seed)
-    for epoch in range(int(params["epochs"])):
-        loss, recon = train_epoch(model, opts, data["train"], params, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {float(loss)} at epoch {epoch}")
-        ctx.report(epoch, train_loss=float(loss), epoch_recon=float(recon))
-    bs, beta = int(params["eval_batch_size"]), float(params["beta"])
-    train_x = binarize(data["train"], "static", "bernoulli")
-    if model.kind == "vae":
-        train_raw, test_raw = encode_all(model, train_x, bs), encode_all(model, data["test"], bs)
-    else:
-        assert model.codes is not None
-        train_raw = model.codes.weight.detach()
-        test_raw, _ = fit_codes(model, data["test"], int(params["test_steps"]),
-                                float(params["lr_codes"]), beta, bs)
-    train = evaluate(model, train_raw, train_x, bs, iwae_k=0)
-    test = evaluate(model, test_raw, data["test"], bs, int(params["iwae_k"]))
-    train.pop("elbo", None)  # a one-sample ELBO on training codes says nothing new
-    metrics = {**_mean(train, "train"), **_mean(test, "test")}
-    metrics["test_bce_per_pixel"] = metrics["test_recon"] / data["test"][0].numel()
-    grids = decode_grids(model, data["test"], test["code"])
-    save_artifacts(model, ctx.artifact_dir, grids, test["code"], data["test_y"],
-                   int(params["tsne_size"]), ctx.seed, metrics)
-    return metrics
+
+    def __init__(self, params: Mapping[str, Any], ctx: TrialContext):
+        super().__init__(params, ctx)
+        self.data = load_data(params, ctx.device, ctx.data_dir)
+        train = self.data["train"]
+        self.model = build_model(params, len(train), tuple(train.shape[1:]), ctx.device)
+        self.opts = make_optimizers(self.model, params)
+        self.gen = generator(ctx.device, ctx.seed)
+        self.examples_per_epoch = len(train)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(self.data[k]) for k in ("train", "val", "test")}
+
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        loss, recon = train_epoch(self.model, self.opts, self.data["train"], self.params,
+                                  self.gen)
+        return {"train_loss": loss, "train_recon": recon}
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Held-out codes are fitted once, after the last epoch (the fit costs test_steps
+        decoder passes per image)."""
+        if epoch < self.epochs - 1:
+            return {}
+        terms = evaluate(self.model, self._codes(self.data["val"]), self.data["val"],
+                         int(self.params["eval_batch_size"]), iwae_k=0)
+        return {"val_recon": float(terms["recon"].mean()),
+                **({"val_kl": float(terms["kl"].mean())} if "kl" in terms else {})}
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw latent parameters of new images: encoded (vae) or fitted (ad, vad)."""
+        bs = int(self.params["eval_batch_size"])
+        if self.model.kind == "vae":
+            return encode_all(self.model, x, bs)
+        raw, self.fit_history = fit_codes(self.model, x, int(self.params["test_steps"]),
+                                          float(self.params["lr_codes"]),
+                                          float(self.params["beta"]), bs)
+        return raw
+
+    def test(self) -> dict[str, float]:
+        x = self.data["test"]
+        self.test_raw = self._codes(x)
+        terms = evaluate(self.model, self.test_raw, x, int(self.params["eval_batch_size"]),
+                         int(self.params["iwae_k"]))
+        self.test_code = terms["code"]
+        metrics = _mean(terms, "test")
+        metrics["test_bce_per_pixel"] = metrics["test_recon"] / x[0].numel()
+        return metrics
+
+    def save_artifacts(self, folder: Path) -> None:
+        """Image grids, the test-fit curve, the t-SNE of test codes and the networks."""
+        if not hasattr(self, "test_code"):
+            self.test()
+        grids = decode_grids(self.model, self.data["test"], self.test_code)
+        if hasattr(self, "fit_history"):
+            np.save(folder / "test_fit_history.npy", self.fit_history.cpu().numpy())
+        save_artifacts(self.model, folder, grids, self.test_code, self.data["test_y"],
+                       int(self.params["tsne_size"]), self.ctx.seed, {})

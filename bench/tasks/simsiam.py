@@ -17,7 +17,6 @@ epoch; bf16 autocast and channels_last on CUDA; monitors run in eval mode on cle
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import dataset_spec, require_dataset, subsets
-from bench.errors import check_rules
+from bench.data import DATASETS, dataset_spec, require_dataset, subsets
+from bench.lifecycle import EpochTrial
+from bench.params import Bool, Choice, Float, Int, Metric
 from bench.registry import register_plots, register_task
 from bench.tasks.simsiam_augment import Normalize, TwoViewAugment, mean_std
 from bench.tasks.simsiam_eval import collapse_std, knn_accuracy
@@ -37,30 +37,43 @@ from bench.trial import TrialContext
 if TYPE_CHECKING:
     from bench.plots import PlotInput
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "cifar10",
-    "backbone": "resnet18",      # resnet18 (CIFAR stem) | small (3 convs, for CPU runs)
-    "width": 32,                 # small backbone: channels of its first conv (then x2, x4)
-    "proj_hidden": 2048,         # projector: 3 layers with BN, hidden width
-    "proj_dim": 2048,            # projector output (the paper's 2048)
-    "pred_hidden": 512,          # predictor bottleneck (2048-512-2048 in the paper)
-    "predictor": "mlp",          # mlp | identity (the paper's collapsing ablation)
-    "stop_grad": True,           # False: the other collapsing ablation
-    "fix_pred_lr": False,        # True: predictor keeps the initial lr (no cosine decay)
-    "base_lr": 0.03,             # lr = base_lr x batch_size / 256
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "batch_size": 512,
-    "epochs": 100,
-    "train_size": None,          # cap on training images (a fixed random subset); default all
-    "test_size": None,           # cap on test images (kNN queries); default all
-    "min_scale": 0.2,            # RandomResizedCrop scale lower bound
-    "knn_every": 1,              # monitor interval in epochs (the last epoch always)
-    "knn_k": 200,
-    "knn_t": 0.1,
-    "eval_batch_size": 1024,
+PARAMS = {
+    "dataset": Choice("cifar10", DATASETS),
+    "backbone": Choice("resnet18", ["resnet18", "small"],
+                       help="resnet18 (CIFAR stem) | small (3 convs, for CPU runs)"),
+    "width": Int(32, 1, 1024, help="small backbone: channels of its first conv (x2, x4)"),
+    "proj_hidden": Int(2048, 1, help="projector: 3 layers with BN, hidden width"),
+    "proj_dim": Int(2048, 1, help="projector output (the paper's 2048)"),
+    "pred_hidden": Int(512, 1, help="predictor bottleneck (2048-512-2048 in the paper)"),
+    "predictor": Choice("mlp", ["mlp", "identity"],
+                        help="identity: the paper's collapsing ablation"),
+    "stop_grad": Bool(True, help="false: the other collapsing ablation"),
+    "fix_pred_lr": Bool(False, help="the predictor keeps the initial lr (no cosine decay)"),
+    "base_lr": Float(0.03, high=100.0, above=0.0, help="lr = base_lr x batch_size / 256"),
+    "momentum": Float(0.9, 0.0, 1.0),
+    "weight_decay": Float(5e-4, 0.0),
+    "batch_size": Int(512, 2, help=">= 2: BatchNorm needs two examples"),
+    "epochs": Int(100, 1, 100_000),
+    "train_size": Int(None, 1, help="cap on training images (a fixed random subset)"),
+    "val_size": Int(5000, 1, 49_999, help="held-out training images: kNN queries of the "
+                                          "search"),
+    "test_size": Int(None, 1, help="cap on test images (kNN queries of bench eval)"),
+    "min_scale": Float(0.2, high=1.0, above=0.0, help="RandomResizedCrop scale lower bound"),
+    "knn_every": Int(1, 1, help="monitor interval in epochs (the last epoch always)"),
+    "knn_k": Int(200, 1),
+    "knn_t": Float(0.1, above=0.0),
+    "eval_batch_size": Int(1024, 1),
 }
-CHOICES = {"backbone": ("resnet18", "small"), "predictor": ("mlp", "identity")}
+DEFAULTS = {k: d.default for k, d in PARAMS.items()}
+METRICS = {
+    "train_loss": Metric("neg. cosine", "symmetric SimSiam loss, epoch mean (min -1)", "train"),
+    "val_knn_acc": Metric("fraction", "weighted kNN accuracy of held-out training images "
+                          "against the training set's backbone features", "val"),
+    "val_collapse_std": Metric("", "std of l2-normalised projector outputs x sqrt(d): ~1 "
+                               "healthy, 0 collapsed (held-out images)", "val"),
+    "test_knn_acc": Metric("fraction", "weighted kNN accuracy of the test set", "test"),
+    "test_collapse_std": Metric("", "collapse_std on the test set", "test"),
+}
 
 
 # ---------------------------------------------------------------- data
@@ -230,72 +243,72 @@ def embed(model: SimSiam, norm: Normalize, x_u8: torch.Tensor,
     return torch.cat(feats), torch.cat(projs)
 
 
-def monitors(model: SimSiam, norm: Normalize, data: Mapping[str, torch.Tensor],
-             params: Mapping[str, Any], classes: int) -> dict[str, float]:
-    """kNN accuracy of the test set against the train bank (backbone features, as the
-    SimSiam kNN monitors do) and collapse_std of the test-set projector output z."""
+def monitors(model: SimSiam, norm: Normalize, bank: torch.Tensor, bank_y: torch.Tensor,
+             query: torch.Tensor, query_y: torch.Tensor, params: Mapping[str, Any],
+             classes: int) -> dict[str, float]:
+    """kNN accuracy of the queries against the bank (backbone features, as the SimSiam kNN
+    monitors do) and collapse_std of the queries' projector outputs z."""
     bs = int(params["eval_batch_size"])
-    bank, _ = embed(model, norm, data["train"], bs)
-    query, z = embed(model, norm, data["test"], bs)
-    acc = knn_accuracy(query, data["test_y"], bank, data["train_y"], classes,
-                       int(params["knn_k"]), float(params["knn_t"]))
+    bank_f, _ = embed(model, norm, bank, bs)
+    query_f, z = embed(model, norm, query, bs)
+    acc = knn_accuracy(query_f, query_y, bank_f, bank_y, classes, int(params["knn_k"]),
+                       float(params["knn_t"]))
     return {"knn_acc": acc, "collapse_std": collapse_std(z)}
 
 
-def check_params(params: Mapping[str, Any]) -> None:
-    rules = [(k, params[k] in v, f"must be one of {', '.join(v)}") for k, v in CHOICES.items()]
-    rules += [(k, int(params[k]) >= 1, "must be >= 1")
-              for k in ("width", "proj_hidden", "proj_dim", "pred_hidden", "batch_size",
-                        "knn_every", "knn_k", "epochs")]
-    rules += [("batch_size", int(params["batch_size"]) >= 2, "must be >= 2 (BatchNorm)"),
-              ("min_scale", 0 < float(params["min_scale"]) <= 1, "must be in (0, 1]"),
-              ("knn_t", float(params["knn_t"]) > 0, "must be > 0"),
-              ("base_lr", float(params["base_lr"]) > 0, "must be > 0")]
-    check_rules("simsiam", params, rules)
-
-
-def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
-    """Before a run: the values, then the data set's presence (DataError)."""
-    check_params(params)
+def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: the data set is present (DataError saying where it was looked for)."""
     require_dataset(params["dataset"], data_dir)
 
 
 SMOKE = {"dataset": "mnist", "backbone": "small", "width": 8, "proj_hidden": 32, "proj_dim": 32,
-         "pred_hidden": 8, "batch_size": 64, "epochs": 2, "train_size": 256, "test_size": 128,
-         "knn_k": 20, "eval_batch_size": 256}
+         "pred_hidden": 8, "batch_size": 64, "epochs": 2, "train_size": 256, "val_size": 128,
+         "test_size": 128, "knn_k": 20, "eval_batch_size": 256}
 
 
-@register_task("simsiam", metric="knn_acc", direction="maximize", defaults=DEFAULTS,
-               smoke=SMOKE, check=preflight)
-def simsiam(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
+@register_task("simsiam", metric="val_knn_acc", direction="maximize", params=PARAMS,
+               metrics=METRICS, smoke=SMOKE, data=data_check)
+class SimSiamTrial(EpochTrial):
     """SimSiam self-supervised pretraining; kNN accuracy, loss and collapse monitors."""
-    check_params(params)
-    dev = ctx.device
-    data = load_data(params, dev, ctx.data_dir)
-    ch, size = int(data["train"].shape[1]), int(data["train"].shape[-1])
-    mean, std = mean_std(params["dataset"], ch)
-    aug = TwoViewAugment(ch, size, mean, std, float(params["min_scale"])).to(dev)
-    norm = Normalize(mean, std).to(dev)
-    model = build_model(params, ch, dev)
-    opt = build_optimizer(model, params)
-    gen = generator(dev, ctx.seed)
-    classes, epochs = dataset_spec(params["dataset"]).classes, int(params["epochs"])
-    per_epoch = steps_per_epoch(len(data["train"]), int(params["batch_size"]))
-    train_s, seen, last = 0.0, 0, {}
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        loss = float(train_epoch(model, opt, aug, data["train"], params, gen,
-                                 epoch * per_epoch, epochs * per_epoch))
-        train_s += time.perf_counter() - t0
-        seen += per_epoch * min(int(params["batch_size"]), len(data["train"]))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at epoch {epoch}")
-        point = {"train_loss": loss}
-        if (epoch + 1) % int(params["knn_every"]) == 0 or epoch == epochs - 1:
-            last = monitors(model, norm, data, params, classes)
-            point.update(last)
-        ctx.report(epoch, **point)
-    return {**last, "train_loss": loss, "train_images_per_s": seen / max(train_s, 1e-9)}
+
+    def __init__(self, params: Mapping[str, Any], ctx: TrialContext):
+        super().__init__(params, ctx)
+        dev = ctx.device
+        self.data = subsets(params["dataset"], dev, ctx.data_dir, params["train_size"],
+                            params["test_size"], int(params["val_size"]))
+        ch, size = int(self.data["train"].shape[1]), int(self.data["train"].shape[-1])
+        mean, std = mean_std(params["dataset"], ch)
+        self.aug = TwoViewAugment(ch, size, mean, std, float(params["min_scale"])).to(dev)
+        self.norm = Normalize(mean, std).to(dev)
+        self.model = build_model(params, ch, dev)
+        self.opt = build_optimizer(self.model, params)
+        self.gen = generator(dev, ctx.seed)
+        self.classes = dataset_spec(params["dataset"]).classes
+        self.per_epoch = steps_per_epoch(len(self.data["train"]), int(params["batch_size"]))
+        self.examples_per_epoch = self.per_epoch * min(int(params["batch_size"]),
+                                                       len(self.data["train"]))
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(self.data[k]) for k in ("train", "val", "test")}
+
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        loss = train_epoch(self.model, self.opt, self.aug, self.data["train"], self.params,
+                           self.gen, epoch * self.per_epoch, self.epochs * self.per_epoch)
+        return {"train_loss": loss}
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        if (epoch + 1) % int(self.params["knn_every"]) and epoch != self.epochs - 1:
+            return {}
+        d = self.data
+        m = monitors(self.model, self.norm, d["train"], d["train_y"], d["val"], d["val_y"],
+                     self.params, self.classes)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    def test(self) -> dict[str, float]:
+        d = self.data
+        m = monitors(self.model, self.norm, d["train"], d["train_y"], d["test"], d["test_y"],
+                     self.params, self.classes)
+        return {f"test_{k}": v for k, v in m.items()}
 
 
 @register_plots("simsiam")

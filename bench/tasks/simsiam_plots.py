@@ -15,8 +15,8 @@ import pandas as pd
 
 from bench import leaderboard
 
-CURVES = (("knn_acc", "kNN accuracy"), ("train_loss", "training loss"),
-          ("collapse_std", "collapse_std: std(z/|z|) x sqrt(d)"))
+CURVES = (("val_knn_acc", "kNN accuracy (held-out images)"), ("train_loss", "training loss"),
+          ("val_collapse_std", "collapse_std: std(z/|z|) x sqrt(d)"))
 LABEL_PARAMS = ("stop_grad", "predictor")  # shown first when they vary
 
 
@@ -79,7 +79,7 @@ def draw_final(path: Path, rows: pd.DataFrame, labels: pd.Series,
                colours: dict[str, str]) -> Path:
     from bench.plots import figure
 
-    final = rows.groupby("config_hash")["metric_knn_acc"].agg(["mean", "std", "size"])
+    final = rows.groupby("config_hash")["metric_val_knn_acc"].agg(["mean", "std", "size"])
     final = final.fillna(0.0).join(labels.rename("label")).sort_values("mean", ascending=False)
     ticks = [f"{lab.replace(' ', chr(10))}\n(n={n})"  # one parameter per line
              for lab, n in zip(final["label"], final["size"], strict=True)]

@@ -16,121 +16,80 @@ log-likelihood by tenths of a nat).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bench.data import require_dataset, subsets
-from bench.errors import check_rules
+from bench.data import DATASETS, require_dataset, subsets
+from bench.lifecycle import CHECKPOINT_FILE, EpochTrial, load_state
+from bench.nets import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
+from bench.params import Choice, Float, Int, Metric
 from bench.registry import register_task
 from bench.train import autocast, batches, generator
 from bench.trial import TrialContext
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "mnist",
-    "model": "vae",              # vae | ae (deterministic encoder, no KL: the baseline)
-    "likelihood": "bernoulli",   # bernoulli (binarized pixels) | gaussian (intensities in [0,1])
-    "binarize": "static",        # static: pixel > 127 | dynamic: resampled every batch
-    "latent_dim": 16,
-    "depth": 2,                  # conv layers; the first two halve the resolution
-    "width": 32,                 # channels of the first conv layer, doubled when downsampling
-    "beta": 1.0,                 # weight of the KL term in training (0 allowed)
-    "kl_warmup_epochs": 0.0,     # beta ramps linearly from 0 over this many epochs
-    "lr": 1e-3,
-    "batch_size": 128,
-    "epochs": 10,
-    "train_size": None,          # cap on training examples (default: all 50,000)
-    "val_size": 10_000,          # carved from the training set with a fixed seed
-    "test_size": None,           # cap on test examples (default: all 10,000)
-    "iwae_k": 200,
-    "eval_batch_size": 1000,
+PARAMS = {
+    "dataset": Choice("mnist", DATASETS),
+    "model": Choice("vae", ["vae", "ae"], help="ae: deterministic encoder, no KL (the "
+                                               "baseline)"),
+    "likelihood": Choice("bernoulli", ["bernoulli", "gaussian"],
+                         help="bernoulli: binarized pixels; gaussian: intensities in [0,1]"),
+    "binarize": Choice("static", ["static", "dynamic"],
+                       help="static: pixel > 127; dynamic: resampled every batch"),
+    "latent_dim": Int(16, 1, 4096),
+    "depth": Int(2, 1, 8, help="conv layers; the first two halve the resolution"),
+    "width": Int(32, 1, 1024, help="channels of the first conv, doubled when downsampling"),
+    "beta": Float(1.0, 0.0, help="weight of the KL term in training (0 allowed)"),
+    "kl_warmup_epochs": Float(0.0, 0.0, help="beta ramps linearly from 0 over these epochs"),
+    "lr": Float(1e-3, high=10.0, above=0.0),
+    "batch_size": Int(128, 1),
+    "epochs": Int(10, 1, 100_000),
+    "train_size": Int(None, 1, help="cap on training examples (default: all 50,000)"),
+    "val_size": Int(10_000, 1, 59_999, help="carved from the training set, fixed seed"),
+    "test_size": Int(None, 1, help="cap on test examples (default: all 10,000)"),
+    "iwae_k": Int(200, 1, help="importance samples of test_iwae_ll (bench eval)"),
+    "eval_batch_size": Int(1000, 1),
+}
+DEFAULTS = {k: d.default for k, d in PARAMS.items()}
+NATS = "nats"
+METRICS = {
+    "train_loss": Metric(NATS, "training loss per image (the beta-weighted bound)", "train"),
+    "val_elbo": Metric(NATS, "beta=1 ELBO per image, validation split", "val"),
+    "val_recon": Metric(NATS, "-log p(x|z) per image, one sample, validation split", "val"),
+    "val_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image, validation split", "val"),
+    "val_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (validation)",
+                               "val"),
+    "test_elbo": Metric(NATS, "beta=1 ELBO per image, test split", "test"),
+    "test_recon": Metric(NATS, "-log p(x|z) per image, test split", "test"),
+    "test_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image, test split", "test"),
+    "test_iwae_ll": Metric(NATS, "importance-weighted log p(x), iwae_k samples, test split",
+                           "test"),
+    "test_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (test)", "test"),
 }
 LOG_2PI = math.log(2 * math.pi)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
 
 # ---------------------------------------------------------------- data
-def binarize(x_u8: torch.Tensor, mode: str, likelihood: str,
-             gen: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 images -> model inputs: {0,1} for Bernoulli, [0,1] for Gaussian."""
-    x = x_u8.float().div_(255.0)
-    if likelihood == "gaussian":
-        return x
-    if mode == "dynamic":
-        return torch.bernoulli(x, generator=gen)
-    return (x_u8 > 127).float()
-
-
-def load_split(params: Mapping[str, Any], device: torch.device,
-               data_dir: Path | None) -> dict[str, torch.Tensor]:
-    """uint8 training images; val/test binarized once, identically for every trial."""
+def load_split(params: Mapping[str, Any], device: torch.device, data_dir: Path | None,
+               test: bool = False) -> dict[str, torch.Tensor]:
+    """uint8 training images; val (and test, when asked) binarized once, identically for
+    every trial."""
     d = subsets(params["dataset"], device, data_dir, params["train_size"],
                 params["test_size"], int(params["val_size"]))
     eval_gen = generator(device, 0)  # dynamic binarization: one fixed draw for evaluation
     lik, mode = params["likelihood"], params["binarize"]
-    return {"train": d["train"], "train_y": d["train_y"],
-            "val": binarize(d["val"], mode, lik, eval_gen),
-            "test": binarize(d["test"], mode, lik, eval_gen), "test_y": d["test_y"]}
+    out = {"train": d["train"], "train_y": d["train_y"],
+           "val": binarize(d["val"], mode, lik, eval_gen)}
+    if test:
+        out.update(test=binarize(d["test"], mode, lik, eval_gen), test_y=d["test_y"])
+    return out
 
 
 # ---------------------------------------------------------------- model
-def _sizes(size: int, depth: int) -> list[int]:
-    """Edge length after each downsampling conv (k=4, s=2, p=1 maps n to n // 2)."""
-    sizes = [size]
-    for _ in range(min(depth, 2)):
-        sizes.append(sizes[-1] // 2)
-    return sizes
-
-
-class ConvEncoder(nn.Module):
-    """depth conv layers (the first two stride 2) -> linear to `out_dim`."""
-
-    def __init__(self, in_ch: int, size: int, width: int, depth: int, out_dim: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        ch = in_ch
-        for i in range(depth):
-            down = i < 2
-            out = width * 2 ** min(i, 1)
-            layers += [nn.Conv2d(ch, out, 4 if down else 3, 2 if down else 1, 1), nn.SiLU()]
-            ch = out
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(ch * _sizes(size, depth)[-1] ** 2, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class ConvDecoder(nn.Module):
-    """The encoder mirrored: linear -> stride-1 convs -> transposed convs back to `size`."""
-
-    def __init__(self, out_ch: int, size: int, width: int, depth: int, latent_dim: int):
-        super().__init__()
-        sizes = _sizes(size, depth)
-        self.ch, self.s = width * 2 ** min(depth - 1, 1), sizes[-1]
-        self.fc = nn.Linear(latent_dim, self.ch * self.s**2)
-        layers: list[nn.Module] = [nn.SiLU()]
-        for _ in range(depth - (len(sizes) - 1)):
-            layers += [nn.Conv2d(self.ch, self.ch, 3, 1, 1), nn.SiLU()]
-        ch = self.ch
-        for i in reversed(range(len(sizes) - 1)):  # sizes[i+1] -> sizes[i]
-            out = out_ch if i == 0 else width
-            extra = sizes[i] - 2 * sizes[i + 1]  # 1 where the target edge is odd
-            layers.append(nn.ConvTranspose2d(ch, out, 4, 2, 1, output_padding=extra))
-            if i > 0:
-                layers.append(nn.SiLU())
-            ch = out
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(self.fc(z).view(-1, self.ch, self.s, self.s))
-
-
 class VAE(nn.Module):
     def __init__(self, in_ch: int = 1, size: int = 28, width: int = 32, depth: int = 2,
                  latent_dim: int = 16, model: str = "vae", likelihood: str = "bernoulli"):
@@ -159,13 +118,6 @@ class VAE(nn.Module):
         ls = self.log_sigma.clamp(-7.0, 2.0)
         lp = -0.5 * ((x - out.float()) * torch.exp(-ls)) ** 2 - ls - 0.5 * LOG_2PI
         return lp.flatten(-3).sum(-1)
-
-
-def bernoulli_log_px(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Bernoulli log p(x | z) per image, summed over pixels (nats); logits broadcast over x."""
-    logits = logits.float()
-    lp = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
-    return lp.flatten(-3).sum(-1)
 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -262,89 +214,69 @@ def build_model(params: Mapping[str, Any], shape: tuple[int, ...], device: torch
     return model
 
 
-def check_params(params: Mapping[str, Any]) -> None:
-    """Every bad value at once (ConfigError); run per trial, as sampled values vary."""
-    check_rules("vae", params, [
-        ("model", params["model"] in ("vae", "ae"), "must be vae or ae"),
-        ("likelihood", params["likelihood"] in ("bernoulli", "gaussian"),
-         "must be bernoulli or gaussian"),
-        ("binarize", params["binarize"] in ("static", "dynamic"), "must be static or dynamic"),
-        ("beta", float(params["beta"]) >= 0, "must be >= 0"),
-        ("depth", int(params["depth"]) >= 1, "must be >= 1"),
-        ("latent_dim", int(params["latent_dim"]) >= 1, "must be >= 1"),
-        ("iwae_k", int(params["iwae_k"]) >= 1, "must be >= 1"),
-        ("val_size", 0 < int(params["val_size"]) < 60_000, "must be in (0, 60000)")])
-
-
-def preflight(params: Mapping[str, Any], data_dir: Path | None) -> None:
-    """Before a run: the values, then the data set's presence (DataError)."""
-    check_params(params)
+def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: the data set is present (DataError saying where it was looked for)."""
     require_dataset(params["dataset"], data_dir)
 
 
-def save_checkpoint(model: VAE, path: Path, metrics: Mapping[str, float]) -> None:
-    torch.save({"config": model.config, "state_dict": model.state_dict(),
-                "metrics": dict(metrics)}, path)
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> VAE:
-    blob = torch.load(path, map_location=device, weights_only=True)
-    model = VAE(**blob["config"]).to(device)
-    model.load_state_dict(blob["state_dict"])
+def load_model(params: Mapping[str, Any], folder: str | Path,
+               device: str | torch.device = "cpu") -> VAE:
+    """A finished trial's model, from its checkpoint and its parameters."""
+    dev = torch.device(device)
+    shape = (1, 28, 28) if params["dataset"] != "cifar10" else (3, 32, 32)
+    model = build_model(params, shape, dev)
+    state = load_state(Path(folder) / CHECKPOINT_FILE, dev)
+    model.load_state_dict(state["trial"]["model"])
     return model.eval()
 
 
-def _means(terms: Mapping[str, torch.Tensor], prefix: str) -> dict[str, float]:
-    return {f"{prefix}_{k}": float(v.mean()) for k, v in terms.items() if k != "mu"}
+def _means(terms: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}_{k}": v.mean() for k, v in terms.items() if k != "mu"}
 
 
 SMOKE = {"epochs": 2, "train_size": 512, "val_size": 256, "test_size": 64, "iwae_k": 8,
          "latent_dim": 4, "width": 8, "batch_size": 64}
 
 
-@register_task("vae", metric="val_elbo", direction="maximize", defaults=DEFAULTS, smoke=SMOKE,
-               check=preflight)
-def vae(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, float]:
+@register_task("vae", metric="val_elbo", direction="maximize", params=PARAMS, metrics=METRICS,
+               smoke=SMOKE, data=data_check, fusable=True)
+class VaeTrial(EpochTrial):
     """Convolutional VAE/AE on binarized MNIST; ELBO and IWAE log-likelihood in nats."""
-    check_params(params)
-    data = load_split(params, ctx.device, ctx.data_dir)
-    model = build_model(params, tuple(data["train"].shape[1:]), ctx.device)
-    opt = torch.optim.Adam(model.parameters(), lr=float(params["lr"]))
-    gen = generator(ctx.device, ctx.seed)
-    eval_bs = int(params["eval_batch_size"])
-    train_s, seen, first = 0.0, 0, 0  # train_s: training epochs only, not validation
-    val: dict[str, float] = {}
-    state = ctx.load_state()  # left by a suspended (preempted) attempt of this trial
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"].to(gen.get_state().device))
-        first, seen, val = state["next_epoch"], state["seen"], state["val"]
-        train_s = state["train_s"]
-        torch.set_rng_state(state["torch_rng"].cpu())  # the reparameterisation noise
-        if ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), ctx.device)
-    for epoch in range(first, int(params["epochs"])):
-        t0 = time.perf_counter()
-        loss = train_epoch(model, opt, data["train"], params, beta_at(params, epoch), gen)
-        if not torch.isfinite(loss):  # the epoch's one host sync, so the timing is complete
-            raise FloatingPointError(f"training loss is {float(loss)} at epoch {epoch}")
-        train_s += time.perf_counter() - t0
-        seen += len(data["train"])
-        val = _means(elbo_terms(model, data["val"], eval_bs), "val")
-        ctx.report(epoch, train_loss=float(loss), **val)
-        if ctx.should_stop():  # preemption notice: save at this epoch boundary and yield
-            ctx.suspend({"next_epoch": epoch + 1, "model": model.state_dict(),
-                         "opt": opt.state_dict(), "gen": gen.get_state(), "seen": seen,
-                         "val": val, "train_s": train_s,
-                         "torch_rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state(ctx.device)
-                         if ctx.device.type == "cuda" else None})
-    test_terms = elbo_terms(model, data["test"], eval_bs)
-    metrics = {**val, **_means(test_terms, "test"),
-               "active_units": float(active_units(test_terms["mu"])),
-               "train_images_per_s": seen / max(train_s, 1e-9)}
-    if model.variational:
-        metrics["test_iwae_ll"] = float(iwae_ll(model, data["test"], int(params["iwae_k"])).mean())
-    save_checkpoint(model, ctx.artifact_dir / "model.pt", metrics)
-    return metrics
+
+    def __init__(self, params: Mapping[str, Any], ctx: TrialContext):
+        super().__init__(params, ctx)
+        self.data = load_split(params, ctx.device, ctx.data_dir)
+        self.model = build_model(params, tuple(self.data["train"].shape[1:]), ctx.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(params["lr"]))
+        self.gen = generator(ctx.device, ctx.seed)
+        self.examples_per_epoch = len(self.data["train"])
+
+    def sizes(self) -> dict[str, int]:
+        d = load_split(self.params, self.ctx.device, self.ctx.data_dir, test=True)
+        return {k: len(d[k]) for k in ("train", "val", "test")}
+
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        loss = train_epoch(self.model, self.opt, self.data["train"], self.params,
+                           beta_at(self.params, epoch), self.gen)
+        return {"train_loss": loss}
+
+    def validate(self, epoch: int) -> dict[str, torch.Tensor]:
+        self.val_terms = elbo_terms(self.model, self.data["val"],
+                                    int(self.params["eval_batch_size"]))
+        return _means(self.val_terms, "val")
+
+    def finish(self) -> dict[str, float]:
+        if not hasattr(self, "val_terms"):  # resumed after its last epoch
+            self.validate(self.epochs - 1)
+        return {"val_active_units": float(active_units(self.val_terms["mu"]))}
+
+    def test(self) -> dict[str, float]:
+        """Test ELBO terms, active units and (VAE) the IWAE bound with `iwae_k` samples."""
+        data = load_split(self.params, self.ctx.device, self.ctx.data_dir, test=True)
+        terms = elbo_terms(self.model, data["test"], int(self.params["eval_batch_size"]))
+        metrics = {k: float(v) for k, v in _means(terms, "test").items()}
+        metrics["test_active_units"] = float(active_units(terms["mu"]))
+        if self.model.variational:
+            metrics["test_iwae_ll"] = float(iwae_ll(self.model, data["test"],
+                                                    int(self.params["iwae_k"])).mean())
+        return metrics

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bench.data import load_images
+from bench.lifecycle import CHECKPOINT_FILE
 from bench.registry import register_plots
 from bench.tasks import vae as V
 
@@ -54,7 +55,14 @@ def model_rows(inp: PlotInput, model: str, need: Sequence[str] = ()) -> pd.DataF
 
 
 def checkpoint(inp: PlotInput, row: Any) -> Path:
-    return inp.artifact_dir(str(row["trial_uid"])) / "model.pt"
+    return inp.artifact_dir(str(row["trial_uid"])) / CHECKPOINT_FILE
+
+
+def load_model(inp: PlotInput, row: Any) -> V.VAE:
+    from bench.evaluate import params_of
+    from bench.registry import get_task
+
+    return V.load_model(params_of(get_task("vae"), dict(row)), checkpoint(inp, row).parent)
 
 
 def best_row(inp: PlotInput, model: str, latent_dim: int | None = None) -> Any | None:
@@ -152,7 +160,7 @@ def plot_latent(inp: PlotInput) -> list[Path]:
     rows = model_rows(inp, "vae", ["param_latent_dim", "metric_val_elbo"])
     if rows.empty or rows["param_latent_dim"].nunique() < 2:
         return []
-    has_au = "metric_active_units" in rows.columns
+    has_au = "metric_val_active_units" in rows.columns
     path = inp.plot_dir / "vae_latent.png"
     with figure(path, 1, 2 if has_au else 1) as (fig, axes):
         _sweep(axes[0, 0], rows, "param_latent_dim", "metric_val_elbo", legend=True)
@@ -168,8 +176,8 @@ def plot_latent(inp: PlotInput) -> list[Path]:
 
 
 def _active_units(ax: Any, rows: pd.DataFrame) -> None:
-    _sweep(ax, rows.dropna(subset=["metric_active_units"]), "param_latent_dim",
-           "metric_active_units", legend=False)
+    _sweep(ax, rows.dropna(subset=["metric_val_active_units"]), "param_latent_dim",
+           "metric_val_active_units", legend=False)
     dims = sorted(rows["param_latent_dim"].unique())
     ax.plot(dims, dims, ls="--", color="0.5", label="all units active")
     ax.set_ylabel(f"active units (Cov_x E[z] > {V.ACTIVE_THRESHOLD})")
@@ -267,7 +275,7 @@ def plot_best_model(inp: PlotInput) -> list[Path]:
 
 
 def load_best(inp: PlotInput, row: Any) -> Best:
-    model = V.load_checkpoint(checkpoint(inp, row))
+    model = load_model(inp, row)
     x, y = load_test_images(inp, row, N_CODES)
     return Best(model, row, x, y, encode(model, x))
 
@@ -325,7 +333,7 @@ def plot_interpolation(inp: PlotInput, best: Best, ae_row: Any | None) -> list[P
     d = best.mu.shape[1]
     rows = [(f"VAE (d={d})", _interpolate(best.model, best.mu[ia], best.mu[ib]))]
     if ae_row is not None:
-        ae = V.load_checkpoint(checkpoint(inp, ae_row))
+        ae = load_model(inp, ae_row)
         za, zb = encode(ae, best.x[[ia, ib]])
         rows.append((f"AE (d={d})", _interpolate(ae, za, zb)))
     path = inp.plot_dir / "vae_interpolation.png"

@@ -1,0 +1,202 @@
+"""Typed parameter declarations: the one source of a task's parameter types and value rules.
+
+A task declares each parameter once (`Int`, `Float`, `Choice`, `Bool`, `Text`); from that
+declaration come `--set` typing, the typing of YAML `fixed`, `grid` and `params` values,
+the value checks run before anything starts, the Arrow type of the `param_<name>` column,
+and what `bench list` prints. Every rule is checked without loading data, so a run with
+bad values stops within seconds, listing every problem at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # YAML 1.1 reads 1e-3 as a str
+KINDS = ("int", "float", "bool", "str", "choice")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def looks_numeric(value: Any) -> bool:
+    """A string YAML 1.1 left unparsed although it reads as a number (`1e-4`, `1e308`)."""
+    return isinstance(value, str) and bool(_NUMBER.fullmatch(value.strip()))
+
+
+@dataclass(frozen=True)
+class Decl:
+    """One parameter: kind, default, and the rule its values obey.
+
+    Numeric bounds are inclusive (`low`, `high`) or exclusive (`above`); `nullable` admits
+    None (for caps such as `train_size`, None meaning "all").
+    """
+
+    kind: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    choices: tuple[Any, ...] = ()
+    nullable: bool = False
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "choice":
+            if not self.choices or len({type(c) for c in self.choices}) != 1:
+                raise ValueError(f"choices must be non-empty and of one type: {self.choices}")
+        problem = self.problem(self.default)
+        if problem:
+            raise ValueError(f"default {self.default!r} breaks its own rule: {problem}")
+
+    # ------------------------------------------------------------ rules
+    def rule(self) -> str:
+        """The rule in words: 'an integer >= 1', 'one of max, avg', ..."""
+        if self.kind == "choice":
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "str":
+            text = "a string"
+        else:
+            text = "an integer" if self.kind == "int" else "a number"
+            bounds = []
+            if self.above is not None:
+                bounds.append(f"> {_fmt(self.above)}")
+            if self.low is not None:
+                bounds.append(f">= {_fmt(self.low)}")
+            if self.high is not None:
+                bounds.append(f"<= {_fmt(self.high)}")
+            if bounds:
+                text += " " + " and ".join(bounds)
+        return text + (" (or null)" if self.nullable else "")
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not a valid value of this parameter, or None."""
+        if value is None:
+            return None if self.nullable else f"must be {self.rule()}, got null"
+        hint = (" (YAML 1.1 reads a number such as 1e-4 as a string: write 1.0e-4)"
+                if looks_numeric(value) and self.kind in ("int", "float") else "")
+        if self.kind == "choice":
+            ok = any(type(value) is type(c) and value == c for c in self.choices)
+            return None if ok else f"must be {self.rule()}, got {value!r}"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"must be {self.rule()}, got {value!r}"
+        if self.kind == "str":
+            return None if isinstance(value, str) else f"must be {self.rule()}, got {value!r}"
+        if self.kind == "int" and not (is_number(value) and float(value).is_integer()):
+            return f"must be {self.rule()}, got {value!r}{hint}"
+        if self.kind == "float" and not is_number(value):
+            return f"must be {self.rule()}, got {value!r}{hint}"
+        x = float(value)
+        if not math.isfinite(x):
+            return f"must be {self.rule()} (finite), got {value!r}"
+        if (self.low is not None and x < self.low) or (self.high is not None and x > self.high) \
+                or (self.above is not None and x <= self.above):
+            return f"must be {self.rule()}, got {value!r}"
+        return None
+
+    def coerce(self, value: Any) -> Any:
+        """A valid value in its column type: 3 -> 3.0 for floats, 3.0 -> 3 for ints."""
+        if value is None:
+            return None
+        if self.kind == "float":
+            return float(value)
+        if self.kind == "int":
+            return int(value)
+        return value
+
+    def arrow_type(self) -> Any:
+        import pyarrow as pa
+
+        kind = self.kind
+        if kind == "choice":
+            kind = {int: "int", float: "float", bool: "bool"}.get(type(self.choices[0]), "str")
+        return {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(
+            kind, pa.string())
+
+    def parse_text(self, text: str) -> Any:
+        """A `--set` value: a YAML scalar, except that `1e-3` is a number (YAML 1.1: str)."""
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, str) and looks_numeric(value):
+            number = float(value)
+            return int(number) if self.kind == "int" and number.is_integer() else number
+        if self.kind == "str" and value is not None and not isinstance(value, str):
+            return text  # a path or a name that YAML would read as a number or a bool
+        return value
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+# ------------------------------------------------------------ constructors
+def Int(default: int | None, low: int | None = None, high: int | None = None, *,  # noqa: N802
+        nullable: bool = False, help: str = "") -> Decl:
+    return Decl("int", default, low, high, nullable=nullable or default is None, help=help)
+
+
+def Float(default: float, low: float | None = None, high: float | None = None, *,  # noqa: N802
+          above: float | None = None, nullable: bool = False, help: str = "") -> Decl:
+    return Decl("float", default, low, high, above, nullable=nullable, help=help)
+
+
+def Choice(default: Any, choices: Iterable[Any], *, help: str = "") -> Decl:  # noqa: N802
+    return Decl("choice", default, choices=tuple(choices), help=help)
+
+
+def Bool(default: bool, *, help: str = "") -> Decl:  # noqa: N802
+    return Decl("bool", default, help=help)
+
+
+def Text(default: str | None, *, nullable: bool = False, help: str = "") -> Decl:  # noqa: N802
+    return Decl("str", default, nullable=nullable or default is None, help=help)
+
+
+# ------------------------------------------------------------ checks over a parameter set
+def problems(task: str, decls: Mapping[str, Decl], values: Mapping[str, Any],
+             where: str = "") -> list[str]:
+    """Every unknown key and every bad value of `values`, each naming where it came from."""
+    out = []
+    prefix = f"{where}: " if where else ""
+    for key, value in values.items():
+        decl = decls.get(key)
+        if decl is None:
+            out.append(f"{prefix}{key}: `{key}` is not a parameter of task {task!r}; "
+                       f"known: {', '.join(sorted(decls))}")
+            continue
+        problem = decl.problem(value)
+        if problem:
+            out.append(f"{prefix}{key}: {problem}")
+    return out
+
+
+def coerce_all(decls: Mapping[str, Decl], values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: decls[k].coerce(v) if k in decls else v for k, v in values.items()}
+
+
+def defaults(decls: Mapping[str, Decl]) -> dict[str, Any]:
+    return {k: d.default for k, d in decls.items()}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a task reports: its unit (for tables and axes) and what it measures."""
+
+    unit: str = ""
+    help: str = ""
+    split: str = ""  # train | val | test | "" (a cost or a count)
+
+    def label(self, name: str) -> str:
+        return f"{name} ({self.unit})" if self.unit else name

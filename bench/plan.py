@@ -1,0 +1,380 @@
+"""The plan of a run, backend-neutral: what runs, under which name, stored where.
+
+`make_plan(RunOptions)` resolves the task, its space and variant, the objective, the study
+name, the storage and the sampler and pruner names, and checks everything before anything
+is written: every value of every known parameter set against the task's declarations, the
+cross-parameter rules, the optional packages the task needs and the presence of its data.
+Each problem is listed at once in one ConfigError (exit 2).
+
+Naming and places (every backend and launcher uses these, never its own):
+- study `TASK`, `TASK.VARIANT`, or `--study NAME` (`.smoke` appended for `--smoke` runs);
+- results under `<out>/<task>/`: `trials/`, `curves/`, `artifacts/<trial_uid>/`;
+- the study's storage: `--storage` (an RDB URL or a journal-file path), else the storage
+  that already holds the study under `<out>/<task>/` (`optuna.db`, SQLite, or
+  `optuna.journal`), else `optuna.db` for one worker and `optuna.journal` for several.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError, ConfigError
+from bench.params import problems as value_problems
+from bench.registry import Task, get_task
+from bench.space import (
+    MAX_TRIALS,
+    Param,
+    Space,
+    Variant,
+    load_space,
+    merge_params,
+    name_problem,
+    space_for,
+)
+
+DEFAULT_SEARCH_TRIALS = 20
+DEFAULT_SMOKE_TRIALS = 3
+PRUNERS = ("median", "asha", "hyperband", "none")
+
+
+# ---------------------------------------------------------------- sampler registry
+def _tpe(seed: int, concurrent: bool) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=concurrent)
+
+
+def _random(seed: int, concurrent: bool) -> Any:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _cmaes(seed: int, concurrent: bool) -> Any:
+    import optuna
+
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+
+
+def _qmc(seed: int, concurrent: bool) -> Any:
+    import optuna
+
+    return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+
+
+# name -> factory(seed, concurrent) of the Optuna sampler; `grid` is built from the space.
+SAMPLERS: dict[str, Callable[[int, bool], Any] | None] = {
+    "tpe": _tpe, "random": _random, "grid": None, "cmaes": _cmaes, "qmc": _qmc}
+
+
+def make_sampler(name: str, seed: int, concurrent: bool,
+                 grid: Mapping[str, list[Any]] | None = None) -> Any:
+    """The Optuna sampler `name` (Ray's OptunaSearch uses the same ones)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        factory = SAMPLERS[name]
+        if factory is None:
+            return optuna.samplers.GridSampler(dict(grid or {}), seed=seed)
+        return factory(seed, concurrent)
+
+
+# ---------------------------------------------------------------- options and plan
+@dataclass
+class RunOptions:
+    """Everything a backend needs to run a task's trials; built by the CLI from its flags."""
+
+    task: str
+    trials: int | None = None  # the study's target total (None: the default)
+    add: int | None = None  # ... or this many more than the study has
+    variant: str | None = None
+    sampler: str = "tpe"
+    pruner: str | None = None  # None: median for searches, none for enumerated variants
+    seed: int = 0
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    study: str | None = None
+    storage: str | None = None
+    out: Path = Path("leaderboards")
+    data_dir: Path | None = None
+    device: str = "auto"
+    workers: int = 1
+    space_file: Path | None = None
+    progress: bool = True
+    smoke: bool = False
+    timeout_s: float | None = None
+    eval_top: int | None = None  # evaluate the best N configurations when the run ends
+    checkpoint_every_s: float = 60.0
+    backend: str = "optuna"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # backend-specific options
+
+
+@dataclass
+class Plan:
+    """The resolved run: task, space, variant, objective and the storage it lives in."""
+
+    opts: RunOptions
+    task: Task
+    space: Space
+    variant: Variant | None
+    metric: str
+    direction: str
+    study_name: str
+    storage_url: str  # a URL, or "journal:<path>"
+    pruner: str
+    overrides: Mapping[str, Any]  # --set values (and --smoke's budget) in their types
+
+    @property
+    def variant_name(self) -> str:
+        return self.variant.name if self.variant else "default"
+
+    @property
+    def enumerated(self) -> bool:
+        return self.variant is not None and self.variant.enumerated
+
+    @property
+    def out(self) -> Path:
+        return Path(self.opts.out)
+
+    @property
+    def task_dir(self) -> Path:
+        return Path(self.opts.out) / self.task.name
+
+    def artifact_dir(self, uid: str) -> Path:
+        return self.task_dir / "artifacts" / uid
+
+    def searched(self) -> dict[str, Param]:
+        """Sampled parameters: the variant's own, else the space's, minus --set overrides."""
+        params = self.variant.params if self.variant and self.variant.params else self.space.params
+        return {k: p for k, p in params.items() if k not in self.overrides}
+
+    def params(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        """The merged parameters of one sampled or enumerated point."""
+        return merge_params(self.task, self.space, self.variant, point, self.overrides)
+
+    def default_total(self) -> int:
+        if self.enumerated:
+            assert self.variant is not None
+            return self.variant.n_points() * self.variant.seeds
+        return DEFAULT_SMOKE_TRIALS if self.opts.smoke else DEFAULT_SEARCH_TRIALS
+
+    def evaluates_every_trial(self) -> bool:
+        """Enumerated variants are compared point by point: each trial gets its test metrics."""
+        return self.enumerated
+
+    def lock_path(self) -> Path:
+        """Beside the storage file, so runs sharing a storage share the lock."""
+        path = storage_file(self.storage_url)
+        folder = path.parent if path is not None else self.task_dir
+        return folder / f".{self.study_name}.lock"
+
+
+def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
+    task = get_task(opts.task)
+    space = load_space(opts.space_file, opts.task) if opts.space_file else space_for(opts.task)
+    variant = space.variant(opts.variant) if opts.variant else None
+    errs = _option_problems(opts)
+    overrides = {**(task.smoke if opts.smoke else {}), **opts.overrides}
+    errs += value_problems(task.name, task.params, overrides, "--set")
+    pruner = opts.pruner or ("none" if variant and variant.enumerated else "median")
+    if pruner not in PRUNERS:
+        errs.append(f"--pruner: must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    metric = (variant.metric if variant else None) or space.metric
+    direction = (variant.direction if variant else None) or space.direction
+    study = opts.study or (f"{task.name}.{variant.name}" if variant else task.name)
+    if opts.smoke and not opts.study:
+        study += ".smoke"
+    if opts.study is not None and name_problem(opts.study):
+        errs.append(f"--study: {name_problem(opts.study)}")
+    if errs:
+        raise ConfigError(errs)
+    plan = Plan(opts, task, space, variant, metric, direction, study, "", pruner, overrides)
+    plan.storage_url = resolve_storage(opts, task.name, study)
+    _check_sampler(plan)
+    param_sets = [plan.params(pt) for pt in (variant.points() if plan.enumerated
+                                             and variant else [{}])]
+    errs = []
+    seen: set[str] = set()
+    for params in param_sets:
+        key = json.dumps(params, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            errs += (task.problems(params, "parameters") if plan.enumerated or not
+                     plan.searched() else value_problems(task.name, task.params, params,
+                                                         "parameters"))
+    if errs:
+        raise ConfigError(sorted(set(errs), key=errs.index))
+    task.require_extra()
+    if check_data and task.data is not None:
+        for params in _distinct_data(param_sets):
+            task.data(params, opts.data_dir)
+    return plan
+
+
+def _distinct_data(param_sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out, keys = [], set()
+    for p in param_sets:
+        key = json.dumps({k: p.get(k) for k in ("dataset", "cohort", "shape", "sim_n",
+                                                "sim_seed")}, default=str)
+        if key not in keys:
+            keys.add(key)
+            out.append(p)
+    return out
+
+
+def _option_problems(opts: RunOptions) -> list[str]:
+    errs = []
+    if opts.sampler not in SAMPLERS:
+        errs.append(f"--sampler: must be one of {', '.join(SAMPLERS)}, got {opts.sampler!r}")
+    if opts.workers < 1:
+        errs.append(f"--workers: must be >= 1, got {opts.workers}")
+    if opts.trials is not None and not 0 <= opts.trials <= MAX_TRIALS:
+        errs.append(f"--trials: must be in [0, {MAX_TRIALS}], got {opts.trials}")
+    if opts.add is not None and not 0 <= opts.add <= MAX_TRIALS:
+        errs.append(f"--add: must be in [0, {MAX_TRIALS}], got {opts.add}")
+    if opts.trials is not None and opts.add is not None:
+        errs.append("--trials and --add: give one (--trials is the study's total, --add "
+                    "asks for that many more)")
+    if opts.timeout_s is not None and not opts.timeout_s > 0:
+        errs.append(f"--timeout: must be > 0 seconds, got {opts.timeout_s}")
+    if opts.eval_top is not None and opts.eval_top < 1:
+        errs.append(f"--eval-top: must be >= 1, got {opts.eval_top}")
+    if not opts.checkpoint_every_s >= 0:
+        errs.append(f"--checkpoint-every: must be >= 0 seconds, got {opts.checkpoint_every_s}")
+    return errs
+
+
+def _check_sampler(plan: Plan) -> None:
+    if plan.opts.sampler != "grid" or plan.enumerated:
+        return
+    errs, size = [], 1
+    for p in plan.searched().values():
+        n = p.grid_size()
+        if n is None:
+            errs.append(f"--sampler grid: params.{p.name} has no finite set of values "
+                        f"(categorical, int, or float with `step`), got type={p.type} "
+                        f"log={p.log} step={p.step}")
+        else:
+            size *= n
+    if not errs and size > MAX_TRIALS:
+        errs.append(f"--sampler grid: the grid has {size:,} points; at most {MAX_TRIALS:,} "
+                    "(narrow the ranges or add `step`)")
+    if errs:
+        raise ConfigError(errs)
+
+
+# ---------------------------------------------------------------- storage
+def storage_file(url: str) -> Path | None:
+    """The file behind a journal or SQLite storage; None for a server database."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:"))
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
+def resolve_storage(opts: RunOptions, task: str, study: str) -> str:
+    """The storage URL of the study (see the module's docstring)."""
+    if opts.storage is not None:
+        if "://" in opts.storage:
+            if opts.storage.startswith("sqlite") and opts.workers > 1:
+                raise ConfigError(
+                    f"--storage {opts.storage}: SQLite cannot take {opts.workers} writing "
+                    "processes; use a journal file (--storage path/to/study.journal) or "
+                    "postgresql://...")
+            return opts.storage
+        return f"journal:{Path(opts.storage).expanduser().resolve()}"
+    folder = (Path(opts.out) / task).resolve()
+    db, journal = folder / "optuna.db", folder / "optuna.journal"
+    in_db, in_journal = study_in_sqlite(db, study), study_in_journal(journal, study)
+    if in_db and in_journal:
+        raise ConfigError(f"study {study!r} exists both in {db} and in {journal}; name the one "
+                          "to use with --storage")
+    if in_db and opts.workers > 1:
+        raise ConfigError(
+            f"study {study!r} lives in {db} (SQLite), which cannot take {opts.workers} "
+            f"writing processes. Run it with --workers 1, or start a new study for several "
+            f"workers with --study NEW (it will live in {journal.name})")
+    if in_db:
+        return f"sqlite:///{db}"
+    if in_journal:
+        return f"journal:{journal}"
+    return f"journal:{journal}" if opts.workers > 1 else f"sqlite:///{db}"
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def study_in_sqlite(path: Path, study: str) -> bool:
+    """Whether the SQLite file holds `study`; ConfigError for a damaged file."""
+    if not path.exists():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the study database: {exc.strerror}") from None
+    if not head:
+        raise ConfigError(
+            f"{path}: the study database is empty (0 bytes): it was truncated or replaced, "
+            "and its studies are gone. Restore it from a backup, or move it away to start "
+            "new studies (the leaderboard's rows stay)")
+    if head != SQLITE_MAGIC:
+        raise ConfigError(f"{path}: not an SQLite database (damaged, or another file in its "
+                          "place); restore it, or move it away to start new studies")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute("SELECT 1 FROM studies WHERE study_name = ?", (study,))
+            return rows.fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return False
+        raise ConfigError(f"{path}: cannot read the study database: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{path}: the study database is damaged ({exc}); restore it from "
+                          "a backup, or move it away to start new studies") from None
+
+
+def study_in_journal(path: Path, study: str) -> bool:
+    """Whether the journal file creates `study` (op_code 0 records)."""
+    if not path.exists():
+        return False
+    needle = json.dumps(study)
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if b'"op_code":0' not in line or needle.encode() not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("op_code") == 0 and record.get("study_name") == study:
+                    return True
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the study journal: {exc.strerror}") from None
+    return False
+
+
+def describe_storage(url: str) -> str:
+    path = storage_file(url)
+    return str(path) if path is not None else url.split("@")[-1]
+
+
+def require_backend(name: str) -> None:
+    """A clear error naming the extra when a backend's stack is missing."""
+    import importlib.util
+
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise BenchError("--backend ray needs Ray Tune, which is not installed: "
+                         "pip install -e '.[ray]'")

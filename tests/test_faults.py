@@ -1,0 +1,239 @@
+"""Faults that must lose nothing: rows that cannot be written, crashed and orphaned
+workers, torn journals, stale locks and temporary files, signals during a row's write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import bench_cli
+
+from bench import leaderboard
+
+
+def spawn(out: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
+           *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def journal_trials(out: Path, study: str = "synthetic") -> list:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(out / "synthetic" / "optuna.journal")))
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def sqlite_trials(out: Path, study: str = "synthetic") -> list:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{out}/synthetic/optuna.db"
+                             ).get_trials(deepcopy=False)
+
+
+def assert_invariant(out: Path, trials: list) -> None:
+    """Every finished trial has exactly one readable row whose state and objective equal
+    the study's; no row without a trial."""
+    rows = leaderboard.read_trials(out, "synthetic")
+    by_uid = {r["trial_uid"]: r for r in rows.to_dict("records")}
+    finished = [t for t in trials if t.state.is_finished()]
+    uids = [t.user_attrs["bench"]["uid"] for t in finished]
+    assert len(uids) == len(set(uids)) == len(rows), (len(uids), len(rows))
+    for t in finished:
+        row = by_uid[t.user_attrs["bench"]["uid"]]
+        assert row["state"] == t.state.name
+        if t.state.name == "COMPLETE":
+            assert row["objective"] == pytest.approx(t.value)
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` read-only for real: a read-only tmpfs for root (who ignores modes), else
+    mode 0555."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_rows_that_cannot_be_written_are_reported_and_repaired(out: Path) -> None:
+    trials_dir = out / "synthetic" / "trials"
+    with read_only(trials_dir):
+        res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "3")
+    assert res.returncode == 1, res.stderr
+    assert "could not write its row" in res.stderr and str(trials_dir) in res.stderr
+    [t] = sqlite_trials(out)  # the run stopped at the first lost row
+    assert t.state.name == "COMPLETE" and "bench_result" in t.user_attrs
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "3")
+    assert res.returncode == 0, res.stderr
+    assert "repaired the record of trials [0]" in res.stderr
+    assert_invariant(out, sqlite_trials(out))
+    assert len(leaderboard.read_trials(out, "synthetic")) == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_loses_no_row_and_says_so(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        out = disk / "lb"
+        res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "200",
+                        "--set", "epochs=30", timeout=300)
+        assert res.returncode == 1, res.stdout[-500:] + res.stderr[-2000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert "No space left on device" in res.stderr or "disk is full" in res.stderr
+        saved = tmp_path / "saved"
+        shutil.copytree(out, saved)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    res = bench_cli("run", "synthetic", "--out", str(saved), "--quiet", "--trials", "0")
+    assert res.returncode == 0, res.stderr
+    assert_invariant(saved, sqlite_trials(saved))
+
+
+def test_when_every_worker_crashes_the_run_fails(out: Path) -> None:
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
+                    "--workers", "2", "--set", "fail=crash")
+    assert res.returncode == 1, res.stderr
+    assert "worker(s) crashed" in res.stderr and "exit 137" in res.stderr
+
+
+def test_workers_of_a_killed_parent_stop_and_their_trials_resume(out: Path) -> None:
+    proc = spawn(out, "--trials", "4", "--workers", "2", "--set", "sleep_s=0.5",
+                 "--set", "epochs=6")
+    journal = out / "synthetic" / "optuna.journal"
+    deadline = time.time() + 60
+    while not (journal.exists() and journal.read_text().count('"op_code":4') >= 2):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30  # orphans get SIGTERM from the kernel, finish the epoch
+    while _workers_alive(out):
+        assert time.time() < deadline, "orphaned workers kept running"
+        time.sleep(0.2)
+    trials = journal_trials(out)
+    assert sum(bool(t.user_attrs.get("suspended")) for t in trials) == 2
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "4",
+                    "--workers", "2", "--set", "sleep_s=0.01", "--set", "epochs=6")
+    assert res.returncode == 0, res.stderr
+    assert_invariant(out, journal_trials(out))
+    assert len(leaderboard.read_trials(out, "synthetic")) == 4
+
+
+def _workers_alive(out: Path) -> bool:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return any("multiprocessing" in line and "spawn" in line for line in ps.splitlines()) \
+        and any(str(out) in p for p in _journal_holders(out))
+
+
+def _journal_holders(out: Path) -> list[str]:
+    res = subprocess.run(["fuser", "-v", str(out / "synthetic" / "optuna.journal")],
+                         capture_output=True, text=True)
+    return [str(out)] if res.returncode == 0 else []
+
+
+def test_a_writer_killed_holding_the_journal_lock_leaves_no_stale_lock(out: Path) -> None:
+    from bench.backends.optuna import FlockLock
+
+    journal = out / "synthetic" / "optuna.journal"
+    journal.parent.mkdir(parents=True)
+    code = (f"from bench.backends.optuna import FlockLock; import time; "
+            f"FlockLock({str(journal)!r}).acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock = FlockLock(str(journal))
+    t0 = time.time()
+    assert lock.acquire() and time.time() - t0 < 1
+    lock.release()
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
+                    "--storage", str(journal), timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_torn_journal_record_is_dropped_and_a_damaged_one_named(out: Path) -> None:
+    journal = out / "synthetic" / "optuna.journal"
+    assert bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "1",
+                     "--workers", "2").returncode == 0
+    size = journal.stat().st_size
+    with open(journal, "ab") as fh:
+        fh.write(b'{"op_code":5,"worker_id":"x","trial_id":0,"st')  # a write cut short
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
+                    "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    assert "dropped an incomplete last record" in res.stderr
+    assert journal.read_bytes()[:size] == journal.read_bytes()[:size]
+    assert len(journal_trials(out)) == 2
+    data = journal.read_bytes()
+    first_end = data.index(b"\n") + 1
+    journal.write_bytes(data[:first_end] + b'{"op_code":5,"tru' + data[first_end:])
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "3",
+                    "--workers", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{journal}: the study journal is damaged" in res.stderr
+
+
+def test_temporary_files_of_killed_writers_are_cleaned(out: Path) -> None:
+    import socket
+
+    trials = out / "synthetic" / "trials"
+    trials.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = trials / f".abc.parquet.{socket.gethostname()}.{dead.pid}.tmp"
+    stale.write_bytes(b"PAR1 half")
+    live = trials / f".def.parquet.{socket.gethostname()}.{os.getpid()}.tmp"
+    live.write_bytes(b"PAR1 half")
+    assert bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials",
+                     "1").returncode == 0
+    assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_a_row_write_keeps_the_row(out: Path, tmp_path: Path, sig: int,
+                                                   code: int) -> None:
+    marker = tmp_path / "at-row-write"
+    proc = spawn(out, "--trials", "3", env={"BENCH_PAUSE": "row-write",
+                                            "BENCH_PAUSE_FILE": str(marker),
+                                            "BENCH_PAUSE_S": "1"})
+    wait_for(marker, proc)
+    proc.send_signal(sig)
+    time.sleep(0.05)
+    proc.send_signal(sig)  # and a second one, 50 ms later
+    proc.communicate(timeout=60)
+    assert proc.returncode == code
+    trials = sqlite_trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    assert_invariant(out, trials)
