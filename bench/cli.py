@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     _add_data(sub)
-    from bench.backends.slurm import add_slurm_parser
+    from bench.launchers.slurm import add_slurm_parser
 
     add_slurm_parser(sub, _add_common)
     return parser

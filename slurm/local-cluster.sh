@@ -7,18 +7,49 @@
 # Configuration known to work as root without systemd: proctrack/linuxproc, task/none,
 # select/cons_tres with CR_Core, munge auth, no accounting, one node with all its CPUs in
 # a default partition `debug`. Requeued jobs may start again at once (no hold).
-set -euo pipefail
+#
+# It never overwrites a configuration it did not write (the file it writes begins with
+# $marker) and never starts a second controller: when a cluster already answers, `start`
+# reuses it; when a foreign slurm.conf is there and no cluster answers, it refuses and says
+# what to do. It always says on stderr what it did: started, reused, refused or failed.
+set -Eeuo pipefail
 
 action=${1:-start}
 host=$(hostname -s)
 cpus=$(nproc)
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 ))
-conf=/etc/slurm/slurm.conf
+conf=${SLURM_CONF:-/etc/slurm/slurm.conf}
+marker="# Written by bench's slurm/local-cluster.sh"
 log_dir=/var/log/slurm
 run_dir=/run/slurm
 
+say() { echo "local-cluster.sh: $*" >&2; }
+trap 'rc=$?; say "failed (exit $rc) at line $LINENO: $BASH_COMMAND"' ERR
+
 need_root() {
-    if [ "$(id -u)" -ne 0 ]; then echo "local-cluster.sh: run as root (sudo)" >&2; exit 1; fi
+    if [ "$(id -u)" -ne 0 ]; then say "refused: run as root (sudo)"; exit 1; fi
+}
+
+ours() {  # $conf was written by this script (now or by an earlier version)
+    [ -f "$conf" ] && head -n 1 "$conf" | grep -qF "$marker"
+}
+
+controller_answers() {
+    command -v scontrol >/dev/null && timeout 10 scontrol ping 2>/dev/null | grep -q "is UP"
+}
+
+node_usable() {  # some node takes jobs now, or will when the running ones end
+    sinfo --noheader -o %T 2>/dev/null | grep -qE "idle|mixed|alloc"
+}
+
+foreign_daemons() {  # slurmctld/slurmd processes that this script's pid files do not name
+    local name pid
+    for name in slurmctld slurmd; do
+        for pid in $(pgrep -x "$name" || true); do
+            alive "$pid" || continue
+            [ "$pid" = "$(cat "$run_dir/$name.pid" 2>/dev/null)" ] || echo "$name (pid $pid)"
+        done
+    done
 }
 
 install_packages() {
@@ -44,9 +75,9 @@ start_munge() {
 }
 
 write_config() {
-    install -d -m 0755 /etc/slurm "$log_dir" "$run_dir" /var/spool/slurmctld /var/spool/slurmd
+    install -d -m 0755 "$(dirname "$conf")" "$log_dir" "$run_dir" /var/spool/slurmctld /var/spool/slurmd
     cat > "$conf.new" <<CONF
-# Written by bench's slurm/local-cluster.sh: a single-node cluster on localhost.
+$marker: a single-node cluster on localhost; it rewrites this file.
 ClusterName=bench-local
 SlurmctldHost=$host
 SlurmUser=root
@@ -82,19 +113,23 @@ CONF
     return 1
 }
 
+alive() {  # process $1 exists and is not a zombie (where PID 1 does not reap, they linger)
+    kill -0 "$1" 2>/dev/null && ! ps -o stat= -p "$1" | grep -q Z
+}
 running() {  # the daemon whose pid file is $1 is alive
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+    [ -s "$1" ] && alive "$(cat "$1")"
 }
 daemons_up() { running "$run_dir/slurmctld.pid" && running "$run_dir/slurmd.pid"; }
 
 wait_for_node() {
     for _ in $(seq 1 60); do
-        if sinfo --noheader -o %T 2>/dev/null | grep -qE "idle|mixed|alloc"; then return 0; fi
+        if node_usable; then return 0; fi
         sleep 0.5
     done
-    echo "local-cluster.sh: slurm did not come up; see $log_dir/*.log" >&2
+    say "failed: slurm did not come up (no node idle, mixed or allocated); see $log_dir/*.log"
     sinfo >&2 || true
-    return 1
+    tail -n 20 "$log_dir/slurmctld.log" "$log_dir/slurmd.log" >&2 2>/dev/null || true
+    exit 1
 }
 
 stop() {  # this cluster's daemons, by their pid files
@@ -108,25 +143,77 @@ stop() {  # this cluster's daemons, by their pid files
     done
 }
 
-start() {
-    need_root
-    install_packages
+reuse_running() {  # a cluster this script did not set up: use it as it is, or refuse
+    local why=$1 todo=$2
+    if controller_answers && node_usable; then
+        say "reused: a Slurm controller already answers ($why); left untouched"
+        sinfo
+        return 0
+    fi
+    say "refused: $why, and no usable cluster answers (scontrol ping: \
+$(timeout 10 scontrol ping 2>&1 | head -n 1 || true)). Nothing changed. $todo"
+    exit 1
+}
+
+daemon() {  # start daemon $1 unless its pid file names a live process
+    if running "$run_dir/$1.pid"; then return 0; fi
+    if ! "$1"; then say "failed: $1 did not start; see $log_dir/$1.log"; exit 1; fi
+}
+
+start_own() {
+    local was_up=no changed=no
     start_munge
-    if write_config && daemons_up; then stop; fi  # a new config: restart the daemons
-    if ! running "$run_dir/slurmctld.pid"; then slurmctld; fi
-    if ! running "$run_dir/slurmd.pid"; then slurmd; fi
+    if daemons_up; then was_up=yes; fi
+    if write_config; then changed=yes; fi
+    if [ "$changed" = yes ] && [ "$was_up" = yes ]; then stop; fi  # restart on a new config
+    daemon slurmctld
+    daemon slurmd
     sleep 1
     # A node left DOWN or DRAIN by an earlier run comes back.
     if sinfo --noheader -o %T 2>/dev/null | grep -qE "down|drain"; then
         scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true
     fi
     wait_for_node
+    if [ "$was_up" = no ]; then
+        say "started: a one-node cluster ($host, $cpus CPUs, partition debug) from $conf"
+    elif [ "$changed" = yes ]; then
+        say "restarted: this script's cluster, with a new $conf"
+    else
+        say "reused: this script's cluster was already running ($conf)"
+    fi
     sinfo
+}
+
+start() {
+    need_root
+    install_packages
+    if [ -e "$conf" ] && ! ours; then
+        reuse_running "$conf exists and was not written by this script" "Either start that \
+cluster (slurmctld and slurmd) and rerun, or move the file aside (mv $conf $conf.orig) so \
+that this script writes its own one-node cluster there."
+    elif [ ! -e "$conf" ] && controller_answers; then
+        reuse_running "configured elsewhere than $conf (SLURM_CONF, or configless)" ""
+    else
+        local others
+        others=$(foreign_daemons | paste -sd, - | sed 's/,/, /g')
+        if [ -n "$others" ]; then
+            reuse_running "$others running, not started by this script" "Stop them, or \
+make that cluster answer, then rerun."
+        else
+            start_own
+        fi
+    fi
 }
 
 case "$action" in
     start) start ;;
-    stop) need_root; stop; echo "slurm stopped (munged left running)" ;;
+    stop)
+        need_root
+        if [ -e "$conf" ] && ! ours; then
+            say "refused: $conf was not written by this script; not stopping that cluster"
+            exit 1
+        fi
+        stop; say "stopped: this script's slurmctld and slurmd (munged left running)" ;;
     status) sinfo && squeue ;;
     *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
 esac

@@ -6,7 +6,8 @@
 #
 # Prints the storage URL: postgresql://bench:bench@localhost:5432/bench (override with
 # BENCH_PG_PORT, BENCH_PG_PASSWORD).
-set -euo pipefail
+set -Eeuo pipefail
+trap 'rc=$?; echo "local-postgres.sh: failed (exit $rc) at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 action=${1:-start}
 port=${BENCH_PG_PORT:-5432}
@@ -45,9 +46,11 @@ start() {
     need_root
     install_packages
     read -r ver name < <(cluster)
+    local did="reused: PostgreSQL $ver/$name was already running"
     if ! pg_lsclusters --no-header | awk -v v="$ver" -v n="$name" '$1==v && $2==n' \
         | grep -q online; then
         pg_ctlcluster "$ver" "$name" start
+        did="started: PostgreSQL $ver/$name"
     fi
     for _ in $(seq 1 40); do
         runuser -u postgres -- pg_isready -q -p "$port" && break
@@ -59,6 +62,7 @@ start() {
     if [ "$(psql_admin "SELECT 1 FROM pg_database WHERE datname='bench'")" != 1 ]; then
         psql_admin "CREATE DATABASE bench OWNER bench"
     fi
+    echo "local-postgres.sh: $did, serving $url" >&2
     echo "$url"
 }
 

@@ -14,12 +14,18 @@
 
 The study is created (and an enumerated variant's trials enqueued) here, before sbatch,
 so array tasks starting together never race to do it. `--dry-run` prints the script.
+
+Every value that goes into a script is checked first (`check`), dry run or not: shell lines
+carry values through `shlex.quote`; `#SBATCH` lines cannot be shell-quoted, and sbatch stops
+reading directives at the first line that is not one, so their values must match Slurm's
+own syntax (a newline there would end the directives and run what follows as a command).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import re
 import shlex
@@ -32,7 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError, ConfigError
+from bench.errors import BenchError, ConfigError, UnknownTaskError
+from bench.launchers.sbatch_rules import (
+    DIRECTIVE_UNSAFE_RE,
+    check_env,
+    check_name,
+    check_partition,
+    check_plain,
+    check_sbatch_arg,
+    check_time,
+    has_control,
+)
+from bench.registry import get_task
 
 MODES = ("optuna", "ray")
 SIGNAL_S = 90  # USR2 this long before the time limit: time to finish a step and save
@@ -87,7 +104,54 @@ def default_storage(o: SubmitOptions) -> str:
     return str(_abs(o.out) / o.task / "optuna.journal")
 
 
+# ---------------------------------------------------------------- checks of script values
+
+def _check_task(task: str) -> str | None:
+    try:
+        get_task(task)
+    except UnknownTaskError as exc:
+        return f"TASK: {exc}"
+    return None
+
+
+def _check_log_dir(o: SubmitOptions) -> str | None:
+    """The log folder goes into `#SBATCH --output=`, where shell quoting does not apply.
+    (Control characters are reported for the value they came from: --out, TASK, the cwd.)"""
+    if has_control(str(o.out)) or has_control(o.task):
+        return None  # and resolve() cannot take a NUL
+    log_dir = str(log_folder(o))
+    if has_control(log_dir) or not DIRECTIVE_UNSAFE_RE.search(log_dir):
+        return None
+    return ("--out: the Slurm log folder OUT/TASK/slurm goes into '#SBATCH --output=', which "
+            "sbatch does not shell-parse: it must not contain whitespace, quotes, backslashes "
+            f"or '#' (choose another --out), got {log_dir!r}")
+
+
+def _free_values(o: SubmitOptions) -> list[tuple[str, str]]:
+    """(where from, value) of every free-form value the script carries, shell-quoted."""
+    pairs = [(flag, str(v)) for flag, v in (
+        ("--out", o.out), ("--storage", o.storage), ("--sampler", o.sampler),
+        ("--pruner", o.pruner), ("--device", o.device), ("--space", o.space_file),
+        ("--data-dir", o.data_dir)) if v is not None]
+    pairs += [("--set", pair) for pair in o.overrides]
+    return pairs + [("working directory", os.getcwd()), ("python", sys.executable),
+                    ("ray executable", ray_executable())]
+
+
+def script_problems(o: SubmitOptions) -> list[str]:
+    """Every value the rendered script would carry that breaks a rule, one message each."""
+    found = [_check_task(o.task), check_time(o.time)]
+    found += [check_partition(o.partition)] if o.partition is not None else []
+    found += [check_sbatch_arg(a) for a in o.sbatch_args]
+    found += [check_name(flag, v) for flag, v in (("--study", o.study), ("--variant", o.variant))
+              if v is not None]
+    found += [check_plain(flag, value) for flag, value in _free_values(o)]
+    found += [_check_log_dir(o)] + [check_env(k, v) for k, v in sorted(bench_env().items())]
+    return [p for p in found if p is not None]
+
+
 def check(o: SubmitOptions) -> None:
+    """Raise one ConfigError listing every problem: options, then the script's values."""
     errs = []
     if o.mode not in MODES:
         errs.append(f"--mode: must be one of {', '.join(MODES)}, got {o.mode!r}")
@@ -95,17 +159,18 @@ def check(o: SubmitOptions) -> None:
         errs.append(f"--workers: must be >= 1, got {o.workers}")
     if o.trials is not None and o.trials < 1:
         errs.append(f"--trials: must be >= 1, got {o.trials}")
-    if o.gpus_per_worker < 0 or o.gpus_per_worker != int(o.gpus_per_worker):
+    if not (0 <= o.gpus_per_worker < math.inf) or o.gpus_per_worker != int(o.gpus_per_worker):
         errs.append(f"--gpus-per-worker: a whole number >= 0 (Slurm allocates whole GPUs; "
                     f"share them with --gpus-per-trial in ray mode), got {o.gpus_per_worker}")
     if o.cpus_per_worker < 1:
         errs.append(f"--cpus-per-worker: must be >= 1, got {o.cpus_per_worker}")
     if o.storage and o.storage.startswith("sqlite"):
-        errs.append(f"--storage {o.storage}: SQLite cannot take concurrent workers on several "
+        errs.append(f"--storage {o.storage!r}: SQLite cannot take concurrent workers on several "
                     "nodes; use a journal file on a shared file system or postgresql://...")
     if o.mode == "optuna" and (o.gpus_per_trial or o.cpus_per_trial):
         errs.append("--gpus-per-trial/--cpus-per-trial: ray mode only (optuna mode runs one "
                     "trial at a time per worker with the worker's resources)")
+    errs += script_problems(o)
     if errs:
         raise ConfigError(errs)
 
@@ -131,12 +196,26 @@ def run_args(o: SubmitOptions) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _env_lines() -> str:
+def bench_env() -> dict[str, str]:
+    """The BENCH_* variables the job exports (its data and spaces folders made absolute)."""
     keep = {k: v for k, v in os.environ.items() if k.startswith("BENCH_") and k != "BENCH_OUT"}
     for k in ("BENCH_DATA", "BENCH_SPACES"):
         if k in keep:
             keep[k] = str(_abs(keep[k]))
-    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items()))
+    return keep
+
+
+def _env_lines() -> str:
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(bench_env().items()))
+
+
+def ray_executable() -> str:
+    bin_dir = Path(sys.executable).parent
+    return str(bin_dir / "ray") if (bin_dir / "ray").exists() else shutil.which("ray") or "ray"
+
+
+def log_folder(o: SubmitOptions) -> Path:
+    return _abs(o.out) / o.task / "slurm"
 
 
 def ray_experiment(o: SubmitOptions) -> str:
@@ -157,15 +236,14 @@ def render(o: SubmitOptions, trials: int) -> str:
         ray_args += ["--gpus-per-trial", f"{o.gpus_per_trial:g}"]
     if o.cpus_per_trial is not None:
         ray_args += ["--cpus-per-trial", f"{o.cpus_per_trial:g}"]
-    bin_dir = Path(sys.executable).parent
     values = {
         "job_name": f"bench-{o.task}", "workers": o.workers, "last_index": o.workers - 1,
         "trials": trials, "cpus": o.cpus_per_worker, "gpus": int(o.gpus_per_worker),
-        "time": o.time, "signal_s": SIGNAL_S, "log_dir": _abs(o.out) / o.task / "slurm",
+        "time": o.time, "signal_s": SIGNAL_S,
+        "log_dir": str(log_folder(o)).replace("%", "%%"),  # a literal % in sbatch's --output
         "sbatch_lines": "\n".join(lines), "workdir": shlex.quote(os.getcwd()),
         "env_lines": _env_lines(), "python": shlex.quote(sys.executable),
-        "ray": shlex.quote(str(bin_dir / "ray") if (bin_dir / "ray").exists()
-                           else shutil.which("ray") or "ray"),
+        "ray": shlex.quote(ray_executable()),
         "run_args": run_args(o), "ray_args": " ".join(ray_args),
         "ray_experiment": shlex.quote(ray_experiment(o)),
     }
@@ -174,11 +252,8 @@ def render(o: SubmitOptions, trials: int) -> str:
 
 
 def _plan(o: SubmitOptions) -> Any:
-    import optuna
-
-    from bench.backends._base import RunOptions
-    from bench.backends.optuna import make_plan
-    from bench.registry import get_task
+    """The run as `bench run` would plan it (every check before anything is submitted)."""
+    from bench.plan import RunOptions, make_plan
     from bench.space import parse_overrides
 
     storage = None
@@ -189,27 +264,24 @@ def _plan(o: SubmitOptions) -> Any:
                       sampler=o.sampler or "tpe", pruner=o.pruner, seed=o.seed or 0,
                       overrides=parse_overrides(o.overrides, get_task(o.task)),
                       study=o.study, storage=storage, out=_abs(o.out), workers=o.workers,
-                      space_file=o.space_file)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+                      space_file=o.space_file, data_dir=o.data_dir, backend=o.mode,
+                      extra={"worker_id": "submit"} if o.mode == "optuna" else {})
     return make_plan(opts)
 
 
 def prepare(o: SubmitOptions) -> int:
     """Validate the run as `bench run` would, create the study, enqueue a variant's trials;
     returns the number of trials the job will finish."""
-    from bench.backends.optuna import DEFAULT_SEARCH_TRIALS, enqueue_missing, open_study, waiting
+    from bench.backends._base import get_backend
 
     plan = _plan(o)  # ConfigError before anything is submitted
-    n = o.trials if o.trials is not None else DEFAULT_SEARCH_TRIALS
-    if o.mode == "optuna":
-        study = open_study(plan)
-        if plan.variant is not None and plan.variant.enumerated:
-            enqueue_missing(plan, study)
-            todo = waiting(study)
-            n = todo if o.trials is None else min(o.trials, todo)
-            if n == 0:
-                raise ConfigError(f"variant {plan.variant.name!r}: every trial is already done "
-                                  f"in study {plan.study_name!r}")
+    if o.mode != "optuna":
+        return o.trials if o.trials is not None else plan.default_total()
+    n = get_backend("optuna").prepare(plan)
+    if n == 0:
+        raise ConfigError(f"study {plan.study_name!r} already has its "
+                          f"{o.trials if o.trials is not None else plan.default_total()} "
+                          "trials; --trials N for a larger total")
     return n
 
 
@@ -228,20 +300,21 @@ def sbatch(script: str, script_path: Path) -> str:
 
 def submit(o: SubmitOptions) -> str:
     """Render, prepare the study and submit; returns the job id (the script if dry_run)."""
+    check(o)  # before the study is created: a refused submission leaves nothing behind
     if o.dry_run:
         return render(o, o.trials if o.trials is not None else 0)
     n = prepare(o)
     script = render(o, n)
-    (_abs(o.out) / o.task / "slurm").mkdir(parents=True, exist_ok=True)
+    log_folder(o).mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    job = sbatch(script, _abs(o.out) / o.task / "slurm" / f"{o.mode}-{stamp}.sbatch")
+    job = sbatch(script, log_folder(o) / f"{o.mode}-{stamp}.sbatch")
     if o.mode == "optuna":
         _record_job(o, job, n)
     return job
 
 
 def _record_job(o: SubmitOptions, job: str, n: int) -> None:
-    from bench.backends.optuna import open_study
+    from bench.backends.optuna import open_study  # a launcher sits above the backends
 
     open_study(_plan(o)).set_user_attr(f"slurm_job_{job}", {"trials": n, "workers": o.workers})
 

@@ -1,0 +1,1 @@
+"""Launchers: ways to start `bench run` workers elsewhere (Slurm), above the backends."""
