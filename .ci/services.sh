@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Services for the integration tests: a one-node Slurm (markers `slurm`) and PostgreSQL
-# (`postgres`) on localhost, from Debian's packages. Idempotent and quick when already up;
+# (`postgres`) on localhost, and headless Chromium (the HTML report's test), from Debian's
+# packages. Idempotent and quick when already up;
 # installs packages only when missing (one apt-get update). Needs root (or sudo).
 # The Python side needs: pip install -e '.[dev,ray,postgres]'
 #
@@ -32,7 +33,7 @@ fi
 
 missing=()
 for pair in slurmctld:slurmctld slurmd:slurmd sinfo:slurm-client munged:munge \
-            pg_ctlcluster:postgresql; do
+            pg_ctlcluster:postgresql chromium:chromium; do  # chromium: bench report's test
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

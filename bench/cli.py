@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _summary(result: Any, args: argparse.Namespace) -> None:
-    from bench import leaderboard
+    from bench import board, leaderboard
 
     plan = result.plan
     for message in result.messages:
@@ -130,14 +130,12 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
         print("stopped: the interrupted trial was saved at its last finished epoch; run the "
               "same command again to resume it", file=sys.stderr)
     rows = leaderboard.read_trials(args.out, plan.task.name, study=plan.study_name)
-    table = leaderboard.rank(rows)
-    if table.empty:
+    secs = board.sections(rows, plan.task)
+    if not secs or secs[-1].table.empty:
         print("no COMPLETE trial yet")
         return
-    keep = ["rank", "objective_mean", "objective_std", "n"]
-    keep += [c for c in table.columns if c.startswith("param_")]
     print(f"top configurations ({plan.direction} {plan.metric}):")
-    print(leaderboard.format_table(table[keep].head(10)))
+    print(board.display_table(secs[-1], plan.task).head(10).to_string(index=False))
     if not plan.evaluates_every_trial() and not args.eval_top:
         print(f"\ntest-set metrics for the finalists: bench eval {plan.task.name} --study "
               f"{plan.study_name} --top 3" + (f" --out {args.out}"
@@ -164,7 +162,7 @@ def _evaluate(task_name: str, out: Path, study: str | None, variant: str | None,
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bench import leaderboard
+    from bench import board, leaderboard
     from bench.registry import get_task
     from bench.space import parse_overrides
 
@@ -173,20 +171,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if study is None and args.variant is None:
         study = task.name
     rows = leaderboard.read_trials(args.out, task.name)
-    _check_selection(rows, task.name, study, args.variant)
+    board.check_selection(rows, task.name, study, args.variant)
     return _evaluate(task.name, args.out, study, args.variant, args.top,
                      parse_overrides(args.set, task), args.device, args.data_dir)
-
-
-def _check_selection(rows: Any, task: str, study: str | None, variant: str | None) -> None:
-    """An unknown study or variant is an error naming the known ones."""
-    for col, value in (("study", study), ("variant", variant)):
-        if value is None:
-            continue
-        known = sorted(set(rows[col].dropna())) if not rows.empty else []
-        if value not in known:
-            raise ConfigError(f"--{col} {value!r}: no rows of task {task!r} have it; known: "
-                              f"{', '.join(known) or '(none yet)'}")
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
@@ -202,25 +189,83 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_board(args: argparse.Namespace) -> int:
-    from bench import leaderboard
+    from bench import board, leaderboard
     from bench.registry import get_task
 
-    get_task(args.task)
-    table = leaderboard.board(args.out, args.task, args.study, args.variant, args.top, args.by)
-    if table.empty:
-        print(f"no COMPLETE trials for {args.task!r} under {args.out}", file=sys.stderr)
+    task = get_task(args.task)
+    rows = leaderboard.read_trials(args.out, task.name)
+    if rows.empty:
+        print(f"no trials of {task.name!r} under {args.out}", file=sys.stderr)
         return 1
-    print(leaderboard.format_table(table, args.format))
+    board.check_selection(rows, task.name, args.study, args.variant)
+    secs = board.sections(board.filter_rows(rows, args.study, args.variant), task,
+                          args.all_params)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else []
+    unknown = [m for m in metrics if m not in task.metrics]
+    if unknown:
+        raise ConfigError(f"--metrics: {', '.join(unknown)} not metrics of {task.name!r}; "
+                          f"known: {', '.join(sorted(task.metrics))}")
+    print(board.render(secs, task, args.format, args.top, metrics))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench import board, compare, leaderboard
+    from bench.registry import get_task
+
+    task = get_task(args.task)
+    rows = leaderboard.read_trials(args.out, task.name)
+    studies = args.study or ([] if args.variant else [task.name])
+    for s in studies:
+        board.check_selection(rows, task.name, s, None)
+    board.check_selection(rows, task.name, None, args.variant)
+    if len(studies) > 2:
+        raise ConfigError(f"--study: give one or two studies, got {len(studies)}")
+    sel = rows[rows["study"].isin(studies)] if studies else rows[rows["variant"] == args.variant]
+    if sel["study"].nunique() > 1 and not studies:
+        raise ConfigError(f"--variant {args.variant!r} has several studies "
+                          f"({', '.join(sorted(sel['study'].unique()))}); name one with --study")
+    metric = args.metric or str(sel["metric"].dropna().iloc[0])
+    if metric not in task.metrics:
+        raise ConfigError(f"--metric {metric!r}: not a metric of {task.name!r}; known: "
+                          f"{', '.join(sorted(task.metrics))}")
+    direction = str(sel["direction"].dropna().iloc[0]) if metric == sel["metric"].iloc[0] \
+        else ("minimize" if args.minimize else "maximize") if args.metric else "maximize"
+    if args.metric and metric != sel["metric"].iloc[0] and args.minimize is None:
+        raise ConfigError(f"--metric {metric}: not the study's objective; say which way is "
+                          "better with --minimize or --maximize")
+    params = board.varying(sel[sel["state"] == "COMPLETE"])
+    if len(studies) == 2:
+        sel = sel.assign(param_study=sel["study"])
+        params = ["param_study", *params]
+    res = compare.compare(sel, metric, direction, params)
+    title = f"{task.name}: " + (" vs ".join(studies) if studies else f"variant {args.variant}")
+    print(compare.render(res, args.format, title))
+    name = "-".join(studies) if studies else args.variant
+    png = compare.cd_diagram(res, args.out / task.name / "plots" / name /
+                             "critical_difference.png", title)
+    if png is not None and args.format != "json":
+        print(f"critical-difference diagram: {png}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.registry import get_task
+    from bench.report import write_report
+
+    print(write_report(get_task(args.task), args.out, args.study, args.data_dir))
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from bench import plots
 
-    paths = plots.make_plots(args.task, args.out, study=args.study, variant=args.variant,
-                             data_dir=args.data_dir)
-    for path in paths:
+    result = plots.make_plots(args.task, args.out, study=args.study, variant=args.variant,
+                              data_dir=args.data_dir)
+    for path in result.paths:
         print(path)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -343,15 +388,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_rerun)
 
-    p = sub.add_parser("board", help="ranked table: mean +- std and n over seeds")
+    p = sub.add_parser("board", help="configurations ranked within each study: mean ± std "
+                       "and n over seeds")
     p.add_argument("task")
     p.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
-    p.add_argument("--top", type=int)
+    p.add_argument("--top", type=int, help="the best N configurations of each study")
     p.add_argument("--study")
     p.add_argument("--variant")
-    p.add_argument("--by", default="config_hash", help="group by config_hash (default) or variant")
+    p.add_argument("--metrics", help="comma-separated metrics to show beside the objective, "
+                   "e.g. test_elbo,test_iwae_ll")
+    p.add_argument("--all-params", action="store_true",
+                   help="every parameter as a column, not only those that vary")
     _add_common(p)
     p.set_defaults(func=cmd_board)
+
+    p = sub.add_parser("compare", help="is a difference real? paired tests against the best "
+                       "configuration, Holm-adjusted; Friedman and a critical-difference "
+                       "diagram")
+    p.add_argument("task")
+    p.add_argument("--variant")
+    p.add_argument("--study", action="append", help="one study, or two to compare")
+    p.add_argument("--metric", help="default: the study's objective (e.g. test_elbo after "
+                   "bench eval)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--minimize", action="store_true", default=None,
+                   help="with --metric: lower is better")
+    g.add_argument("--maximize", dest="minimize", action="store_false",
+                   help="with --metric: higher is better")
+    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="one self-contained HTML page per task: boards, "
+                       "comparisons, figures, budget and provenance of every study")
+    p.add_argument("task")
+    p.add_argument("--study", help="one study only (default: all)")
+    p.add_argument("--data-dir", type=Path)
+    _add_common(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot", help="comparison figures (PNG) from the leaderboard")
     p.add_argument("task")

@@ -153,34 +153,108 @@ def read_trial(out: str | Path, task: str, uid: str) -> dict[str, Any] | None:
         return None
 
 
-def _read_dir(folder: Path) -> pd.DataFrame:
-    """Every readable file of `folder`, schemas unioned; a file that cannot be read or whose
-    columns conflict with the others' types is named in a warning and skipped."""
-    tables: list[pa.Table] = []
-    schema: pa.Schema | None = None
-    for path in sorted(folder.glob("[!._]*.parquet")):
+def _read_files(paths: Iterable[Path]) -> list[pa.Table]:
+    """Each readable file as a table; one that cannot be read is named and skipped."""
+    tables = []
+    for path in paths:
         try:
-            table = pq.read_table(path)
+            tables.append(pq.read_table(path))
         except (OSError, pa.ArrowException) as exc:
-            warnings.warn(f"{path}: unreadable leaderboard file skipped ({exc})", stacklevel=3)
-            continue
+            warnings.warn(f"{path}: unreadable leaderboard file skipped ({exc})", stacklevel=4)
+    return tables
+
+
+def _union(tables: list[tuple[str, pa.Table]]) -> pa.Table | None:
+    """Tables with their schemas unioned; a table whose columns conflict with the others'
+    types is named in a warning and skipped."""
+    keep, schema = [], None
+    for name, table in tables:
         try:
-            merged = table.schema if schema is None else pa.unify_schemas(
+            schema = table.schema if schema is None else pa.unify_schemas(
                 [schema, table.schema], promote_options="permissive")
         except (pa.ArrowException, TypeError) as exc:
-            warnings.warn(f"{path}: leaderboard file skipped: its columns conflict with the "
-                          f"other files' types ({exc})", stacklevel=3)
+            warnings.warn(f"{name}: leaderboard file skipped: its columns conflict with the "
+                          f"other files' types ({exc})", stacklevel=4)
             continue
-        schema = merged
-        tables.append(table)
-    if not tables:
+        keep.append(table)
+    return pa.concat_tables(keep, promote_options="permissive") if keep else None
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """name -> (mtime_ns, size) of the visible Parquet files of `folder`."""
+    out = {}
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return {}
+    for e in entries:
+        if e.name.endswith(".parquet") and not e.name.startswith((".", "_")):
+            try:
+                st = e.stat()
+            except FileNotFoundError:
+                continue
+            out[e.name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+CACHE_KEYS = ("_file", "_mtime_ns", "_size")
+
+
+def _read_dir(folder: Path, cache: Path | None = None) -> pd.DataFrame:
+    """Every readable file of `folder` as one frame (see `_union`).
+
+    With `cache`, the rows already read are kept in one Parquet file keyed by each source
+    file's name, mtime and size, and only new or changed files are read: a leaderboard of
+    100,000 trials reads in about a second instead of minutes. The cache is an accelerator
+    only (written atomically, checked against the folder on every read)."""
+    listing = _listing(folder)
+    cached: pa.Table | None = None
+    if cache is not None and cache.exists():
+        try:
+            cached = pq.read_table(cache)
+        except (OSError, pa.ArrowException):
+            cached = None
+    valid = set()
+    if cached is not None and cached.num_rows:
+        keys = zip(*(cached.column(k).to_pylist() for k in CACHE_KEYS), strict=True)
+        valid = {f for f, m, sz in keys if listing.get(f) == (m, sz)}
+        if len(valid) < cached.num_rows:
+            mask = pa.array([f in valid for f in cached.column("_file").to_pylist()])
+            cached = cached.filter(mask)
+    fresh = sorted(set(listing) - valid)
+    tables = [(str(folder / name), t) for name, t in
+              zip(fresh, _read_files(folder / n for n in fresh), strict=False)]
+    tables = [(n, _keyed(t, Path(n).name, listing)) for n, t in tables] if cache else tables
+    if cached is not None and cached.num_rows:
+        tables.insert(0, (str(cache), cached))
+    merged = _union(tables)
+    if merged is None:
         return pd.DataFrame()
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    if cache is not None and fresh:
+        _write_cache(merged, cache)
+    return merged.drop([k for k in CACHE_KEYS if k in merged.column_names]).to_pandas()
+
+
+def _keyed(table: pa.Table, name: str, listing: dict[str, tuple[int, int]]) -> pa.Table:
+    m, sz = listing[name]
+    n = table.num_rows
+    return (table.append_column("_file", pa.array([name] * n))
+            .append_column("_mtime_ns", pa.array([m] * n, pa.int64()))
+            .append_column("_size", pa.array([sz] * n, pa.int64())))
+
+
+def _write_cache(table: pa.Table, cache: Path) -> None:
+    try:
+        _write_atomic(table, cache)
+    except OSError:
+        pass  # a read-only leaderboard is still readable, only slower
 
 
 def read_trials(out: str | Path, task: str, study: str | None = None,
                 variant: str | None = None) -> pd.DataFrame:
-    df = _read_dir(task_dir(out, task) / "trials")
+    """The task's rows (every state), optionally of one study or variant."""
+    base = task_dir(out, task)
+    df = _read_dir(base / "trials", base / ".cache" / "trials.parquet")
     if df.empty:
         return df
     if study is not None:
@@ -202,78 +276,6 @@ def read_curves(out: str | Path, task: str, uids: Iterable[str] | None = None) -
     if not frames:
         return pd.DataFrame(columns=["trial_uid", "step", "metric", "value"])
     return pd.concat(frames, ignore_index=True)
-
-
-def param_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.startswith("param_")]
-
-
-def metric_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.startswith("metric_")]
-
-
-def rank(df: pd.DataFrame, by: str = "config_hash") -> pd.DataFrame:
-    """Group COMPLETE rows by configuration; mean, std and n over seeds; best first.
-
-    `objective_mean/_std` summarise the objective; `metric_X` and `metric_X_std` every
-    final metric. The varying parameters are kept (equal within a config).
-    """
-    done = df[df["state"] == "COMPLETE"] if not df.empty else df
-    if done.empty:
-        return pd.DataFrame()
-    direction = done["direction"].iloc[0]
-    params = [c for c in param_columns(done) if done[c].astype(str).nunique(dropna=False) > 1]
-    keys = [by] if by == "config_hash" else [by, "config_hash"]
-    grouped = done.groupby(keys, dropna=False, sort=False)
-    table = grouped.agg(
-        objective_mean=("objective", "mean"), objective_std=("objective", "std"),
-        n=("objective", "size"), variant=("variant", "first"), study=("study", "first"),
-        **{c: (c, "first") for c in params},
-        **{k: v for c in metric_columns(done)
-           for k, v in ((c, (c, "mean")), (f"{c}_std", (c, "std")))},
-    ).reset_index()
-    stds = [c for c in table.columns if c.endswith("_std")]
-    table[stds] = table[stds].fillna(0.0)  # one seed: no spread
-    table = table.sort_values("objective_mean", ascending=direction == "minimize")
-    table.insert(0, "rank", range(1, len(table) + 1))
-    return table.reset_index(drop=True)
-
-
-def format_table(df: pd.DataFrame, fmt: str = "table", float_digits: int = 4) -> str:
-    """Render a ranked table as an aligned table, CSV, Markdown or JSON records."""
-    if fmt == "csv":
-        return df.to_csv(index=False)
-    if fmt == "json":
-        return df.to_json(orient="records", indent=2, date_format="iso")
-    shown = _mean_pm_std(df).rename(
-        columns=lambda c: c.removeprefix("param_").removeprefix("metric_"))
-    if fmt == "markdown":
-        return shown.to_markdown(index=False, floatfmt=f".{float_digits}g")
-    if fmt == "table":
-        return shown.to_string(index=False, float_format=lambda x: f"{x:.{float_digits}g}")
-    raise ValueError(f"format must be table, csv, markdown or json, got {fmt!r}")
-
-
-def _mean_pm_std(df: pd.DataFrame) -> pd.DataFrame:
-    """For people: `X` and `X_std` become one text column "mean +- std"."""
-    out = df.copy()
-    for std in [c for c in df.columns if c.endswith("_std")]:
-        mean = "objective_mean" if std == "objective_std" else std.removesuffix("_std")
-        if mean not in df.columns:
-            continue
-        name = "objective" if mean == "objective_mean" else mean
-        out[mean] = [f"{m:.4g} +- {s:.2g}" if pd.notna(m) else "" for m, s in
-                     zip(df[mean], df[std], strict=True)]
-        out = out.drop(columns=std).rename(columns={mean: name})
-    return out
-
-
-def board(out: str | Path, task: str, study: str | None = None, variant: str | None = None,
-          top: int | None = None, by: str = "config_hash") -> pd.DataFrame:
-    """The ranked table of `bench board`, with a per-state count of the rows it came from."""
-    rows = read_trials(out, task, study, variant)
-    table = rank(rows, by)
-    return table.head(top) if top else table
 
 
 def find_trial(out: str | Path, uid: str) -> tuple[str, dict[str, Any]] | None:

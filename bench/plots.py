@@ -1,8 +1,11 @@
 """Figures from leaderboard rows (and saved checkpoints) only: never by re-training.
 
-`make_plots(task, out)` draws the generic figures every task gets (optimisation history,
-parameter importances, learning curves of the top trials), then calls the hooks the task
-registered with `@register_plots(task)`, each receiving a `PlotInput`.
+`make_plots(task, out)` draws, for each study (one selection per figure: never a figure
+pooled across studies, whose budgets and objectives differ), the generic figures every task
+gets (optimisation history, parameter importances, learning curves of the top trials),
+then calls the hooks the task registered with `@register_plots(task)`, each receiving a
+`PlotInput` of that study's rows. A study's figures go to `<out>/<task>/plots/<study>/`.
+Axes carry the metrics' units; error bars are mean +- std over seeds, and say so.
 
 Figures are drawn on `matplotlib.figure.Figure` objects, never through pyplot: no GUI
 backend is needed and nothing global (open figures, rcParams) outlives a call. A figure
@@ -16,7 +19,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +30,25 @@ from bench import leaderboard
 from bench.registry import get_plots, get_task
 
 DPI = 110
-MAX_PANELS = 6      # studies shown side by side; the ones with the most rows win
 TOP_K_CURVES = 5
-MIN_IMPORTANCE_TRIALS = 3  # fANOVA on fewer points is noise
+MIN_IMPORTANCE_TRIALS = 20  # fANOVA's forest on fewer points ranks noise
 
 
 @dataclass
 class PlotInput:
     task: str
     out: Path               # leaderboard root
-    plot_dir: Path          # <out>/<task>/plots: write PNGs here
-    rows: pd.DataFrame      # trial rows of every state, filtered by study / variant
+    plot_dir: Path          # <out>/<task>/plots/<study>: write PNGs here
+    rows: pd.DataFrame      # one study's trial rows, every state
     data_dir: Path | None   # for hooks that need test data (reconstructions, t-SNE)
+    notes: list[str] = field(default_factory=list)  # what could not be drawn, and why
+
+    @property
+    def study(self) -> str:
+        return str(self.rows["study"].iloc[0]) if not self.rows.empty else ""
+
+    def note(self, text: str) -> None:
+        self.notes.append(f"{self.study}: {text}")
 
     def curves(self, uids: list[str] | None = None) -> pd.DataFrame:
         """Long-format curve points (trial_uid, step, metric, value)."""
@@ -86,8 +96,12 @@ def guarded(name: str, draw: Callable[..., Sequence[Path]], *args: Any) -> list[
 def image_rows(path: Path, rows: Sequence[tuple[str, np.ndarray]], title: str,
                col_labels: Sequence[str] | None = None) -> Path:
     """One strip per row of images ([N, C, H, W] floats in [0, 1]), the label on its left."""
+    import textwrap
+
     ncol = max(len(imgs) for _, imgs in rows)
-    with figure(path, len(rows), 1, panel_in=(0.62 * ncol + 0.6, 0.75)) as (fig, axes):
+    width_in = max(0.62 * ncol + 0.6, 4.0)
+    title = "\n".join(textwrap.wrap(title, int(width_in * 11)))  # ~11 characters an inch
+    with figure(path, len(rows), 1, panel_in=(width_in, 1.0)) as (fig, axes):
         for ax, (label, imgs) in zip(axes[:, 0], rows, strict=True):
             ax.imshow(_tile(imgs), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks([])
@@ -96,8 +110,9 @@ def image_rows(path: Path, rows: Sequence[tuple[str, np.ndarray]], title: str,
             ax.set_ylabel(label, rotation=0, ha="right", va="center")
         if col_labels:
             w = rows[0][1].shape[-1] + 1  # tile width incl. the gap
-            axes[-1, 0].set_xticks([w * (i + 0.5) for i in range(len(col_labels))], col_labels)
-        fig.suptitle(title)
+            axes[-1, 0].set_xticks([w * (i + 0.5) for i in range(len(col_labels))], col_labels,
+                                   fontsize="small")
+        fig.suptitle(title, fontsize="medium")
     return path
 
 
@@ -119,25 +134,15 @@ def _tile(imgs: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- per-study facts
-def objective_name(task: str, variant: str | None) -> str:
-    """The metric a study optimised: the variant's own, else the space's, else the task's."""
-    from bench.space import space_for
-
-    try:
-        space = space_for(task)
-    except Exception:  # a broken space file must not stop plotting finished rows
-        return get_task(task).metric
-    v = space.variants.get(str(variant)) if variant else None
-    return (v.metric if v else None) or space.metric
+def objective_of(rows: pd.DataFrame) -> str:
+    """The metric the study optimised, as its rows record it."""
+    return str(rows["metric"].dropna().iloc[0]) if rows["metric"].notna().any() else "objective"
 
 
-def by_study(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(study, rows by trial number), the studies with the most rows first, at most MAX_PANELS."""
-    if rows.empty:
-        return []
-    groups = [(str(s), g.sort_values("trial_number")) for s, g in rows.groupby("study")]
-    groups.sort(key=lambda sg: -len(sg[1]))
-    return groups[:MAX_PANELS]
+def axis_label(task: str, metric: str) -> str:
+    """`metric (unit)` from the task's declaration."""
+    decl = get_task(task).metrics.get(metric)
+    return decl.label(metric) if decl is not None else metric
 
 
 def _direction(rows: pd.DataFrame) -> str:
@@ -145,32 +150,19 @@ def _direction(rows: pd.DataFrame) -> str:
         else "minimize"
 
 
-def _panels(n: int) -> tuple[int, int]:
-    ncols = min(n, 3)
-    return (n + ncols - 1) // ncols, ncols
-
-
-def _hide_unused(axes: np.ndarray, used: int) -> None:
-    for ax in axes.flat[used:]:
-        ax.set_visible(False)
-
-
 # ---------------------------------------------------------------- generic figures
 def plot_history(inp: PlotInput) -> list[Path]:
     """Objective per trial number with the running best; pruned and failed trials marked."""
-    studies = by_study(inp.rows)
-    if not studies:
+    if inp.rows.empty:
         return []
     path = inp.plot_dir / "history.png"
-    with figure(path, *_panels(len(studies))) as (fig, axes):
-        for ax, (study, rows) in zip(axes.flat, studies, strict=False):
-            _history_panel(ax, inp.task, study, rows)
-        _hide_unused(axes, len(studies))
-        fig.suptitle(f"{inp.task}: optimisation history")
+    with figure(path, panel_in=(6.0, 3.6)) as (fig, axes):
+        _history_panel(axes[0, 0], inp.task, inp.rows.sort_values("trial_number"))
+        fig.suptitle(f"{inp.task}, study {inp.study}: optimisation history")
     return [path]
 
 
-def _history_panel(ax: Any, task: str, study: str, rows: pd.DataFrame) -> None:
+def _history_panel(ax: Any, task: str, rows: pd.DataFrame) -> None:
     done = rows[(rows["state"] == "COMPLETE") & rows["objective"].notna()]
     pruned = rows[(rows["state"] == "PRUNED") & rows["objective"].notna()]
     failed = rows[rows["state"] == "FAIL"]
@@ -182,47 +174,54 @@ def _history_panel(ax: Any, task: str, study: str, rows: pd.DataFrame) -> None:
     if not pruned.empty:  # the last value a pruned trial reported
         ax.scatter(pruned["trial_number"], pruned["objective"], s=22, marker="x", color="0.5",
                    label="pruned (last report)")
-    if not failed.empty:  # no objective: a tick along the bottom edge
-        ax.scatter(failed["trial_number"], np.full(len(failed), 0.02), marker="v", color="C1",
-                   transform=ax.get_xaxis_transform(), clip_on=False, label="failed")
+    if not failed.empty:  # no objective: a marker along the bottom edge, above the axis
+        ax.scatter(failed["trial_number"], np.full(len(failed), 0.03), marker="v", s=36,
+                   color="C1", transform=ax.get_xaxis_transform(), clip_on=False, zorder=5,
+                   label="failed (no objective)")
     counts = rows["state"].value_counts()
-    tally = ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in leaderboard.STATES)
-    ax.set_title(f"{study}  ({tally})")
+    ax.set_title(", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in leaderboard.STATES))
     ax.set_xlabel("trial number")
     integer_ticks(ax.xaxis)
-    ax.set_ylabel(f"{objective_name(task, rows['variant'].iloc[0])} ({_direction(rows)})")
+    metric = objective_of(rows)
+    ax.set_ylabel(f"{axis_label(task, metric)}, {_direction(rows)}d")
     ax.legend(loc="best", fontsize="small")
 
 
 def plot_importances(inp: PlotInput) -> list[Path]:
-    """fANOVA parameter importances per study, from an in-memory Optuna study of its rows."""
-    found = [(study, imp) for study, rows in by_study(inp.complete())
-             if (imp := importances(inp.task, rows))]
-    if not found:
+    """fANOVA importances of the searched parameters, from an in-memory Optuna study of the
+    study's rows; only with MIN_IMPORTANCE_TRIALS complete trials (a note otherwise)."""
+    done = inp.complete()
+    searched = _space_params(inp.task, str(inp.rows["variant"].iloc[0])) if len(done) else {}
+    if not searched:
+        return []
+    if len(done) < MIN_IMPORTANCE_TRIALS:
+        inp.note(f"parameter importances need {MIN_IMPORTANCE_TRIALS} complete trials, the "
+                 f"study has {len(done)}: not drawn")
+        return []
+    imp = importances(inp.task, done)
+    if not imp:
         return []
     path = inp.plot_dir / "importances.png"
-    with figure(path, *_panels(len(found))) as (fig, axes):
-        for ax, (study, imp) in zip(axes.flat, found, strict=False):
-            names = list(imp)[::-1]  # largest at the top of a barh
-            bars = ax.barh(names, [imp[n] for n in names], color="C0", height=0.6)
-            ax.bar_label(bars, fmt="%.2f", padding=2)
-            ax.set_xlim(0, 1)
-            ax.set_xlabel("importance (fANOVA, sums to 1)")
-            ax.set_title(study)
-        _hide_unused(axes, len(found))
+    with figure(path, panel_in=(5.0, 0.5 + 0.45 * len(imp))) as (fig, axes):
+        ax = axes[0, 0]
+        names = list(imp)[::-1]  # largest at the top of a barh
+        bars = ax.barh(names, [imp[n] for n in names], color="C0", height=0.6)
+        ax.bar_label(bars, fmt="%.2f", padding=2)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("importance (fANOVA, sums to 1)")
+        ax.set_title(f"{inp.study}: {len(done)} complete trials", fontsize="medium")
         fig.suptitle(f"{inp.task}: parameter importances")
     return [path]
 
 
-def importances(task: str, rows: pd.DataFrame) -> dict[str, float]:
-    """{param: importance}; empty with fewer than 3 complete trials or nothing varying.
-
-    `rows` are one study's COMPLETE rows (one objective, one direction).
-    """
+def importances(task: str, rows: pd.DataFrame,
+                min_trials: int = MIN_IMPORTANCE_TRIALS) -> dict[str, float]:
+    """{param: importance} over the searched parameters; empty with fewer than `min_trials`
+    complete trials or nothing varying. `rows`: one study's COMPLETE rows."""
     import optuna
 
     rows = rows[rows["objective"].notna()]
-    if len(rows) < MIN_IMPORTANCE_TRIALS or rows["objective"].nunique() < 2:
+    if len(rows) < min_trials or rows["objective"].nunique() < 2:
         return {}  # fANOVA cannot split a constant objective ("zero total variance")
     dists = _distributions(task, rows)
     if not dists:
@@ -251,11 +250,11 @@ def _distributions(task: str, rows: pd.DataFrame) -> dict[str, Any]:
     """
     space = _space_params(task, rows["variant"].iloc[0])
     out = {}
-    for col in leaderboard.param_columns(rows):
-        values = rows[col]
-        if values.isna().any() or values.astype(str).nunique() < 2:
+    for name in space:  # searched parameters only: fixed --set keys are not candidates
+        col = f"param_{name}"
+        values = rows[col] if col in rows else pd.Series(dtype=float)
+        if values.empty or values.isna().any() or values.astype(str).nunique() < 2:
             continue
-        name = col.removeprefix("param_")
         dist = space.get(name)
         if dist is None or not _contains(dist, values):
             dist = _inferred(values)
@@ -271,6 +270,8 @@ def _space_params(task: str, variant: str | None) -> dict[str, Any]:
     except Exception:  # an unreadable space: every distribution is inferred
         return {}
     v = space.variants.get(str(variant)) if variant else None
+    if v is not None and v.enumerated:
+        return {}  # a grid is not a search: nothing to attribute importance to
     params = v.params if v is not None and v.params else space.params
     return {n: p.to_optuna() for n, p in params.items()}
 
@@ -305,62 +306,78 @@ def _native(value: Any, dist: Any) -> Any:
 
 
 def plot_curves(inp: PlotInput) -> list[Path]:
-    """The objective metric per step for the top-k complete trials of each study."""
-    panels = []
-    for study, rows in by_study(inp.complete()):
-        metric = objective_name(inp.task, rows["variant"].iloc[0])
-        top = rows[rows["objective"].notna()].sort_values(
-            "objective", ascending=_direction(rows) == "minimize").head(TOP_K_CURVES)
-        pts = inp.curves(list(top["trial_uid"]))
-        pts = pts[pts["metric"] == metric] if not pts.empty else pts
-        if not pts.empty:
-            panels.append((study, metric, top, pts))
-    if not panels:
+    """The objective per epoch for the study's top-k complete trials."""
+    done = inp.complete()
+    if done.empty:
+        return []
+    metric = objective_of(done)
+    top = done[done["objective"].notna()].sort_values(
+        "objective", ascending=_direction(done) == "minimize").head(TOP_K_CURVES)
+    pts = inp.curves(list(top["trial_uid"]))
+    pts = pts[pts["metric"] == metric] if not pts.empty else pts
+    if pts.empty:
+        return []
+    if pts["step"].nunique() < 2:
+        inp.note(f"learning curves need 2 or more reported epochs of {metric}, the trials "
+                 "reported one: not drawn")
         return []
     path = inp.plot_dir / "curves.png"
-    with figure(path, *_panels(len(panels))) as (fig, axes):
-        for ax, (study, metric, top, pts) in zip(axes.flat, panels, strict=False):
-            _curves_panel(ax, study, metric, top, pts)
-        _hide_unused(axes, len(panels))
-        fig.suptitle(f"{inp.task}: learning curves of the top {TOP_K_CURVES} trials")
+    with figure(path, panel_in=(6.0, 3.6)) as (fig, axes):
+        ax = axes[0, 0]
+        for i, (_, row) in enumerate(top.iterrows()):
+            mine = pts[pts["trial_uid"] == row["trial_uid"]].sort_values("step")
+            if not mine.empty:
+                ax.plot(mine["step"] + 1, mine["value"], marker="o", ms=3, color=f"C{i}",
+                        label=f"#{row['trial_number']}: {row['objective']:.4g}")
+        ax.set_xlabel("epoch")
+        integer_ticks(ax.xaxis)
+        ax.set_ylabel(axis_label(inp.task, metric))
+        ax.legend(title="trial: final", fontsize="small")
+        fig.suptitle(f"{inp.task}, study {inp.study}: learning curves of the top "
+                     f"{len(top)} trials")
     return [path]
-
-
-def _curves_panel(ax: Any, study: str, metric: str, top: pd.DataFrame,
-                  pts: pd.DataFrame) -> None:
-    for i, (_, row) in enumerate(top.iterrows()):
-        mine = pts[pts["trial_uid"] == row["trial_uid"]].sort_values("step")
-        if not mine.empty:
-            ax.plot(mine["step"], mine["value"], marker="o", ms=3, color=f"C{i}",
-                    label=f"#{row['trial_number']}: {row['objective']:.4g}")
-    ax.set_title(study)
-    ax.set_xlabel("step (epoch)")
-    integer_ticks(ax.xaxis)
-    ax.set_ylabel(metric)
-    ax.legend(title="trial: final", fontsize="small")
 
 
 GENERIC: list[tuple[str, Callable[[PlotInput], list[Path]]]] = [
     ("history", plot_history), ("importances", plot_importances), ("curves", plot_curves)]
 
 
+@dataclass
+class PlotResult:
+    paths: list[Path]
+    notes: list[str]
+
+
+def study_folder(study: str, uid: str, several: bool) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", study).lstrip(".") or "study"
+    return f"{name}-{uid[:6]}" if several and uid else name
+
+
 def make_plots(task: str, out: str | Path, study: str | None = None, variant: str | None = None,
-               data_dir: str | Path | None = None) -> list[Path]:
-    """Write every figure for `task` under <out>/<task>/plots; return the paths written.
-    With `study` and/or `variant`, under plots/<study>[+<variant>]/ instead, so plotting one
-    selection never overwrites the figures of another."""
+               data_dir: str | Path | None = None) -> PlotResult:
+    """Every figure of each selected study, under <out>/<task>/plots/<study>/.
+
+    An unknown study or variant is an error naming the known ones (ConfigError)."""
+    from bench.board import check_selection, filter_rows
+
     get_task(task)
     out = Path(out)
-    rows = leaderboard.read_trials(out, task, study, variant)
-    plot_dir = out / task / "plots"
-    selection = "+".join(x for x in (study, variant) if x)
-    if selection:
-        plot_dir = plot_dir / re.sub(r"[^A-Za-z0-9._+-]", "_", selection).lstrip(".")
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    inp = PlotInput(task, out, plot_dir, rows, Path(data_dir) if data_dir else None)
-    paths: list[Path] = []
-    for name, draw in GENERIC:
-        paths.extend(guarded(name, draw, inp))
-    for hook in get_plots(task):
-        paths.extend(guarded(getattr(hook, "__name__", "hook"), hook, inp))
-    return paths
+    rows = leaderboard.read_trials(out, task)
+    check_selection(rows, task, study, variant)
+    rows = filter_rows(rows, study, variant)
+    result = PlotResult([], [])
+    if rows.empty:
+        return result
+    uids = rows["study_uid"].fillna("") if "study_uid" in rows else ""
+    rows = rows.assign(study_uid=uids)
+    for (name, uid), g in rows.groupby(["study", "study_uid"], sort=True):
+        several = rows.loc[rows["study"] == name, "study_uid"].nunique() > 1
+        plot_dir = out / task / "plots" / study_folder(str(name), str(uid), several)
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        inp = PlotInput(task, out, plot_dir, g.reset_index(drop=True),
+                        Path(data_dir) if data_dir else None, result.notes)
+        for fig_name, draw in GENERIC:
+            result.paths.extend(guarded(fig_name, draw, inp))
+        for hook in get_plots(task):
+            result.paths.extend(guarded(getattr(hook, "__name__", "hook"), hook, inp))
+    return result

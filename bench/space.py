@@ -25,6 +25,7 @@ import yaml
 
 from bench.errors import BenchError, ConfigError
 from bench.params import Decl, looks_numeric
+from bench.reference import parse_reference
 from bench.registry import Task, get_task
 
 TOP_KEYS = {"task", "metric", "direction", "fixed", "params", "variants"}
@@ -402,10 +403,12 @@ def _parse_variant(src: str, name: str, raw: Any, task: Task | None, errs: list[
     params = _parse_params(f"{where}.params", raw.get("params"), task, errs)
     if grid and params:
         errs.append(f"{where}: give either `grid` (enumerated) or `params` (searched), not both")
+    reference = parse_reference(raw.get("reference"), f"{where}.reference",
+                                task.metrics if task is not None else None, errs)
     variant = Variant(name, grid, seeds, _parse_fixed(f"{where}.fixed", raw.get("fixed"), task,
                                                       errs),
                       params, raw.get("metric"), raw.get("direction"),
-                      str(raw.get("description", "")), raw.get("reference"))
+                      str(raw.get("description", "")), reference)
     if variant.n_points() * seeds > MAX_TRIALS:
         errs.append(f"{where}: {variant.n_points():,} points x {seeds} seeds = "
                     f"{variant.n_points() * seeds:,} trials; at most {MAX_TRIALS:,} per variant")

@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -78,34 +77,3 @@ def test_write_replaces_atomically_and_cleans_up_on_failure(tmp_path: Path, monk
     folder = tmp_path / "t" / "trials"
     assert sorted(os.listdir(folder)) == ["x.parquet"]
     assert leaderboard.read_trials(tmp_path, "t")["objective"].tolist() == [1.0]
-
-
-def test_rank_groups_configs_over_seeds(tmp_path: Path) -> None:
-    rows = pd.DataFrame([
-        row("a", 1.0, "c1", seed=0), row("b", 3.0, "c1", seed=1),
-        row("c", 0.5, "c2", seed=0, param_x=2.0, metric_acc=0.5),
-        row("d", 0.7, "c2", seed=1, param_x=2.0, metric_acc=0.7),
-        row("e", None, "c3", state="FAIL", param_x=3.0), row("f", 0.1, "c4", state="PRUNED"),
-    ])
-    table = leaderboard.rank(rows)
-    assert list(table["config_hash"]) == ["c2", "c1"]
-    best = table.iloc[0]
-    assert best["objective_mean"] == pytest.approx(0.6)
-    assert best["objective_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert best["n"] == 2 and best["rank"] == 1 and best["param_x"] == 2.0
-    assert best["metric_acc"] == pytest.approx(0.6)
-    assert best["metric_acc_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    text = leaderboard.format_table(table)
-    assert "0.6 +- 0.14" in text and "acc_std" not in text
-
-
-def test_format_table_kinds() -> None:
-    table = leaderboard.rank(pd.DataFrame([row("a", 1.0), row("b", 2.0, "c2", param_x=3.0)]))
-    assert leaderboard.format_table(table, "csv").splitlines()[0].startswith("rank,")
-    md = leaderboard.format_table(table, "markdown").splitlines()
-    assert md[0].startswith("|") and "rank" in md[0] and "objective" in md[0]
-    assert "1 +- 0" in md[2]
-    import json
-
-    records = json.loads(leaderboard.format_table(table, "json"))
-    assert records[0]["objective_mean"] == 1.0 and records[1]["param_x"] == 3.0

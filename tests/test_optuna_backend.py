@@ -66,8 +66,7 @@ def test_search_writes_one_row_per_trial_with_seeds(out: Path) -> None:
     # what optuna-dashboard shows: the row's uid, seed, final metrics
     t0 = trials[0]
     assert t0.user_attrs["bench"]["uid"] == df.iloc[0]["trial_uid"]
-    assert t0.user_attrs["bench_result"]["metrics"]["distance"] == pytest.approx(
-        df.iloc[0]["metric_distance"])
+    assert t0.user_attrs["metric_distance"] == pytest.approx(df.iloc[0]["metric_distance"])
 
 
 def test_exception_and_nan_fail_the_trial_and_the_study_goes_on(out: Path, capsys) -> None:

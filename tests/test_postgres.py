@@ -42,9 +42,9 @@ if not postgres_up():
                 "BENCH_TEST_POSTGRES)", allow_module_level=True)
 
 
-def worker(out: Path, study: str, trials: int) -> list[str]:
+def worker(out: Path, study: str, *count: str) -> list[str]:
     return [sys.executable, "-m", "bench.cli", "run", "synthetic", "--storage", URL, "--study",
-            study, "--trials", str(trials), "--set", "sleep_s=0.5", "--set", "epochs=6",
+            study, *count, "--set", "sleep_s=0.5", "--set", "epochs=6",
             "--pruner", "none", "--out", str(out), "--quiet"]
 
 
@@ -66,7 +66,7 @@ def test_killed_worker_trial_fails_is_retried_and_study_completes(
     from optuna.trial import TrialState
 
     out = tmp_path / "lb"
-    procs = [subprocess.Popen(worker(out, study_name, 3), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(worker(out, study_name, "--trials", "12"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     try:
         deadline = time.time() + 120
@@ -100,8 +100,8 @@ def test_killed_worker_trial_fails_is_retried_and_study_completes(
     assert len(stale) == 1
     victim = stale[0]
     time.sleep(max(0.0, killed_at + GRACE_S + 2 - time.time()))
-    late = subprocess.run(worker(out, study_name, 1), capture_output=True, text=True,
-                          timeout=180)
+    late = subprocess.run(worker(out, study_name, "--add", "1"), capture_output=True,
+                          text=True, timeout=180)
     assert late.returncode == 0, late.stderr
 
     trials = study.get_trials()
@@ -117,5 +117,5 @@ def test_killed_worker_trial_fails_is_retried_and_study_completes(
     assert fail["state"] == "FAIL" and "heartbeat" in fail["error"]
     retry = rows[rows["trial_number"] == retries[0].number].iloc[0]
     assert retry["state"] == "COMPLETE" and retry["trial_uid"] != fail["trial_uid"]
-    # 3 survivors x 3 trials, the victim's finished ones, its FAIL and the retry
-    assert (rows["state"] == "COMPLETE").sum() == len(trials) - 1
+    # the study's 12 (the victim's FAIL among them), then the retry the late worker ran
+    assert len(trials) == 13 and (rows["state"] == "COMPLETE").sum() == 12

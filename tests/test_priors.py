@@ -244,9 +244,12 @@ def test_prior_comparison_end_to_end(tmp_path: Path) -> None:
     cells = rows.groupby(["param_prior", "param_model"])["seed"].nunique()
     assert len(cells) == 9 and set(cells) == {3}
 
-    table = leaderboard.board(out, "priors", variant="prior-comparison")  # `bench board`
+    from bench import board
+
+    [sec] = board.sections(rows, get_task("priors"))  # `bench board`
+    table = sec.table
     assert len(table) == 9 and set(table["n"]) == {3}
-    assert table["objective_mean"].is_monotonic_increasing  # ranked: minimize val_recon
+    assert table["mean"].is_monotonic_increasing  # ranked: minimize val_recon
     assert rows["metric_test_recon"].notna().all(), "a variant evaluates every trial"
 
     plot = bench_cli("plot", "priors", "--variant", "prior-comparison", "--out", str(out),

@@ -187,7 +187,7 @@ def test_plots_from_leaderboard(tmp_path: Path) -> None:
                  for m, v in (("val_knn_acc", knn), ("train_loss", -0.5),
                               ("val_collapse_std", 0.5))]
         leaderboard.write_trial(tmp_path, row, curve)
-    paths = make_plots("simsiam", tmp_path, variant="ablation")
+    paths = make_plots("simsiam", tmp_path, variant="ablation").paths
     assert {p.name for p in paths} >= {"simsiam_curves.png", "simsiam_final_knn.png"}
     for p in paths:
         img = mpimg.imread(p)

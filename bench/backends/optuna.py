@@ -70,7 +70,8 @@ from bench.trial import TrialContext
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 ATTR = "bench"  # the trial's identity: uid, seed, overrides (set when it starts)
-RESULT = "bench_result"  # its outcome: state, metrics, error (set before it is told)
+RESULT = "bench_result"  # its outcome: state, objective, error (set before it is told)
+METRIC = "metric_"  # one user attribute per final metric, as optuna-dashboard shows them
 STUDY_UID = "bench_study_uid"
 
 
@@ -326,11 +327,16 @@ def _record_row(plan: Plan, study: optuna.Study, t: FrozenTrial, state: str,
     row = build_row(identity(plan, t.number, uid, int(info.get("seed", plan.opts.seed)),
                              study.user_attrs.get(STUDY_UID, "")),
                     params, state=state, objective=value, metric=plan.metric,
-                    direction=plan.direction, metrics=result.get("metrics", {}),
+                    direction=plan.direction, metrics=_metrics(t),
                     error=error or result.get("error"), started_at=started,
                     finished_at=finished, epochs_done=max(t.intermediate_values, default=-1) + 1,
                     device=resolve_device(plan.opts.device))
     return write_row(plan.out, plan.task, row)
+
+
+def _metrics(t: FrozenTrial) -> dict[str, float]:
+    return {k.removeprefix(METRIC): float(v) for k, v in t.user_attrs.items()
+            if k.startswith(METRIC) and isinstance(v, (int, float))}
 
 
 def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str, list[int]]:
@@ -434,6 +440,7 @@ class Worker:
     slot: str | None = None
     ran: Counter = field(default_factory=Counter)
     row_errors: list[str] = field(default_factory=list)
+    target: int | None = None  # the study's total: stop asking once it has that many
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.plan.opts.device)
@@ -462,8 +469,10 @@ class Worker:
         if outcome.state == "SUSPENDED":
             trial.set_user_attr("suspended", True)
             return "SUSPENDED"
+        for name, value in outcome.metrics.items():  # what optuna-dashboard shows
+            trial.set_user_attr(f"{METRIC}{name}", value)
         trial.set_user_attr(RESULT, {"state": outcome.state, "objective": outcome.objective,
-                                     "metrics": outcome.metrics, "error": outcome.error})
+                                     "error": outcome.error})
         if outcome.row_error:
             self.row_errors.append(f"trial {trial.number}: could not write its row: "
                                    f"{outcome.row_error}")
@@ -516,7 +525,7 @@ class Worker:
             if self.row_errors:
                 return 1
         for _ in range(n_new):
-            if self._should_stop(deadline):
+            if self._should_stop(deadline) or self._target_reached():
                 break
             trial = _pop_waiting(self.study) if self.plan.enumerated else self._ask()
             if trial is None:
@@ -534,6 +543,13 @@ class Worker:
         if self.slot is not None:
             trial.set_user_attr("worker_id", self.slot)
         return trial
+
+    def _target_reached(self) -> bool:
+        """Other processes (other hosts, other runs) may be adding trials to the study too."""
+        if self.target is None or self.plan.enumerated:
+            return False
+        live = self.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+        return len(live) >= self.target
 
     def _should_stop(self, deadline: float | None) -> bool:
         return (signals.stop_requested() or getattr(self.study, "_stop_flag", False)
@@ -634,7 +650,7 @@ class OptunaBackend(Backend):
             bar = progress(plan, len(resume) + n_new, study) if progress else None
             try:
                 if plan.opts.workers == 1:
-                    worker = Worker(plan, study, bar)
+                    worker = Worker(plan, study, bar, target=target)
                     result.exit_code = worker.work(resume, n_new, deadline)
                     result.ran = dict(worker.ran)
                     result.messages += worker.row_errors
@@ -692,7 +708,7 @@ def _finish(plan: Plan, result: RunResult) -> None:
 
 # ---------------------------------------------------------------- several processes
 def _worker_main(plan: Plan, resume: list[int], n_new: int, index: int,
-                 deadline: float | None, queue: Any) -> None:
+                 deadline: float | None, queue: Any, target: int | None) -> None:
     os.setpgrp()  # the terminal's Ctrl-C reaches the parent only; it forwards one signal
     signals.install(quiet=True)
     signals.die_with_parent()
@@ -700,7 +716,7 @@ def _worker_main(plan: Plan, resume: list[int], n_new: int, index: int,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.opts.workers))
     try:
         study = open_study(plan, index)
-        worker = Worker(plan, study, progress=_QueueProgress(queue, index))
+        worker = Worker(plan, study, progress=_QueueProgress(queue, index), target=target)
         code = worker.work(resume, n_new, deadline)
         for m in worker.row_errors:
             queue.put(("message", index, m))
@@ -733,7 +749,8 @@ def _run_processes(plan: Plan, resume: list[int], n_new: int, deadline: float | 
     queue = ctx.Queue()
     k = plan.opts.workers
     shares = [resume[i::k] for i in range(k)]
-    procs = [ctx.Process(target=_worker_main, args=(plan, shares[i], n, i, deadline, queue),
+    procs = [ctx.Process(target=_worker_main, args=(plan, shares[i], n, i, deadline, queue,
+                                                    result.target),
                          name=f"bench-worker-{i}")
              for i, n in enumerate(split(n_new, k)) if n > 0 or shares[i]]
     for p in procs:

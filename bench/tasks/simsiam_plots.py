@@ -13,8 +13,6 @@ from typing import Any
 
 import pandas as pd
 
-from bench import leaderboard
-
 CURVES = (("val_knn_acc", "kNN accuracy (held-out images)"), ("train_loss", "training loss"),
           ("val_collapse_std", "collapse_std: std(z/|z|) x sqrt(d)"))
 LABEL_PARAMS = ("stop_grad", "predictor")  # shown first when they vary
@@ -22,7 +20,8 @@ LABEL_PARAMS = ("stop_grad", "predictor")  # shown first when they vary
 
 def cell_labels(rows: pd.DataFrame) -> pd.Series:
     """config_hash -> 'k=v k=v' over the parameters that differ between configurations."""
-    firsts = rows.groupby("config_hash")[leaderboard.param_columns(rows)].first()
+    params = [c for c in rows.columns if c.startswith("param_")]
+    firsts = rows.groupby("config_hash")[params].first()
     cols = [c for c in firsts.columns if firsts[c].astype(str).nunique() > 1]
     cols.sort(key=lambda c: (c.removeprefix("param_") not in LABEL_PARAMS, c))
     if not cols:

@@ -25,7 +25,8 @@ PARAMS = {
     "x": Float(0.0, -10.0, 10.0),
     "y": Float(0.0, -10.0, 10.0),
     "epochs": Int(5, 1, 100_000),
-    "noise": Float(0.0, 0.0, help="std of Gaussian noise added to every curve point (seeded)"),
+    "noise": Float(0.0, 0.0, help="std of Gaussian noise added to every curve point (seeded "
+                                   "by the seed and the point)"),
     "sleep_s": Float(0.0, 0.0, 3600.0, help="per step: stands in for training time"),
     "fail": Choice("none", ["none", "exception", "nan", "crash"],
                    help="crash: os._exit, a killed worker"),
@@ -48,8 +49,11 @@ class Synthetic(EpochTrial):
 
     def __init__(self, params: Mapping[str, Any], ctx: TrialContext):
         super().__init__(params, ctx)
-        self.final = rosenbrock(float(params["x"]), float(params["y"]))
-        self.rng = np.random.default_rng(ctx.seed)
+        x, y = float(params["x"]), float(params["y"])
+        self.final = rosenbrock(x, y)
+        # noise seeded by the seed and the point: configurations do not share one draw
+        point = np.frombuffer(np.array([x, y]).tobytes(), dtype=np.uint32)
+        self.rng = np.random.default_rng([ctx.seed, *point.tolist()])
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         p = self.params

@@ -103,15 +103,15 @@ def plot_beta(inp: PlotInput) -> list[Path]:
 
 
 def _sweep(ax: Any, rows: pd.DataFrame, x: str, y: str, legend: bool) -> None:
-    """Every trial as a dot, coloured by study; a study that grids `x` also gets mean ± sd."""
-    for i, (study, g) in enumerate(rows.groupby("study")):
-        ax.scatter(g[x], g[y], s=16, alpha=0.6, color=f"C{i}", label=str(study))
-        if x.removeprefix("param_") in _grid_keys(str(g["variant"].iloc[0])):
-            stats = g.groupby(x)[y].agg(["mean", "std"]).reset_index()
-            ax.errorbar(stats[x], stats["mean"], yerr=stats["std"].fillna(0.0), color=f"C{i}",
-                        capsize=2, lw=1.2)
+    """Every trial as a dot; a study that grids `x` also gets mean ± std over its seeds."""
+    ax.scatter(rows[x], rows[y], s=16, alpha=0.6, color="C0", label="one trial (seed)")
+    if x.removeprefix("param_") in _grid_keys(str(rows["variant"].iloc[0])):
+        stats = rows.groupby(x)[y].agg(["mean", "std", "size"]).reset_index()
+        n = int(stats["size"].max())
+        ax.errorbar(stats[x], stats["mean"], yerr=stats["std"].fillna(0.0), color="C3",
+                    capsize=2, lw=1.2, label=f"mean ± std over {n} seeds")
     if legend:
-        ax.legend(title="study", fontsize="small")
+        ax.legend(fontsize="small")
 
 
 def _grid_keys(variant: str) -> set[str]:

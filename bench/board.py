@@ -1,0 +1,287 @@
+"""`bench board`: configurations ranked within one study at a time, never across studies.
+
+Rows are split into sections by study (its name and its uid: two studies that share a name
+are two sections). Within a section, COMPLETE rows are grouped by configuration
+(`config_hash`: the task and its merged parameters, the seed excluded) and ranked by the
+study's own metric and direction: mean, std and n over seeds (no spread shown for n = 1).
+Parameters print in their declared types; by default only those that vary within the
+study are columns. A variant's `reference:` (the original report's numbers) is shown
+beside the measured values, with whether each of its findings holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from bench.registry import Task
+
+STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+@dataclass
+class Section:
+    """One study's ranked configurations and what the study was."""
+
+    study: str
+    study_uid: str
+    variant: str
+    metric: str
+    direction: str
+    unit: str
+    counts: dict[str, int]
+    table: pd.DataFrame  # one row per configuration, best first
+    params: list[str]  # the parameter columns shown
+    budget: dict[str, Any] = field(default_factory=dict)
+    references: list[dict[str, Any]] = field(default_factory=list)  # per-config reference
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float | None, int]:
+    v = values.dropna().astype(float)
+    n = len(v)
+    mean = float(v.mean()) if n else math.nan
+    return mean, (float(v.std(ddof=1)) if n > 1 else None), n
+
+
+def configurations(done: pd.DataFrame, params: list[str], metric_cols: list[str],
+                   direction: str) -> pd.DataFrame:
+    """COMPLETE rows of one study grouped by configuration, ranked by the objective."""
+    records = []
+    for key, g in done.groupby("config_hash", sort=False):
+        mean, std, n = _mean_std(g["objective"])
+        rec: dict[str, Any] = {"config_hash": key, "mean": mean, "std": std, "n": n,
+                               "seeds": sorted(int(s) for s in g["seed"].dropna()),
+                               "trial_uids": list(g["trial_uid"])}
+        for p in params:
+            rec[p] = g[p].iloc[0]
+        for c in metric_cols:
+            m, s, k = _mean_std(g[c])
+            if k:
+                rec[c] = m
+                rec[f"{c}_std"] = s
+        records.append(rec)
+    table = pd.DataFrame(records)
+    if table.empty:
+        return table
+    table = table.sort_values("mean", ascending=direction == "minimize", kind="stable")
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def varying(done: pd.DataFrame, all_params: bool = False) -> list[str]:
+    cols = [c for c in done.columns if c.startswith("param_")]
+    if all_params:
+        return cols
+    return [c for c in cols if done[c].astype(str).nunique(dropna=False) > 1]
+
+
+def sections(rows: pd.DataFrame, task: Task, all_params: bool = False) -> list[Section]:
+    """One section per study (name and uid) among `rows`."""
+    if rows.empty:
+        return []
+    rows = rows.assign(study_uid=rows["study_uid"].fillna("") if "study_uid" in rows else "")
+    out = []
+    for (study, uid), g in rows.groupby(["study", "study_uid"], sort=True):
+        out.append(_section(str(study), str(uid), g, task, all_params))
+    return out
+
+
+def _section(study: str, uid: str, g: pd.DataFrame, task: Task, all_params: bool) -> Section:
+    metric = str(g["metric"].dropna().iloc[0]) if g["metric"].notna().any() else task.metric
+    direction = str(g["direction"].dropna().iloc[0])
+    done = g[g["state"] == "COMPLETE"]
+    params = varying(done if len(done) > 1 else g, all_params)
+    metric_cols = [c for c in g.columns if c.startswith("metric_") and g[c].notna().any()]
+    table = configurations(done, params, metric_cols, direction)
+    counts = {s: int((g["state"] == s).sum()) for s in STATES}
+    unit = task.metrics[metric].unit if metric in task.metrics else ""
+    sec = Section(study, uid, str(g["variant"].iloc[0]), metric, direction, unit, counts,
+                  table, params, budget(g))
+    _attach_reference(sec, task)
+    return sec
+
+
+def budget(g: pd.DataFrame) -> dict[str, Any]:
+    """Trials, epochs and device time a study cost."""
+    hours = float(g["duration_s"].fillna(0).sum()) / 3600
+    gpu = g["device"].fillna("").str.startswith("cuda")
+    epochs = g.loc[g["state"] == "COMPLETE", "epochs_done"].dropna()
+    return {"trials": int(len(g)), "epochs": int(epochs.max()) if len(epochs) else None,
+            "hours": round(hours, 3),
+            "gpu_hours": round(float(g.loc[gpu, "duration_s"].fillna(0).sum()) / 3600, 3),
+            "devices": sorted(set(g["gpu_name"].dropna()) | set(g["device"].dropna())),
+            "git_shas": sorted(set(g["git_sha"].dropna()))}
+
+
+# ---------------------------------------------------------------- references
+def _attach_reference(sec: Section, task: Task) -> None:
+    """The variant's `reference:` from the task's YAML, matched to the configurations."""
+    from bench.reference import evaluate_findings, reference_for
+
+    ref = reference_for(task.name, sec.variant)
+    if ref is None:
+        return
+    sec.source = ref.source
+    sec.references = ref.match(sec.table)
+    sec.findings = evaluate_findings(ref, sec.table)
+
+
+# ---------------------------------------------------------------- rendering
+def cell(value: Any, decl: Any = None) -> str:
+    """A parameter value in its declared type (int as int, None as '-')."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    kind = getattr(decl, "kind", None)
+    if kind == "int" or (kind == "choice" and isinstance(value, float) and value.is_integer()
+                         and all(isinstance(c, int) for c in decl.choices)):
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def pm(mean: float, std: float | None, digits: int = 4) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def header(sec: Section) -> str:
+    counts = ", ".join(f"{v} {k}" for k, v in sec.counts.items())
+    kind = "variant " + sec.variant if sec.variant != "default" else "search"
+    b = sec.budget
+    epochs = f"; {b['epochs']} epochs" if b.get("epochs") else ""
+    return (f"study {sec.study!r} ({kind}; {sec.direction} {sec.metric}"
+            f"{' in ' + sec.unit if sec.unit else ''}): {counts}{epochs}; "
+            f"{b.get('hours', 0):.2f} device-hours")
+
+
+def display_table(sec: Section, task: Task, metrics: list[str] | None = None) -> pd.DataFrame:
+    """The section as strings: rank, objective mean ± std, n, parameters, extra metrics."""
+    t = sec.table
+    out = pd.DataFrame({"rank": t["rank"], sec.metric: [pm(m, s) for m, s in
+                                                        zip(t["mean"], t["std"], strict=True)],
+                        "n": t["n"]})
+    if sec.references:
+        out["reference"] = [r.get("text", "") for r in sec.references]
+    for p in sec.params:
+        name = p.removeprefix("param_")
+        out[name] = [cell(v, task.params.get(name)) for v in t[p]]
+    for m in metrics or []:
+        col = f"metric_{m}"
+        if col in t:
+            out[m] = [pm(a, b) for a, b in zip(t[col], t[f"{col}_std"], strict=True)]
+    return out
+
+
+def render(secs: list[Section], task: Task, fmt: str = "table", top: int | None = None,
+           metrics: list[str] | None = None) -> str:
+    if fmt == "json":
+        return json.dumps([r for s in secs for r in records(s, task, top)], indent=2,
+                          default=_json_default)
+    if fmt == "csv":
+        frames = [flat(s, top) for s in secs]
+        return pd.concat(frames, ignore_index=True).to_csv(index=False) if frames else ""
+    parts = []
+    for s in secs:
+        shown = display_table(s, task, metrics)
+        shown = shown.head(top) if top else shown
+        if fmt == "markdown":
+            parts.append(f"### {header(s)}\n\n" + shown.to_markdown(index=False))
+        else:
+            parts.append(header(s) + "\n" + (shown.to_string(index=False) if len(shown)
+                                             else "  no COMPLETE trial yet"))
+        if s.findings:
+            parts.append(findings_text(s))
+    return "\n\n".join(parts)
+
+
+def findings_text(sec: Section) -> str:
+    lines = [f"reference: {sec.source}"] if sec.source else []
+    for f in sec.findings:
+        verdict = {True: "holds", False: "does NOT hold", None: "not measured"}[f["holds"]]
+        lines.append(f"  finding: {f['text']} -> {verdict} at this budget"
+                     + (f" ({f['detail']})" if f.get("detail") else ""))
+    return "\n".join(lines)
+
+
+def records(sec: Section, task: Task, top: int | None = None) -> list[dict[str, Any]]:
+    """JSON records: study, metric, direction, n, mean, std, the parameters, every metric."""
+    out = []
+    t = sec.table.head(top) if top else sec.table
+    for i, r in enumerate(t.to_dict("records")):
+        rec = {"study": sec.study, "study_uid": sec.study_uid, "variant": sec.variant,
+               "metric": sec.metric, "unit": sec.unit, "direction": sec.direction,
+               "rank": int(r["rank"]), "n": int(r["n"]), "mean": r["mean"], "std": r["std"],
+               "config_hash": r["config_hash"], "seeds": r["seeds"],
+               "params": {p.removeprefix("param_"): _native(r[p], task.params.get(
+                   p.removeprefix("param_"))) for p in sec.params},
+               "metrics": {c.removeprefix("metric_"): {"mean": r[c], "std": r.get(f"{c}_std")}
+                           for c in r if c.startswith("metric_") and not c.endswith("_std")}}
+        if sec.references:
+            rec["reference"] = sec.references[i]
+        out.append(rec)
+    return out
+
+
+def _native(value: Any, decl: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if getattr(decl, "kind", None) == "int":
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return str(x)
+
+
+def flat(sec: Section, top: int | None = None) -> pd.DataFrame:
+    t = sec.table.head(top) if top else sec.table
+    t = t.drop(columns=["trial_uids", "seeds"], errors="ignore").copy()
+    t.insert(0, "direction", sec.direction)
+    t.insert(0, "metric", sec.metric)
+    t.insert(0, "study", sec.study)
+    return t
+
+
+def filter_rows(rows: pd.DataFrame, study: str | None, variant: str | None) -> pd.DataFrame:
+    if rows.empty:
+        return rows
+    if study is not None:
+        rows = rows[rows["study"] == study]
+    if variant is not None:
+        rows = rows[rows["variant"] == variant]
+    return rows
+
+
+def known(rows: pd.DataFrame, column: str) -> list[str]:
+    return sorted(set(rows[column].dropna().astype(str))) if not rows.empty else []
+
+
+def check_selection(rows: pd.DataFrame, task: str, study: str | None,
+                    variant: str | None) -> None:
+    """An unknown study or variant is an error (exit 2) naming the known ones."""
+    from bench.errors import ConfigError
+
+    for col, value in (("study", study), ("variant", variant)):
+        if value is not None and value not in known(rows, col):
+            raise ConfigError(f"--{col} {value!r}: no rows of task {task!r} have it; known: "
+                              f"{', '.join(known(rows, col)) or '(none yet)'}")
+
+
+def as_mapping(x: Any) -> Mapping[str, Any]:
+    return x if isinstance(x, Mapping) else {}

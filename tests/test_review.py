@@ -1,0 +1,203 @@
+"""Reviewing results: a board that ranks within one study at a time, paired comparisons,
+the HTML report in a real headless browser, the leaderboard folder in the readers users
+reach for, and the study as optuna-dashboard shows it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from conftest import bench_cli
+
+from bench import board, compare, leaderboard
+from bench.cli import main
+from bench.registry import get_task
+
+
+def run(out: Path, *args: str) -> int:
+    return main(["run", "synthetic", "--out", str(out), "--quiet", *args])
+
+
+@pytest.fixture(scope="module")
+def two_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A search minimising loss and a grid variant (6 points x 2 seeds); and a study that
+    maximises `distance` under the same task, which must never be ranked with the others."""
+    out = tmp_path_factory.mktemp("review") / "lb"
+    assert run(out, "--trials", "6", "--pruner", "none", "--sampler", "random") == 0
+    assert run(out, "--variant", "grid", "--set", "noise=20") == 0
+    space = out.parent / "max.yaml"
+    space.write_text("task: synthetic\nmetric: distance\ndirection: maximize\nparams:\n"
+                     "  x: {type: float, low: -2, high: 2}\n  epochs: {type: int, low: 1, "
+                     "high: 3}\n")
+    assert run(out, "--space", str(space), "--study", "far", "--trials", "4") == 0
+    return out
+
+
+def test_board_ranks_each_study_by_its_own_metric_and_direction(two_studies: Path) -> None:
+    task = get_task("synthetic")
+    secs = {s.study: s for s in board.sections(leaderboard.read_trials(two_studies,
+                                                                       "synthetic"), task)}
+    assert set(secs) == {"synthetic", "synthetic.grid", "far"}
+    far, search = secs["far"], secs["synthetic"]
+    assert (far.metric, far.direction) == ("distance", "maximize")
+    assert far.table["mean"].is_monotonic_decreasing
+    assert (search.metric, search.direction) == ("loss", "minimize")
+    assert search.table["mean"].is_monotonic_increasing
+    assert set(far.params) == {"param_x", "param_epochs"}, "only what varies in the study"
+    grid = secs["synthetic.grid"]
+    assert len(grid.table) == 6 and set(grid.table["n"]) == {2}
+    text = bench_cli("board", "synthetic", "--out", str(two_studies)).stdout
+    assert text.count("study '") == 3
+    far_text = text[text.index("study 'far'"):text.index("study 'synthetic'")]
+    assert "±" not in far_text, "n = 1 shows no spread"
+    lines = [line.split() for line in far_text.splitlines()[1:] if line.strip()]
+    col = lines[0].index("epochs")
+    epochs = [cells[col] for cells in lines[1:]]
+    assert epochs and all(e.isdigit() for e in epochs), f"ints print as ints: {epochs}"
+    assert "±" in text[text.index("study 'synthetic.grid'"):]
+
+
+def test_board_formats_and_typos(two_studies: Path) -> None:
+    out = str(two_studies)
+    res = bench_cli("board", "synthetic", "--out", out, "--format", "json", "--variant", "grid")
+    records = json.loads(res.stdout)
+    assert len(records) == 6 and {r["study"] for r in records} == {"synthetic.grid"}
+    r0 = records[0]
+    assert {"study", "metric", "direction", "n", "mean", "std", "params"} <= set(r0)
+    assert r0["metric"] == "loss" and r0["n"] == 2 and set(r0["params"]) == {"x", "y"}
+    csv = pd.read_csv(__import__("io").StringIO(bench_cli(
+        "board", "synthetic", "--out", out, "--format", "csv").stdout))
+    assert set(csv["study"]) == {"synthetic", "synthetic.grid", "far"}
+    md = bench_cli("board", "synthetic", "--out", out, "--format", "markdown").stdout
+    assert md.count("### study") == 3
+    for args, known in ((["--study", "nope"], "known: far, synthetic, synthetic.grid"),
+                        (["--variant", "nope"], "known: default, grid")):
+        bad = bench_cli("board", "synthetic", "--out", out, *args)
+        assert bad.returncode == 2 and known in bad.stderr
+    bad = bench_cli("board", "synthetc", "--out", out)
+    assert bad.returncode == 2 and "known tasks" in bad.stderr
+
+
+def test_holm_and_the_paired_test_choice() -> None:
+    # Holm (1979): sorted p 0.01, 0.02, 0.03 with m=3 -> 0.03, 0.04, 0.04 (monotone)
+    assert compare.holm([0.03, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    rng = np.random.default_rng(0)
+    small = rng.normal(1.0, 0.1, 4)
+    assert compare.paired(small)[3] == "paired t"
+    big = rng.normal(1.0, 0.1, 8)
+    mean, low, high, test, p = compare.paired(big)
+    assert test == "wilcoxon" and low < mean < high and p < 0.05
+
+
+def test_compare_a_variant_and_draw_its_critical_differences(two_studies: Path) -> None:
+    res = bench_cli("compare", "synthetic", "--variant", "grid", "--out", str(two_studies))
+    assert res.returncode == 0, res.stderr
+    assert "paired t" in res.stdout and "p (Holm)" in res.stdout
+    assert "Friedman over 2 shared seeds" in res.stdout
+    png = two_studies / "synthetic" / "plots" / "grid" / "critical_difference.png"
+    assert png.exists()
+    from PIL import Image
+
+    with Image.open(png) as im:
+        lo, hi = im.convert("L").getextrema()
+        assert im.size[0] > 400 and hi - lo > 100
+    data = json.loads(bench_cli("compare", "synthetic", "--variant", "grid", "--out",
+                                str(two_studies), "--format", "json").stdout)
+    assert len(data["comparisons"]) == 5 and data["direction"] == "minimize"
+    assert all(c["pairs"] == 2 for c in data["comparisons"])
+    bad = bench_cli("compare", "synthetic", "--study", "nosuch", "--out", str(two_studies))
+    assert bad.returncode == 2 and "known:" in bad.stderr
+
+
+def test_the_leaderboard_folder_reads_in_pandas_pyarrow_and_duckdb(two_studies: Path) -> None:
+    folder = two_studies / "synthetic" / "trials"
+    n = len(list(folder.glob("*.parquet")))
+    df = pd.read_parquet(folder)
+    assert len(df) == n and df["seed"].dtype == "int64"
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(folder, format="parquet").to_table().num_rows == n
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(f"SELECT study, count(*) AS n FROM read_parquet('{folder}/*.parquet') "
+                      "GROUP BY study ORDER BY study").fetchall()
+    assert dict(rows) == {"far": 4, "synthetic": 6, "synthetic.grid": 12}
+
+
+def test_a_file_with_conflicting_columns_is_named_and_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    assert run(out, "--trials", "2") == 0
+    bad = out / "synthetic" / "trials" / "zz-foreign.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"task": ["synthetic"], "seed": ["not a number"]}), bad)
+    with pytest.warns(UserWarning, match="zz-foreign.parquet: leaderboard file skipped: its "
+                      "columns conflict"):
+        rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 2
+
+
+def test_optuna_dashboard_sees_metrics_overrides_uids_and_fail_reasons(tmp_path: Path) -> None:
+    serializer = pytest.importorskip("optuna_dashboard._serializer")
+    out = tmp_path / "lb"
+    assert run(out, "--trials", "2", "--set", "noise=0.5") == 0
+    assert run(out, "--add", "1", "--set", "fail=exception") == 1
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out}/synthetic/optuna.db")
+    [study] = storage.get_all_studies()  # as the dashboard lists studies
+    trials = storage.get_all_trials(study._study_id)
+    shown = [{a["key"]: a["value"] for a in serializer.serialize_frozen_trial(
+        study._study_id, t, {})["user_attrs"]} for t in trials]
+    rows = leaderboard.read_trials(out, "synthetic").set_index("trial_number")
+    for t, attrs in zip(trials, shown, strict=True):
+        ident = json.loads(attrs["bench"])
+        assert ident["uid"] == rows.loc[t.number, "trial_uid"]
+        assert ident["overrides"]["noise" if t.number < 2 else "fail"] in (0.5, "exception")
+    assert float(shown[0]["metric_loss"]) == pytest.approx(rows.loc[0, "metric_loss"])
+    assert "injected failure" in json.loads(shown[2]["bench_result"])["error"]
+
+
+def test_plot_draws_one_study_per_folder_and_refuses_typos(two_studies: Path) -> None:
+    res = bench_cli("plot", "synthetic", "--out", str(two_studies))
+    assert res.returncode == 0, res.stderr
+    folders = {Path(p).parent.name for p in res.stdout.split()}
+    assert folders == {"synthetic", "synthetic.grid", "far"}
+    assert "parameter importances need 20 complete trials" in res.stderr
+    bad = bench_cli("plot", "synthetic", "--variant", "nosuch", "--out", str(two_studies))
+    assert bad.returncode == 2 and "known: default, grid" in bad.stderr
+    assert not (two_studies / "synthetic" / "plots" / "nosuch").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")
+def test_the_report_renders_in_a_headless_browser(two_studies: Path, tmp_path: Path) -> None:
+    res = bench_cli("report", "synthetic", "--out", str(two_studies))
+    assert res.returncode == 0, res.stderr
+    page = Path(res.stdout.strip())
+    text = page.read_text()
+    assert text.count("<table") >= 4 and "src=\"data:image/png;base64," in text
+    assert "http://" not in text and "https://" not in text, "self-contained"
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'u1'}",
+                          "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-ok="yes"' in dom, "every image decodes in the browser"
+    assert "study 'synthetic.grid'" in dom and "Is the difference real?" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'u2'}",
+                    "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        grey = np.asarray(im.convert("L"), dtype=float)
+    assert grey.shape == (1600, 1200)
+    assert (grey < 128).mean() > 0.01, "the screenshot shows text and figures, not a blank"
