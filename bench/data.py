@@ -3,11 +3,19 @@
 Each set is read once per process (torchvision's readers, torchvision's folder layout) and
 kept on the CPU; device copies are cached too, so the trials a worker runs one after another
 share one copy. Images stay uint8 until a batch is formed; batches are index slices.
+
+Where data comes from: `--data-dir` or `$BENCH_DATA` is read, never written (on a cluster
+it is often shared and read-only). What bench downloads or generates goes to the cache,
+`$BENCH_CACHE` (default ~/.cache/bench): a set missing from the data folder is looked for
+in `<cache>/data`, downloaded there by torchvision into a temporary folder that is moved
+into place only when complete (a failed download leaves nothing behind).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +24,6 @@ import numpy as np
 import torch
 
 from bench.errors import DataError
-
-DEFAULT_ROOT = Path.home() / ".cache" / "bench" / "data"
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,16 @@ _CPU: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 _DEVICE: dict[tuple[str, str, bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def cache_root() -> Path:
+    """Where bench writes downloads and generated data: $BENCH_CACHE or ~/.cache/bench."""
+    chosen = os.environ.get("BENCH_CACHE")
+    return Path(chosen).expanduser().resolve() if chosen else Path.home() / ".cache" / "bench"
+
+
 def data_root(data_dir: str | Path | None = None) -> Path:
-    """--data-dir, else $BENCH_DATA, else ~/.cache/bench/data."""
+    """--data-dir, else $BENCH_DATA, else the cache's data folder."""
     chosen = data_dir or os.environ.get("BENCH_DATA")
-    return Path(chosen).expanduser().resolve() if chosen else DEFAULT_ROOT
+    return Path(chosen).expanduser().resolve() if chosen else cache_root() / "data"
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -55,31 +67,61 @@ def _to_nchw(data: Any) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N,H,W) or (N,H,W,C)
 
 
-def _read(spec: DatasetSpec, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _open(spec: DatasetSpec, root: Path, train: bool) -> Any | None:
+    """The torchvision data set under `root` (download=False never writes), or None."""
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, spec.torchvision_class)
     try:
-        ds = cls(root=str(root), train=train, download=False)
+        return getattr(tvd, spec.torchvision_class)(root=str(root), train=train, download=False)
     except RuntimeError:
-        if os.environ.get("BENCH_NO_DOWNLOAD"):
-            ds = None
-        else:
-            try:
-                ds = cls(root=str(root), train=train, download=True)
-            except Exception:  # no network, read-only root, interrupted download
-                ds = None
+        return None
+
+
+def _download(spec: DatasetSpec, cache: Path, train: bool) -> Any | None:
+    """Download into a temporary folder of the cache, moved into place when complete."""
+    import torchvision.datasets as tvd
+
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".download-{spec.name}-", dir=cache))
+    except OSError:
+        return None
+    try:
+        getattr(tvd, spec.torchvision_class)(root=str(tmp), train=train, download=True)
+        top = spec.folder.split("/")[0]
+        if not (cache / top).exists():
+            os.replace(tmp / top, cache / top)
+    except Exception:  # no network, a full disk, an interrupted download
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open(spec, cache, train)
+
+
+def _read(spec: DatasetSpec, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = cache_root() / "data"
+    ds = _open(spec, root, train)
+    if ds is None and cache != root:
+        ds = _open(spec, cache, train)
+    if ds is None and not os.environ.get("BENCH_NO_DOWNLOAD"):
+        ds = _download(spec, cache, train)
     if ds is None:
-        raise DataError(
-            f"dataset {spec.name!r} not found: looked in {root / spec.folder} and torchvision's "
-            f"download into {root} failed. Put it there in torchvision's layout "
-            f"(torchvision.datasets.{spec.torchvision_class}(root={str(root)!r}, download=True) "
-            f"on a machine with internet), or point --data-dir / BENCH_DATA at a folder that "
-            f"has it."
-        )
+        raise DataError(_missing(spec, root, cache))
     x = _to_nchw(ds.data).to(torch.uint8).contiguous()
     y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
     return x, y
+
+
+def _missing(spec: DatasetSpec, root: Path, cache: Path) -> str:
+    tried = "" if os.environ.get("BENCH_NO_DOWNLOAD") else (
+        f", and torchvision's download into {cache} failed (no internet?)")
+    offline = ("" if spec.name == "mnist" else
+               " To run this task offline on MNIST instead, add `--set dataset=mnist`.")
+    return (f"dataset {spec.name!r} not found: looked in {root / spec.folder} and "
+            f"{cache / spec.folder}{tried}. On a machine with internet, run "
+            f"`python -c \"import torchvision; torchvision.datasets."
+            f"{spec.torchvision_class}(root='DIR', download=True)\"` and point "
+            f"--data-dir or BENCH_DATA at DIR.{offline}")
 
 
 def load_images(name: str, train: bool, data_dir: str | Path | None = None,

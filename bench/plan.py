@@ -181,7 +181,9 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     space = load_space(opts.space_file, opts.task) if opts.space_file else space_for(opts.task)
     variant = space.variant(opts.variant) if opts.variant else None
     errs = _option_problems(opts)
-    overrides = {**(task.smoke if opts.smoke else {}), **opts.overrides}
+    grid_keys = set(variant.grid) if variant is not None else set()
+    smoke = {k: v for k, v in task.smoke.items() if k not in grid_keys} if opts.smoke else {}
+    overrides = {**smoke, **opts.overrides}  # --smoke keeps a variant's grid axes
     errs += value_problems(task.name, task.params, overrides, "--set")
     pruner = opts.pruner or ("none" if variant and variant.enumerated else "median")
     if pruner not in PRUNERS:

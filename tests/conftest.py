@@ -28,12 +28,33 @@ def _session_data_root() -> Path:
     return root
 
 
+DATA_SOURCE = Path(os.environ.get("BENCH_DATA") or SHARED_DATA)
 os.environ["BENCH_DATA"] = str(_session_data_root())
+_CACHE = Path(tempfile.mkdtemp(prefix="bench-cache-"))  # downloads and generated data
+atexit.register(shutil.rmtree, _CACHE, True)
+os.environ["BENCH_CACHE"] = str(_CACHE)
 os.environ.setdefault("BENCH_NO_DOWNLOAD", "1")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
 
 
 def has_mnist() -> bool:
-    return (Path(os.environ["BENCH_DATA"]) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    raw = Path(os.environ["BENCH_DATA"]) / "MNIST" / "raw"
+    return all((raw / f).exists() for f in MNIST_FILES)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    where = f"MNIST from {DATA_SOURCE / 'MNIST' / 'raw'}" if has_mnist() else (
+        f"MNIST missing (looked in {DATA_SOURCE / 'MNIST' / 'raw'}): its tests "
+        + ("FAIL (BENCH_REQUIRE_DATA=1)" if os.environ.get("BENCH_REQUIRE_DATA") else "skip"))
+    return f"bench data: {where}; cache {_CACHE}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """CI (BENCH_REQUIRE_DATA=1) must not skip the MNIST tests silently: stop instead."""
+    if os.environ.get("BENCH_REQUIRE_DATA") and not has_mnist():
+        pytest.exit(f"MNIST not found under {DATA_SOURCE / 'MNIST' / 'raw'} and "
+                    "BENCH_REQUIRE_DATA=1: the MNIST tests would be skipped", returncode=1)
 
 
 needs_mnist = pytest.mark.skipif(not has_mnist(), reason="MNIST not under $BENCH_DATA")
