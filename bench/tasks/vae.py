@@ -130,17 +130,31 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------- evaluation
+def noise(like: torch.Tensor, gen: torch.Generator | None,
+          shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Standard normal noise from `gen` (the trial's own stream, or a fixed evaluation one)."""
+    return torch.randn(shape or like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def eval_generator(device: torch.device) -> torch.Generator:
+    """Evaluation draws one fixed noise sequence (seed 0) whatever the trial: every
+    configuration is scored with the same random numbers, which narrows the differences
+    between configurations that are down to sampling noise."""
+    return generator(device, 0)
+
+
 @torch.no_grad()
 def elbo_terms(model: VAE, x: torch.Tensor, batch: int = 1000) -> dict[str, torch.Tensor]:
     """Per-instance single-sample ELBO, reconstruction (-log p(x|z)) and KL; AE: recon only."""
     model.eval()
     recon, kl, codes = [], [], []
+    gen = eval_generator(x.device)
     for xb in x.split(batch):
         mu, logvar = model.encode(xb)
         if logvar is None:
             recon.append(-model.log_px(model.decoder(mu), xb))
         else:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            z = mu + noise(mu, gen) * torch.exp(0.5 * logvar)
             recon.append(-model.log_px(model.decoder(z), xb))
             kl.append(kl_normal(mu, logvar))
         codes.append(mu)
@@ -157,10 +171,11 @@ def iwae_ll(model: VAE, x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Ten
     model.eval()
     per_batch = max(1, chunk // k)
     out = []
+    gen = eval_generator(x.device)
     for xb in x.split(per_batch):
         mu, logvar = model.encode(xb)
         assert logvar is not None, "IWAE needs a variational encoder"
-        z = mu + torch.randn((k, *mu.shape), device=mu.device) * torch.exp(0.5 * logvar)
+        z = mu + noise(mu, gen, (k, *mu.shape)) * torch.exp(0.5 * logvar)
         logits = model.decoder(z.flatten(0, 1)).unflatten(0, (k, len(xb)))
         log_w = (model.log_px(logits, xb) + log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
                  - log_normal(z, mu, logvar))
@@ -175,8 +190,12 @@ def active_units(mu: torch.Tensor) -> int:
 
 # ---------------------------------------------------------------- training
 def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_u8: torch.Tensor,
-                params: Mapping[str, Any], beta: float, gen: torch.Generator) -> torch.Tensor:
-    """One pass; returns the mean training loss as a device tensor (read once, per epoch)."""
+                params: Mapping[str, Any], beta: float, gen: torch.Generator,
+                noise_gen: torch.Generator | None = None) -> torch.Tensor:
+    """One pass; returns the mean training loss as a device tensor (read once, per epoch).
+    `gen` orders the batches (and draws dynamic binarization), `noise_gen` the
+    reparameterisation noise: both are the trial's own, so a trial's randomness does not
+    depend on what else runs in the process."""
     model.train()
     dev = x_u8.device
     total = torch.zeros((), device=dev)
@@ -189,7 +208,7 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_u8: torch.Tensor,
             if logvar is None:
                 loss_i = -model.log_px(model.decoder(mu), x)
             else:
-                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+                z = mu + noise(mu, noise_gen) * torch.exp(0.5 * logvar)
                 kl = kl_normal(mu.float(), logvar.float())
                 loss_i = -model.log_px(model.decoder(z), x) + beta * kl
         loss = loss_i.mean()
@@ -249,6 +268,7 @@ class VaeTrial(EpochTrial):
         self.model = build_model(params, tuple(self.data["train"].shape[1:]), ctx.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(params["lr"]))
         self.gen = generator(ctx.device, ctx.seed)
+        self.noise_gen = generator(ctx.device, ctx.seed + 1_000_003)
         self.examples_per_epoch = len(self.data["train"])
 
     def sizes(self) -> dict[str, int]:
@@ -257,7 +277,7 @@ class VaeTrial(EpochTrial):
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
         loss = train_epoch(self.model, self.opt, self.data["train"], self.params,
-                           beta_at(self.params, epoch), self.gen)
+                           beta_at(self.params, epoch), self.gen, self.noise_gen)
         return {"train_loss": loss}
 
     def validate(self, epoch: int) -> dict[str, torch.Tensor]:
