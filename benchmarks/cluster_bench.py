@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import leaderboard
-from bench.backends import optuna as ob
-from bench.backends._base import RunOptions, git_sha
+from bench.backends._base import get_backend
+from bench.lifecycle import git_sha
+from bench.plan import RunOptions, make_plan
 
 PG_URL = os.environ.get("BENCH_TEST_POSTGRES", "postgresql://bench:bench@localhost:5432/bench")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -58,15 +59,10 @@ def run_once(backend: str, out: Path, trials: int, overrides: dict[str, Any], wo
     opts = RunOptions(task="synthetic", trials=trials, sampler="random", pruner="none",
                       overrides=overrides, out=out, progress=False, storage=storage,
                       workers=workers,  # Ray: a cap on concurrent trials
-                      study=f"b{uuid.uuid4().hex[:8]}",
+                      study=f"b{uuid.uuid4().hex[:8]}", backend=backend,
                       extra={"cpus_per_trial": 1} if backend == "ray" else {})
     t0 = time.perf_counter()
-    if backend == "ray":
-        from bench.backends import ray as rb
-
-        rb.run(opts)
-    else:
-        ob.run(opts)
+    get_backend(backend).run(make_plan(opts))
     wall = time.perf_counter() - t0
     rows = leaderboard.read_trials(out, "synthetic", study=opts.study)
     if backend == "optuna" and storage and storage.startswith("postgresql"):
