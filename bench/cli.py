@@ -92,7 +92,17 @@ def run_options(args: argparse.Namespace) -> Any:
         storage=args.storage, out=args.out, data_dir=args.data_dir, device=args.device,
         workers=args.workers, space_file=args.space, progress=not args.quiet,
         smoke=args.smoke, timeout_s=args.timeout, eval_top=args.eval_top,
-        checkpoint_every_s=args.checkpoint_every, backend=args.backend, extra=extra)
+        checkpoint_every_s=args.checkpoint_every, fuse=_fuse(args.fuse), backend=args.backend,
+        extra=extra)
+
+
+def _fuse(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        return value  # make_plan names the rule
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -338,6 +348,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="save a running trial's state at an epoch end at most this often "
                    "(default 60; always on Ctrl-C, SIGTERM and preemption)")
+    p.add_argument("--fuse", metavar="K", help="train K trials at a time as one stacked model "
+                   "on the device (vae; synthetic), or auto: K from the device's memory")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
     p.add_argument("--gpus-per-trial", type=float, help="ray: GPUs per trial (may be fractional)")
     p.add_argument("--cpus-per-trial", type=float, help="ray: CPUs per trial")

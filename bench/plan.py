@@ -112,6 +112,7 @@ class RunOptions:
     timeout_s: float | None = None
     eval_top: int | None = None  # evaluate the best N configurations when the run ends
     checkpoint_every_s: float = 60.0
+    fuse: int | str | None = None  # K trials trained as one stacked model, or "auto"
     backend: str = "optuna"
     extra: Mapping[str, Any] = field(default_factory=dict)  # backend-specific options
 
@@ -214,6 +215,14 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     if errs:
         raise ConfigError(sorted(set(errs), key=errs.index))
     task.require_extra()
+    if opts.fuse is not None:
+        from bench.registry import get_fused
+
+        if get_fused(task.name) is None:
+            raise ConfigError(
+                f"--fuse: task {task.name!r} trains one trial at a time (no fused "
+                "implementation: BatchNorm statistics, or a 3-D model that fills the device "
+                "alone); run it without --fuse, or several trials per GPU with --workers N")
     if check_data and task.data is not None:
         for params in _distinct_data(param_sets):
             task.data(params, opts.data_dir)
@@ -248,6 +257,12 @@ def _option_problems(opts: RunOptions) -> list[str]:
         errs.append(f"--timeout: must be > 0 seconds, got {opts.timeout_s}")
     if opts.eval_top is not None and opts.eval_top < 1:
         errs.append(f"--eval-top: must be >= 1, got {opts.eval_top}")
+    if opts.fuse is not None and opts.fuse != "auto" and not (
+            isinstance(opts.fuse, int) and 1 <= opts.fuse <= 1024):
+        errs.append(f"--fuse: must be a number of trials in [1, 1024] or auto, got {opts.fuse!r}")
+    if opts.fuse is not None and opts.backend != "optuna":
+        errs.append("--fuse: fused trials run on the Optuna backend (Ray Tune schedules one "
+                    "trial per actor)")
     if not opts.checkpoint_every_s >= 0:
         errs.append(f"--checkpoint-every: must be >= 0 seconds, got {opts.checkpoint_every_s}")
     return errs

@@ -77,6 +77,7 @@ class Task:
 
 _TASKS: dict[str, Task] = {}
 _PLOTS: dict[str, list[PlotHook]] = {}
+_FUSED: dict[str, type] = {}
 
 
 def register_task(
@@ -126,6 +127,22 @@ def register_plots(name: str) -> Callable[[PlotHook], PlotHook]:
         return fn
 
     return wrap
+
+
+def register_fused(name: str) -> Callable[[type], type]:
+    """Register a task's fused implementation (a bench.fused.FusedGroup subclass)."""
+
+    def wrap(cls: type) -> type:
+        _FUSED[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_fused(name: str) -> type | None:
+    """The task's FusedGroup class, or None when the task trains one trial at a time."""
+    get_task(name)
+    return _FUSED.get(name)
 
 
 def get_plots(name: str) -> list[PlotHook]:

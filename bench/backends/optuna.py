@@ -466,6 +466,10 @@ class Worker:
         """Run (or resume) one trial and tell the study; its state, or SUSPENDED."""
         with get_heartbeat_thread(trial._trial_id, self.study._storage):
             outcome = self._execute(trial)
+        return self.record(trial, outcome)
+
+    def record(self, trial: optuna.Trial, outcome: Outcome) -> str:
+        """Tell the study how a trial ended (its metrics as user attributes first)."""
         if outcome.state == "SUSPENDED":
             trial.set_user_attr("suspended", True)
             return "SUSPENDED"
@@ -484,10 +488,12 @@ class Worker:
                         state=state)
         self.ran[outcome.state] += 1
         if self.progress:
-            self.progress.end_trial(trial.number, outcome)
+            self.progress.end_trial(trial.number, outcome, worker=trial.number)
         return outcome.state
 
-    def _execute(self, trial: optuna.Trial) -> Outcome:
+    def prepare(self, trial: optuna.Trial) -> tuple[dict[str, Any], TrialContext,
+                                                    dict[str, Any], list[str]]:
+        """(params, context, row identity, rule problems) of a trial about to run."""
         plan = self.plan
         faults.pause("trial-start")
         params, seed = self.params_for(trial)
@@ -498,23 +504,35 @@ class Worker:
                     "overrides": {k: v for k, v in plan.overrides.items()}}
             trial.set_user_attr(ATTR, info)
         uid = info["uid"]
+        number = trial.number
+        on_step = ((lambda s, v: self.progress.on_step(s, v, worker=number))
+                   if self.progress else None)
         ctx = TrialContext(seed, self.device, plan.artifact_dir(uid), plan.metric,
                            plan.opts.data_dir, on_report=lambda s, v: trial.report(v, s),
-                           prune_check=trial.should_prune,
-                           on_step=self.progress.on_step if self.progress else None,
+                           prune_check=trial.should_prune, on_step=on_step,
                            checkpoint_every_s=plan.opts.checkpoint_every_s)
         ident = identity(plan, trial.number, uid, seed, self.study_uid)
         if self.progress:
-            self.progress.start_trial(trial.number, params.get("epochs"))
-        bad = plan.task.problems(params)
-        if bad:  # a sampled combination that breaks a cross-parameter rule
-            return _config_failure(plan, ident, params, "; ".join(bad), ctx)
+            self.progress.start_trial(trial.number, params.get("epochs"), worker=number)
         ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
-        return execute_trial(plan.task, params, ctx, ident, plan.out, plan.direction,
-                             evaluate=self.evaluate)
+        return params, ctx, ident, plan.task.problems(params)
+
+    def _execute(self, trial: optuna.Trial) -> Outcome:
+        params, ctx, ident, bad = self.prepare(trial)
+        if bad:  # a sampled combination that breaks a cross-parameter rule
+            return _config_failure(self.plan, ident, params, "; ".join(bad), ctx)
+        return execute_trial(self.plan.task, params, ctx, ident, self.plan.out,
+                             self.plan.direction, evaluate=self.evaluate)
 
     def work(self, resume: list[int], n_new: int, deadline: float | None) -> int:
         """Resume `resume` (trial numbers), then run up to `n_new` new trials. Exit code."""
+        if self.plan.opts.fuse is not None:
+            from bench.backends.optuna_fused import FusedRunner, auto_k, check_fusable
+
+            fuse = self.plan.opts.fuse
+            k = auto_k(self.plan, check_fusable(self.plan), self.device) if fuse == "auto" \
+                else int(fuse)
+            return FusedRunner(self, k, resume, n_new, deadline).run()
         for number in resume:
             if self._should_stop(deadline):
                 break
@@ -732,15 +750,15 @@ class _QueueProgress:
     def __init__(self, queue: Any, index: int):
         self.queue, self.index = queue, index
 
-    def start_trial(self, number: int, epochs: Any) -> None:
-        self.queue.put(("start", self.index, (number, epochs)))
+    def start_trial(self, number: int, epochs: Any, worker: int = 0) -> None:
+        self.queue.put(("start", worker, (number, epochs)))
 
-    def on_step(self, step: int, values: dict[str, float]) -> None:
-        self.queue.put(("step", self.index, (step, values)))
+    def on_step(self, step: int, values: dict[str, float], worker: int = 0) -> None:
+        self.queue.put(("step", worker, (step, values)))
 
-    def end_trial(self, number: int, outcome: Outcome) -> None:
-        self.queue.put(("end", self.index, (number, outcome.state, outcome.objective,
-                                            outcome.error)))
+    def end_trial(self, number: int, outcome: Outcome, worker: int = 0) -> None:
+        self.queue.put(("end", worker, (number, outcome.state, outcome.objective,
+                                        outcome.error)))
 
 
 def _run_processes(plan: Plan, resume: list[int], n_new: int, deadline: float | None,

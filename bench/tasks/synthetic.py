@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
-from bench.lifecycle import EpochTrial
+from bench.fused import FusedGroup, Member
+from bench.lifecycle import EpochTrial, TaskSpec
 from bench.params import Choice, Float, Int, Metric
-from bench.registry import register_task
+from bench.registry import register_fused, register_task
 from bench.trial import TrialContext
 
 PARAMS = {
@@ -43,7 +45,7 @@ def rosenbrock(x: float, y: float) -> float:
 
 
 @register_task("synthetic", metric="loss", direction="minimize", params=PARAMS,
-               metrics=METRICS, smoke={"epochs": 3, "noise": 0.1}, fusable=False)
+               metrics=METRICS, smoke={"epochs": 3, "noise": 0.1})
 class Synthetic(EpochTrial):
     """Rosenbrock with a simulated learning curve and fault injection, for harness tests."""
 
@@ -72,3 +74,54 @@ class Synthetic(EpochTrial):
     def finish(self) -> dict[str, float]:
         return {"distance": math.hypot(float(self.params["x"]) - 1,
                                        float(self.params["y"]) - 1)}
+
+
+@register_fused("synthetic")
+class FusedSynthetic(FusedGroup):
+    """K synthetic trials in one process, for the fused harness's own tests: each member
+    computes exactly the curve it computes alone (its own seeded generator), faults
+    included."""
+
+    group_keys = ("epochs", "sleep_s")
+
+    def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
+                 device: Any, data_dir: Any):
+        super().__init__(spec, k, template, device, data_dir)
+        self.slots: list[Synthetic | None] = [None] * k
+
+    def set_member(self, slot: int, member: Member) -> None:
+        self.slots[slot] = Synthetic(member.params, member.ctx)
+
+    def drop_member(self, slot: int) -> None:
+        self.slots[slot] = None
+
+    def train_epoch(self, epochs: list[int | None]) -> dict[str, torch.Tensor]:
+        if self.template["sleep_s"]:  # one sleep for the group: the point of fusing
+            time.sleep(float(self.template["sleep_s"]))
+        loss = [math.nan] * self.k
+        for i, (trial, epoch) in enumerate(zip(self.slots, epochs, strict=True)):
+            if trial is not None and epoch is not None:
+                trial.params = {**trial.params, "sleep_s": 0.0}
+                loss[i] = float(trial.train_epoch(epoch)["loss"])
+        return {"loss": torch.tensor(loss, dtype=torch.float64)}
+
+    def validate(self, slots: list[int], epochs: list[int]) -> dict[int, dict[str, Any]]:
+        return {i: {} for i in slots}
+
+    def finish(self, slot: int) -> dict[str, float]:
+        trial = self.slots[slot]
+        assert trial is not None
+        return dict(trial.finish())
+
+    def member_state(self, slot: int, optimizers: bool = True) -> dict[str, Any]:
+        trial = self.slots[slot]
+        assert trial is not None
+        return trial.state_dict(optimizers)
+
+    def load_member(self, slot: int, state: Mapping[str, Any]) -> None:
+        trial = self.slots[slot]
+        assert trial is not None
+        trial.load_state_dict(state)
+
+    def probe(self) -> None:
+        pass

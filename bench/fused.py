@@ -1,0 +1,297 @@
+"""Fused trials: K trials of one small model trained as one stacked model on one device.
+
+A single small trial cannot keep a modern accelerator busy (its step time is bound by
+kernel launches, not arithmetic); HFTA (Wang et al., MLSys 2021) trained many same-shaped
+models as one. Here a task may register a `FusedGroup`: K members' parameters stacked
+along a new leading dimension (`torch.func.stack_module_state`), one vmapped forward and
+backward for all (`torch.func.functional_call` under `torch.vmap`), and `StackedAdam`,
+which is Adam with each member's own learning rate and step count.
+
+Each member is its own trial: its own seed (initialisation, data order, sampling noise:
+the same draws it would make alone), its own reports and pruning decision, its own row,
+curve and checkpoint. A member's saved state has the format of the task's unfused trial,
+so `bench eval`, `bench rerun` and an unfused resume read it unchanged. Members never
+couple: no global gradient clipping or loss scaling; a member whose loss turns non-finite
+fails alone (its slot stops updating), a pruned or finished member's slot is refilled by
+a new trial at the next epoch boundary.
+
+`run_group` is the epoch loop over a group, backend-neutral: the backend supplies new
+members (`next_member`) and hears how each ended (`ended`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import signals
+from bench.errors import TrialPruned
+from bench.lifecycle import (
+    CHECKPOINT_FILE,
+    RESUME_FILE,
+    THROUGHPUT,
+    Outcome,
+    TaskSpec,
+    TrialProgress,
+    _rng_state,
+    build_row,
+    check_metrics,
+    error_text,
+    load_state,
+    now,
+    save_state,
+    write_row,
+)
+from bench.train import peak_mem_gb, seed_everything
+from bench.trial import TrialContext
+
+
+class StackedAdam:
+    """Adam (Kingma & Ba; torch.optim.Adam's arithmetic, no weight decay) over stacked
+    parameters [K, ...], with a learning rate and a step count per member; members whose
+    `active` flag is off are not updated at all."""
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.k = len(lr)
+        self.lr = lr.clone().float()
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.steps = torch.zeros(self.k, dtype=torch.float64)
+        self.active = torch.ones(self.k, dtype=torch.bool)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += self.active.double()
+        steps = self.steps.clamp(min=1)
+        bc1 = 1 - self.b1 ** steps
+        bc2 = 1 - self.b2 ** steps
+        step_size = (self.lr.double() / bc1).float()
+        bc2_sqrt = bc2.sqrt().float()
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            dev = p.device
+            act = self.active.to(dev).view(-1, *[1] * (p.dim() - 1))
+            g = p.grad
+            m.copy_(torch.where(act, torch.lerp(m, g, 1 - self.b1), m))
+            v.copy_(torch.where(act, v * self.b2 + (1 - self.b2) * g * g, v))
+            shape = (-1, *[1] * (p.dim() - 1))
+            denom = v.sqrt() / bc2_sqrt.to(dev).view(shape) + self.eps
+            update = step_size.to(dev).view(shape) * (m / denom)
+            p.sub_(torch.where(act, update, torch.zeros_like(update)))
+
+    def member_state(self, k: int) -> dict[str, Any]:
+        """Member k's moments and step, as slices of the stacked state."""
+        return {"step": float(self.steps[k]), "m": [m[k] for m in self.m],
+                "v": [v[k] for v in self.v]}
+
+    def set_member(self, k: int, lr: float, state: Mapping[str, Any] | None = None) -> None:
+        self.lr[k] = lr
+        self.active[k] = True
+        with torch.no_grad():
+            for i in range(len(self.params)):
+                self.m[i][k] = 0 if state is None else state["m"][i]
+                self.v[i][k] = 0 if state is None else state["v"][i]
+        self.steps[k] = 0 if state is None else state["step"]
+
+
+@dataclass
+class Member:
+    """One trial in a slot of a fused group."""
+
+    params: dict[str, Any]
+    ctx: TrialContext
+    identity: dict[str, Any]
+    handle: Any = None  # the backend's trial (an optuna.Trial)
+    prog: TrialProgress = field(default_factory=TrialProgress)
+    t0: float = field(default_factory=time.perf_counter)
+    started: Any = field(default_factory=now)
+    last: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.params["epochs"])
+
+
+class FusedGroup:
+    """What a fusable task implements (see bench.tasks.vae_fused). Slots hold members;
+    `train_epoch` and `validate` return per-slot values ([K] tensors, NaN for empty slots);
+    `member_state(k)` and `load_member(k, state)` speak the unfused trial's state format."""
+
+    group_keys: tuple[str, ...] = ()  # parameters that fix the stacked shapes
+
+    def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
+                 device: torch.device, data_dir: Path | None):
+        self.spec, self.k, self.template, self.device = spec, k, template, device
+        self.data_dir = data_dir
+
+    def set_member(self, slot: int, member: Member) -> None:
+        raise NotImplementedError
+
+    def drop_member(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def train_epoch(self, epochs: list[int | None]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def validate(self, slots: list[int], epochs: list[int]) -> dict[int, dict[str, Any]]:
+        raise NotImplementedError
+
+    def finish(self, slot: int) -> dict[str, float]:
+        return {}
+
+    def member_state(self, slot: int, optimizers: bool = True) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_member(self, slot: int, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def examples_per_epoch(self) -> int:
+        return 0
+
+    def probe(self) -> None:
+        """One training step of the members in place (`--fuse auto` measures its memory)."""
+        raise NotImplementedError
+
+
+def _floats(values: Mapping[str, torch.Tensor], slot: int) -> dict[str, float]:
+    return {k: float(v[slot]) for k, v in values.items()}
+
+
+def _finite(values: Mapping[str, float]) -> str | None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    return ", ".join(f"{k}={v}" for k, v in bad.items()) or None
+
+
+def _end(spec: TaskSpec, m: Member, out: Path, direction: str, state: str,
+         metrics: dict[str, float], error: str | None, group: dict[str, Any]) -> Outcome:
+    value = None
+    if state == "COMPLETE":
+        try:
+            metrics, value = check_metrics(spec, metrics, m.ctx.metric)
+        except (KeyError, ValueError) as exc:
+            state, error = "FAIL", error_text(exc)
+    elif state == "PRUNED":
+        value = next((v for s, k, v in reversed(m.ctx.curve) if k == m.ctx.metric), None)
+    duration = m.prog.elapsed_s + time.perf_counter() - m.t0
+    row = build_row({**m.identity, **group}, m.params, state=state, objective=value,
+                    metric=m.ctx.metric, direction=direction, metrics=metrics, error=error,
+                    started_at=m.started, finished_at=now(), duration_s=duration,
+                    train_s=m.prog.train_s or None, epochs_done=m.ctx.steps_done,
+                    attempts=m.prog.attempts, peak_mem=peak_mem_gb(m.ctx.device),
+                    device=m.ctx.device)
+    outcome = Outcome(state, value, metrics if state == "COMPLETE" else {}, error, row)
+    outcome.row_error = write_row(out, spec, row, m.ctx.curve)
+    if outcome.row_error is None:
+        (m.ctx.artifact_dir / RESUME_FILE).unlink(missing_ok=True)
+    return outcome
+
+
+def resume_member(group: FusedGroup, slot: int, m: Member) -> None:
+    """Load a member's saved state (an unfused or fused attempt's) into its slot."""
+    path = m.ctx.artifact_dir / RESUME_FILE
+    if not path.exists():
+        return
+    saved = load_state(path, m.ctx.device)
+    group.load_member(slot, saved["trial"])
+    m.ctx.curve = [(int(s), str(k), float(v)) for s, k, v in saved["curve"]]
+    m.ctx.steps_done = int(saved["steps_done"])
+    for key, value in saved["progress"].items():
+        setattr(m.prog, key, value)
+    m.prog.attempts += 1
+    m.last = dict(m.prog.last)
+
+
+def save_member(group: FusedGroup, slot: int, m: Member) -> None:
+    """The member's state in the unfused trial's format (resume.pt)."""
+    save_state(m.ctx.artifact_dir / RESUME_FILE, {
+        "trial": group.member_state(slot), "rng": _rng_state(m.ctx.device),
+        "curve": [list(p) for p in m.ctx.curve], "steps_done": m.ctx.steps_done,
+        "progress": {**vars(m.prog), "elapsed_s": m.prog.elapsed_s + time.perf_counter()
+                     - m.t0}})
+
+
+def run_group(spec: TaskSpec, group: FusedGroup, next_member: Callable[[], Member | None],
+              ended: Callable[[Member, Outcome], None], out: Path, direction: str,
+              group_id: str) -> str:
+    """Train the group's members epoch by epoch, refilling freed slots from `next_member`,
+    until no member is left; returns "done", or "suspended" when a stop was requested
+    (every member's state saved at the epoch boundary)."""
+    slots: list[Member | None] = [None] * group.k
+    info = {"group_id": group_id, "group_size": group.k}
+
+    def fill() -> None:
+        for i in range(group.k):
+            if slots[i] is None and not signals.stop_requested():
+                m = next_member()
+                if m is None:
+                    return
+                seed_everything(m.ctx.seed)  # the member's own initialisation
+                group.set_member(i, m)
+                resume_member(group, i, m)
+                slots[i] = m
+
+    def end(i: int, state: str, metrics: dict[str, float], error: str | None) -> None:
+        m = slots[i]
+        assert m is not None
+        group.drop_member(i)
+        slots[i] = None
+        ended(m, _end(spec, m, out, direction, state, metrics, error, info))
+
+    fill()
+    while any(slots):
+        epochs = [m.prog.next_epoch if m else None for m in slots]
+        with signals.interruptible():
+            t0 = time.perf_counter()
+            train = group.train_epoch(epochs)
+            dt = time.perf_counter() - t0
+            live = [i for i, m in enumerate(slots) if m is not None]
+            vals = group.validate(live, [e for e in epochs if e is not None])
+        for i in live:
+            m = slots[i]
+            assert m is not None
+            values = {**_floats(train, i), **{k: float(v) for k, v in vals[i].items()}}
+            m.prog.train_s += dt
+            bad = _finite(values)
+            if bad:
+                end(i, "FAIL", {}, f"FloatingPointError: non-finite {bad} at epoch "
+                                   f"{m.prog.next_epoch}")
+                continue
+            epoch = m.prog.next_epoch
+            m.prog.next_epoch += 1
+            m.last.update(values)
+            m.prog.last = dict(m.last)
+            try:
+                m.ctx.report(epoch, **values)
+            except TrialPruned as exc:
+                end(i, "PRUNED", {}, str(exc))
+                continue
+            if m.prog.next_epoch >= m.epochs:
+                final = {**m.last, **group.finish(i)}
+                if m.prog.train_s > 0 and group.examples_per_epoch():
+                    final[THROUGHPUT] = group.examples_per_epoch() * m.epochs / m.prog.train_s
+                save_state(m.ctx.artifact_dir / CHECKPOINT_FILE,
+                           {"trial": group.member_state(i, optimizers=False),
+                            "epochs_done": m.epochs})
+                end(i, "COMPLETE", final, None)
+        if signals.stop_requested():
+            for i, m in enumerate(slots):
+                if m is not None:
+                    save_member(group, i, m)
+            return "suspended"
+        fill()
+    return "done"

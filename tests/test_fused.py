@@ -1,0 +1,204 @@
+"""Fused trials (`--fuse K`): K trials trained as one stacked model. A member equals the same
+trial run alone; members are pruned, fail and resume alone; groups follow the sampler."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import bench_cli, needs_mnist
+
+from bench import leaderboard, signals
+from bench.cli import main
+from bench.fused import Member, StackedAdam, run_group
+from bench.lifecycle import execute_trial
+from bench.registry import get_fused, get_task
+from bench.space import merge_params, space_for
+from bench.trial import local_context
+
+
+@pytest.fixture(autouse=True)
+def _fresh_signals():
+    signals.reset()
+    yield
+    signals.reset()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+
+
+def test_stacked_adam_is_torch_adam_per_member() -> None:
+    torch.manual_seed(0)
+    w = [torch.randn(3, 4) for _ in range(3)]
+    lrs = [1e-3, 3e-2, 0.5]
+    refs = [torch.nn.Parameter(x.clone()) for x in w]
+    opts = [torch.optim.Adam([p], lr=lr) for p, lr in zip(refs, lrs, strict=True)]
+    stacked = torch.stack(w).requires_grad_(True)
+    adam = StackedAdam([stacked], torch.tensor(lrs))
+    for step in range(5):
+        target = torch.randn(3, 4)
+        for p, o in zip(refs, opts, strict=True):
+            o.zero_grad()
+            ((p - target) ** 3).sum().backward()
+            o.step()
+        adam.zero_grad()
+        ((stacked - target) ** 3).sum().backward()
+        adam.step()
+        for k in range(3):
+            assert torch.allclose(stacked[k], refs[k], rtol=1e-6, atol=1e-7), (step, k)
+    adam.active[1] = False  # a dropped member does not move at all
+    before = stacked[1].detach().clone()
+    adam.zero_grad()
+    (stacked ** 2).sum().backward()
+    adam.step()
+    assert torch.equal(stacked[1], before)
+
+
+@needs_mnist
+def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path) -> None:
+    """Latent sizes 8, 4, 6 in one group of cap 8; different lr, beta, warm-up, seed."""
+    task = get_task("vae")
+    base = merge_params(task, space_for("vae"), None, {},
+                        {**task.smoke, "epochs": 2, "train_size": 256, "latent_dim": 8})
+    members = [dict(base, lr=1e-3, beta=1.0, latent_dim=8),
+               dict(base, lr=3e-3, beta=0.5, latent_dim=4),
+               dict(base, lr=5e-4, beta=2.0, latent_dim=6, kl_warmup_epochs=2.0)]
+    seeds = [0, 5, 9]
+    alone = {}
+    for p, seed in zip(members, seeds, strict=True):
+        ctx = local_context(seed, "cpu", tmp_path / f"alone{seed}", "val_elbo")
+        alone[seed] = execute_trial(task, p, ctx, {"task": "vae", "trial_uid": f"a{seed}",
+                                                  "seed": seed}, tmp_path / "lb", "maximize")
+    group = get_fused("vae")(task, 3, base, torch.device("cpu"), None, latent_cap=8)
+    queue = [Member(p, local_context(s, "cpu", tmp_path / f"f{s}", "val_elbo"),
+                    {"task": "vae", "trial_uid": f"f{s}", "seed": s})
+             for p, s in zip(members, seeds, strict=True)]
+    fused = {}
+    state = run_group(task, group, lambda: queue.pop(0) if queue else None,
+                      lambda m, o: fused.__setitem__(m.ctx.seed, o), tmp_path / "lb",
+                      "maximize", "g")
+    assert state == "done"
+    for seed in seeds:
+        a, f = alone[seed], fused[seed]
+        assert f.state == a.state == "COMPLETE", f.error
+        for key in ("val_elbo", "val_recon", "val_kl", "train_loss"):
+            assert f.metrics[key] == pytest.approx(a.metrics[key], rel=1e-4), (seed, key)
+        assert f.row["group_size"] == 3 and f.row["group_id"] == "g"
+    # a member's checkpoint has the unfused trial's format: bench eval reads it
+    from bench.lifecycle import evaluate_checkpoint
+
+    ctx = local_context(5, "cpu", tmp_path / "f5", "val_elbo")
+    test = evaluate_checkpoint(task, members[1], ctx)
+    assert test["test_elbo"] <= test["test_iwae_ll"] + 1.0
+
+
+@needs_mnist
+def test_bench_rerun_of_a_fused_member_gives_its_objective(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli("run", "vae", "--smoke", "--trials", "3", "--fuse", "3", "--sampler",
+                    "random", "--pruner", "none", "--set", "epochs=1", "--set",
+                    "train_size=256", "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    rows = leaderboard.read_trials(out, "vae")
+    assert len(rows) == 3 and rows["group_id"].nunique() == 1 and set(rows["group_size"]) == {3}
+    for uid in rows["trial_uid"]:
+        r = bench_cli("rerun", uid, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        original, again = map(float, re.search(r"original objective (\S+), rerun (\S+)",
+                                               r.stdout).groups())
+        assert again == pytest.approx(original, rel=1e-4)
+
+
+def fused_space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text("task: synthetic\nparams:\n  x: {type: float, low: -2, high: 2}\n"
+                    "  y: {type: float, low: -1, high: 3}\n"
+                    "  fail: {type: categorical, choices: [none, nan]}\n")
+    return path
+
+
+def test_a_member_that_turns_non_finite_fails_alone(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    assert main(["run", "synthetic", "--out", str(out), "--quiet", "--trials", "12",
+                 "--fuse", "4", "--space", str(fused_space(tmp_path)), "--sampler", "random",
+                 "--pruner", "none", "--set", "fail_at=2"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 12
+    failed = rows[rows["param_fail"] == "nan"]
+    assert len(failed) and (failed["state"] == "FAIL").all()
+    assert failed["error"].str.contains("non-finite loss=nan at epoch 2").all()
+    ok = rows[rows["param_fail"] == "none"]
+    assert len(ok) and (ok["state"] == "COMPLETE").all()
+    for _, r in ok.iterrows():  # exactly its unfused value
+        x, y = r["param_x"], r["param_y"]
+        assert r["objective"] == pytest.approx((1 - x) ** 2 + 100 * (y - x * x) ** 2)
+    assert (rows.groupby("group_id").size() >= 1).all() and set(rows["group_size"]) == {4}
+
+
+def test_pruned_members_are_refilled_and_the_total_holds(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    assert main(["run", "synthetic", "--out", str(out), "--quiet", "--trials", "16",
+                 "--fuse", "4", "--sampler", "random", "--set", "epochs=6"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 16 and rows["trial_uid"].is_unique
+    assert (rows["state"] == "PRUNED").sum() >= 1
+    assert (rows.groupby("group_id").size() > 4).any(), "a slot was refilled"
+    study = optuna.load_study(study_name="synthetic",
+                              storage=f"sqlite:///{out}/synthetic/optuna.db")
+    assert len(study.trials) == 16 and all(t.state.is_finished() for t in study.trials)
+
+
+def test_ctrl_c_suspends_the_group_and_the_rerun_resumes_it(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
+           "--trials", "6", "--fuse", "3", "--pruner", "none", "--set", "sleep_s=0.3",
+           "--set", "epochs=8", "--set", "noise=0.5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list((out / "synthetic" / "curves").glob("*.parquet")) and \
+            len(list((out / "synthetic" / "artifacts").glob("*"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    study = optuna.load_study(study_name="synthetic",
+                              storage=f"sqlite:///{out}/synthetic/optuna.db")
+    suspended = [t for t in study.trials if t.user_attrs.get("suspended")]
+    assert len(suspended) == 3
+    assert all((out / "synthetic" / "artifacts" / t.user_attrs["bench"]["uid"] /
+                "resume.pt").exists() for t in suspended)
+    # the rerun resumes them, one unfused: the saved state has the unfused format
+    assert main(["run", "synthetic", "--out", str(out), "--quiet", "--trials", "6",
+                 "--pruner", "none", "--set", "sleep_s=0", "--set", "epochs=8",
+                 "--set", "noise=0.5"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 6 and (rows["state"] == "COMPLETE").all()
+    assert (rows["attempts"] == 2).sum() == 3
+    curves = leaderboard.read_curves(out, "synthetic")
+    assert (curves.groupby("trial_uid")["step"].nunique() == 8).all()
+    task = get_task("synthetic")  # the resumed value is the uninterrupted one
+    from bench.lifecycle import train
+
+    for _, r in rows[rows["attempts"] == 2].iterrows():
+        params = {**task.defaults, "x": r["param_x"], "y": r["param_y"], "epochs": 8,
+                  "noise": 0.5}
+        ref = train(task, params, local_context(int(r["seed"]), "cpu", tmp_path / "r", "loss"))
+        assert r["objective"] == ref["loss"]
+
+
+def test_fuse_on_a_task_without_it_says_so(tmp_path: Path) -> None:
+    res = bench_cli("run", "simsiam", "--fuse", "4", "--out", str(tmp_path / "lb"))
+    assert res.returncode == 2 and "trains one trial at a time" in res.stderr
+    assert "--workers N" in res.stderr and not (tmp_path / "lb").exists()
+    res = bench_cli("run", "synthetic", "--fuse", "0", "--out", str(tmp_path / "lb"))
+    assert res.returncode == 2 and "--fuse: must be a number of trials" in res.stderr
+    assert math.isfinite(1.0)
