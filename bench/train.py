@@ -29,6 +29,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def placement(device: str, workers: int, gpus: int) -> list[str]:
+    """The device of each of `workers` processes on a node with `gpus` GPUs: `cuda` (and
+    `auto` when there are GPUs) spreads them round-robin, `cuda:N` pins them all to GPU N,
+    `cpu` (and `auto` without GPUs) keeps them on the CPU."""
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus > 0:
+        return [f"cuda:{i % gpus}" for i in range(workers)]
+    return [device] * workers
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
     if device.type == "cuda":

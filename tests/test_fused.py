@@ -202,3 +202,33 @@ def test_fuse_on_a_task_without_it_says_so(tmp_path: Path) -> None:
     res = bench_cli("run", "synthetic", "--fuse", "0", "--out", str(tmp_path / "lb"))
     assert res.returncode == 2 and "--fuse: must be a number of trials" in res.stderr
     assert math.isfinite(1.0)
+
+
+def test_workers_are_placed_on_the_gpus_round_robin() -> None:
+    from bench.train import placement
+
+    assert placement("cuda", 5, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert placement("auto", 3, 4) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert placement("cuda:1", 3, 2) == ["cuda:1"] * 3
+    assert placement("auto", 2, 0) == ["cpu", "cpu"]
+    assert placement("cpu", 2, 8) == ["cpu", "cpu"]
+
+
+@pytest.mark.gpu
+@needs_mnist
+def test_fused_vae_on_cuda_lands_near_its_unfused_run(tmp_path: Path) -> None:
+    """bf16 autocast and vmapped kernels: close, not bit-identical."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = tmp_path / "lb"
+    res = bench_cli("run", "vae", "--smoke", "--trials", "4", "--fuse", "4", "--device",
+                    "cuda", "--sampler", "random", "--pruner", "none", "--out", str(out),
+                    "--quiet")
+    assert res.returncode == 0, res.stderr
+    rows = leaderboard.read_trials(out, "vae")
+    assert len(rows) == 4 and rows["device"].str.startswith("cuda").all()
+    uid = rows["trial_uid"].iloc[0]
+    r = bench_cli("rerun", uid, "--out", str(out), "--device", "cuda")
+    original, again = map(float, re.search(r"original objective (\S+), rerun (\S+)",
+                                           r.stdout).groups())
+    assert again == pytest.approx(original, rel=0.05)

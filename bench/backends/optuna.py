@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fcntl
 import json
@@ -65,7 +66,7 @@ from bench.lifecycle import (
 )
 from bench.plan import Plan, describe_storage, make_sampler
 from bench.space import Param
-from bench.train import resolve_device
+from bench.train import placement, resolve_device
 from bench.trial import TrialContext
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -730,7 +731,10 @@ def _worker_main(plan: Plan, resume: list[int], n_new: int, index: int,
     os.setpgrp()  # the terminal's Ctrl-C reaches the parent only; it forwards one signal
     signals.install(quiet=True)
     signals.die_with_parent()
-    if resolve_device(plan.opts.device).type == "cpu":  # k workers share the cores, not k x all
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = placement(plan.opts.device, plan.opts.workers, gpus)[index]
+    plan = dataclasses.replace(plan, opts=dataclasses.replace(plan.opts, device=device))
+    if resolve_device(device).type == "cpu":  # k workers share the cores, not k x all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.opts.workers))
     try:
         study = open_study(plan, index)
