@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError, ConfigError
+from bench.names import name_problem
 from bench.params import problems as value_problems
 from bench.registry import Task, get_task
 from bench.space import (
@@ -33,7 +34,6 @@ from bench.space import (
     Variant,
     load_space,
     merge_params,
-    name_problem,
     space_for,
 )
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from bench.errors import BenchError, ConfigError
+from bench.names import name_problem
 from bench.params import Decl, looks_numeric
 from bench.reference import parse_reference
 from bench.registry import Task, get_task
@@ -40,15 +41,6 @@ DIRECTIONS = ("minimize", "maximize")
 MAX_NODES = 100_000  # a YAML document expanded through its aliases
 MAX_SEEDS = 1_000
 MAX_TRIALS = 100_000  # points x seeds of a variant, or points of a grid search
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def name_problem(value: str) -> str | None:
-    """Study and variant names become file names: letters, digits, `.`, `_`, `-` only."""
-    if not NAME.fullmatch(value) or ".." in value:
-        return (f"must be 1-100 characters of letters, digits, '.', '_' and '-', starting "
-                f"with a letter or digit, without '..', got {value!r}")
-    return None
 
 
 @dataclass(frozen=True)

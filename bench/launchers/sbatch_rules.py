@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from bench.space import name_problem
+from bench.names import name_problem
 
 TIME_RE = re.compile(r"[0-9]+(:[0-9]+){0,2}|[0-9]+-[0-9]+(:[0-9]+){0,2}")
 PARTITION_RE = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")

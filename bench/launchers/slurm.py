@@ -49,7 +49,6 @@ from bench.launchers.sbatch_rules import (
     check_time,
     has_control,
 )
-from bench.registry import get_task
 
 MODES = ("optuna", "ray")
 SIGNAL_S = 90  # USR2 this long before the time limit: time to finish a step and save
@@ -108,6 +107,8 @@ def default_storage(o: SubmitOptions) -> str:
 
 def _check_task(task: str) -> str | None:
     try:
+        from bench.registry import get_task
+
         get_task(task)
     except UnknownTaskError as exc:
         return f"TASK: {exc}"
@@ -254,6 +255,7 @@ def render(o: SubmitOptions, trials: int) -> str:
 def _plan(o: SubmitOptions) -> Any:
     """The run as `bench run` would plan it (every check before anything is submitted)."""
     from bench.plan import RunOptions, make_plan
+    from bench.registry import get_task
     from bench.space import parse_overrides
 
     storage = None
