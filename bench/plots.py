@@ -202,7 +202,7 @@ def plot_importances(inp: PlotInput) -> list[Path]:
     if not imp:
         return []
     path = inp.plot_dir / "importances.png"
-    with figure(path, panel_in=(5.0, 0.5 + 0.45 * len(imp))) as (fig, axes):
+    with figure(path, panel_in=(5.0, 1.4 + 0.4 * len(imp))) as (fig, axes):
         ax = axes[0, 0]
         names = list(imp)[::-1]  # largest at the top of a barh
         bars = ax.barh(names, [imp[n] for n in names], color="C0", height=0.6)
