@@ -3,9 +3,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,31 @@ def bench_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     return tmp_path / "leaderboards"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_signals() -> Iterator[None]:
+    """`bench.cli.main` run in-process installs bench's signal handlers: undo them, and
+    forget stop requests, after every test."""
+    from bench import signals
+
+    signals.reset()
+    yield
+    signals.reset()
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster of 2 CPUs for a module's tests (its BENCH_* variables passed on)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+                 log_to_driver=False, runtime_env={"env_vars": {
+                     k: v for k, v in os.environ.items() if k.startswith("BENCH_")}})
+    yield
+    if started:
+        ray.shutdown()

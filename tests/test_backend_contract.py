@@ -5,8 +5,6 @@ each (point, seed) of a variant exactly once, and a rerun continues to the same 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,6 @@ from bench.plan import RunOptions, make_plan
 BACKENDS = ["optuna", pytest.param("ray", marks=pytest.mark.ray)]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-                 log_to_driver=False, runtime_env={"env_vars": {
-                     k: v for k, v in os.environ.items() if k.startswith("BENCH_")}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(params=BACKENDS)

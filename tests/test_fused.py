@@ -16,22 +16,13 @@ import pytest
 import torch
 from conftest import bench_cli, needs_mnist
 
-from bench import leaderboard, signals
+from bench import leaderboard
 from bench.cli import main
 from bench.fused import Member, StackedAdam, run_group
 from bench.lifecycle import execute_trial
 from bench.registry import get_fused, get_task
 from bench.space import merge_params, space_for
 from bench.trial import local_context
-
-
-@pytest.fixture(autouse=True)
-def _fresh_signals():
-    signals.reset()
-    yield
-    signals.reset()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
 
 
 def test_stacked_adam_is_torch_adam_per_member() -> None:

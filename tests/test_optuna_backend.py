@@ -22,15 +22,6 @@ from bench import leaderboard, signals
 from bench.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _fresh_signals():
-    signals.reset()
-    yield
-    signals.reset()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
-
-
 def run(out: Path, *args: str) -> int:
     return main(["run", "synthetic", "--out", str(out), "--quiet", *args])
 

@@ -6,8 +6,6 @@ The cluster (2 CPUs) is started once for the module; trials run the synthetic ta
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +73,8 @@ def test_fractional_gpus_validated() -> None:
 # ---------------------------------------------------------------- a local cluster
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-                 log_to_driver=False, runtime_env={"env_vars": {
-                     k: v for k, v in os.environ.items() if k.startswith("BENCH_")}})
-    yield
-    if started:
-        ray.shutdown()
+def cluster(ray_cluster: None) -> None:
+    """The shared local cluster (conftest.ray_cluster)."""
 
 
 def opts(out: Path, **kw: Any) -> RunOptions:
