@@ -71,7 +71,9 @@ def test_resample_keeps_the_physical_aspect(tmp_path: Path) -> None:
 def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     folder = copy_cohort(tiny_cohort, tmp_path / "c", n=12)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     spec = CohortSpec(folder, 16)
+    before = sorted(p.name for p in folder.rglob("*"))
     first = load_cohort(spec)
     assert first.volumes.dtype == __import__("torch").float16
     assert tuple(first.volumes.shape) == (12, 1, 16, 16, 16)
@@ -79,8 +81,9 @@ def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
     direct = load_volume(folder / "sub-0003.nii.gz", 16)
     np.testing.assert_allclose(first.volumes[3, 0].float().numpy(), direct, atol=2e-3)
     assert 0.5 < float(np.percentile(direct[direct > 0], 99)) < 1.5  # percentile-normalised
-    cached = list((folder / ".bench_cache").glob("*.npy"))
+    cached = list((tmp_path / "cache" / "brain-cache").glob("*.npy"))
     assert len(cached) == 1
+    assert sorted(p.name for p in folder.rglob("*")) == before, "the cohort folder is read only"
     cohort_mod._MEMORY.clear()  # a new process: the .npy is read, no NIfTI
 
     def no_nifti(*args: object, **kw: object) -> None:
@@ -213,13 +216,24 @@ def test_metadata_volumes_are_the_tissue_sums(tiny_cohort: Path) -> None:
 
 def test_cohort_looks_like_the_original(tiny_cohort: Path) -> None:
     meta = pd.read_csv(tiny_cohort / "metadata.csv")
-    assert meta["age"].between(6, 80).all()
-    assert meta["age"].between(10, 30).mean() > 0.5  # most subjects 10-30
+    assert meta["age"].between(6.69, 78.2).all()
+    assert (meta["diagnosis"] == "control").all()  # the report's cohort: controls only
     assert np.corrcoef(meta["age"], meta["gmv"])[0, 1] < -0.3
     assert np.corrcoef(meta["age"], meta["csfv"])[0, 1] > 0.3
     assert set(meta["sex"]) == {"F", "M"} and meta["site"].nunique() > 1
     stored = {nib.aff2axcodes(nib.load(p).affine) for p in tiny_cohort.glob("*.nii.gz")}
     assert len(stored) > 1  # some sites store LAS/LPS: the loader must reorient
+
+
+def test_ages_follow_the_reports_training_cohort() -> None:
+    """466 subjects aged 6.69-78.20, mean 24.62, per 10-year bucket 21/152/220/24/14/9/18/8:
+    4000 simulated draws (no images) match the shares to 2.5 points and the mean to 1 y."""
+    ages = np.array([sim.draw_subject(0, i)["age"] for i in range(4000)])
+    assert 6.69 <= ages.min() and ages.max() <= 78.2
+    assert abs(ages.mean() - 24.62) < 1.0 and abs(ages.std() - 12.68) < 1.5
+    share = np.bincount((ages // 10).astype(int), minlength=8)[:8] / len(ages)
+    want = np.array(sim.REPORT_BUCKET_COUNTS) / sum(sim.REPORT_BUCKET_COUNTS)
+    np.testing.assert_allclose(share, want, atol=0.025)
 
 
 def test_tissue_trends_with_age() -> None:
@@ -253,7 +267,7 @@ def test_bench_run_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
     res = bench_cli("run", "brain-age", "--trials", "2", "--sampler", "random", "--quiet",
                     "--device", "cpu", "--out", str(out), "--set", f"cohort={tiny_cohort}",
                     "--set", f"shape={SHAPE}", "--set", "epochs=2", "--set", "batch_size=8",
-                    "--set", "mlp_steps=100", timeout=600)
+                    "--set", "mlp_epochs=5", timeout=600)
     assert res.returncode == 0, res.stderr
     from bench import leaderboard
 
@@ -273,8 +287,127 @@ def test_bench_run_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
     test = pred[pred["split"] == "test"]
     mae = float((test["age_pred"] - test["age"]).abs().mean())
     assert mae == pytest.approx(rows["metric_test_mae"].iloc[0], rel=1e-4)
+    mean_age = float(pred["age_mean_predictor"].iloc[0])
+    assert float((test["age"] - mean_age).abs().mean()) == pytest.approx(
+        rows["metric_test_mae_mean_predictor"].iloc[0], rel=1e-4)
     plots = bench_cli("plot", "brain-age", "--out", str(out), timeout=300)
     assert plots.returncode == 0, plots.stderr
     made = {Path(p).name for p in plots.stdout.split()}
-    assert {"age_pred_vs_true.png", "mae_by_bucket.png"} <= made
-    assert all((out / "brain-age" / "plots" / m).stat().st_size > 1000 for m in made)
+    assert {"age_pred_vs_true.png", "mae_by_bucket.png", "concepts_pred_vs_true.png",
+            "training_curves.png"} <= made, (made, plots.stderr)
+    assert all(Path(p).stat().st_size > 1000 for p in plots.stdout.split())
+
+
+# ---------------------------------------------------------------- the report's models
+def variant_params(name: str, **over: object) -> dict:
+    from bench.registry import get_task
+    from bench.space import merge_params, space_for
+
+    space = space_for("brain-age")
+    return merge_params(get_task("brain-age"), space, space.variants[name], {}, over)
+
+
+@pytest.mark.parametrize("variant, expect", [("baseline", 622_997), ("h1-larger-cnn", 1_052_715)])
+def test_the_reports_architectures_have_its_parameter_counts(variant: str, expect: int) -> None:
+    """The report's torchsummary tables: 622,997 (baseline) and 1,052,715 (H1) at 96^3."""
+    import torch
+
+    from bench.brain.models import n_parameters
+    from bench.tasks.brain_age import build_model
+
+    params = variant_params(variant)
+    assert params["shape"] == 96
+    model = build_model(params, 3, torch.device("cpu"))
+    assert n_parameters(model) == expect
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(c.padding == (0, 0, 0) and c.kernel_size == (3, 3, 3) for c in convs)
+    assert model.head[-1].in_features == (2 * 47**3 if variant == "baseline" else 16)
+
+
+def test_report_variants_use_its_regressors_and_reach_its_search_optimum() -> None:
+    from bench.space import space_for
+
+    assert variant_params("h2-kernel-ridge")["kr_alpha"] == 0.01
+    assert variant_params("h2-kernel-ridge")["kr_gamma"] == 0.1
+    assert (variant_params("h3-bo-optimum")["kr_alpha"], variant_params("h3-bo-optimum")[
+        "kr_gamma"]) == (0.001, 0.02)
+    base = variant_params("baseline")
+    assert (base["mlp_hidden"], base["mlp_lr"], base["mlp_epochs"], base["epochs"]) == \
+        (64, 1e-3, 30, 30)
+    space = space_for("brain-age")
+    for ranges in (space.params, space.variants["h3-kernel-ridge-bo"].params):
+        assert ranges["kr_alpha"].low <= 0.001 <= ranges["kr_alpha"].high
+        assert ranges["kr_gamma"].low <= 0.02 <= ranges["kr_gamma"].high
+    for name in ("baseline", "h1-larger-cnn", "h2-kernel-ridge", "h3-bo-optimum"):
+        ref = space.variants[name].reference
+        assert ref is not None and ref.metric == "test_mae" and ref.values, name
+
+
+def test_channels_must_agree_with_depth_and_width() -> None:
+    from bench.registry import get_task
+
+    task = get_task("brain-age")
+    bad = task.problems({**task.defaults, "channels": "2,16,64"})
+    assert any("channels: '2,16,64' has 3 block(s)" in p and "depth must be 3" in p
+               for p in bad), bad
+    assert any("channels: must be comma-separated" in p
+               for p in task.problems({**task.defaults, "channels": "2,x"}))
+    deep = task.problems({**task.defaults, "shape": 16, "depth": 3, "width": 2})
+    assert any("shrink shape 16 below 1 voxel" in p for p in deep), deep
+
+
+def test_scalers_round_trip_and_fit_the_training_split_only() -> None:
+    from bench.tasks.brain_age import Scaler
+
+    rng = np.random.default_rng(0)
+    c, a = rng.normal(500, 50, (40, 3)), rng.uniform(6, 80, 40)
+    for kind in ("minmax", "zscore"):
+        sc = Scaler(c[:30], a[:30], kind)
+        np.testing.assert_allclose(sc.concepts_back(sc.concepts(c)), c)
+        np.testing.assert_allclose(sc.age_back(sc.age(a)), a)
+    mm = Scaler(c[:30], a[:30], "minmax").concepts(c[:30])
+    assert mm.min() == 0 and mm.max() == 1
+    z = Scaler(c[:30], a[:30], "zscore").concepts(c[:30])
+    np.testing.assert_allclose(z.std(0), 1.0)
+
+
+def test_flip_mirrors_left_right_and_keeps_the_voxel_count() -> None:
+    import torch
+
+    from bench.tasks.brain_age import flip_lr
+
+    x = torch.rand(64, 1, 6, 5, 4)
+    y = flip_lr(x, torch.Generator().manual_seed(0))
+    same = (y == x).flatten(1).all(1)
+    mirrored = (y == x.flip(2)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+    torch.testing.assert_close(y.sum((1, 2, 3, 4)), x.sum((1, 2, 3, 4)))
+
+
+@pytest.fixture(scope="module")
+def cohort16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 simulated subjects at 16^3 (~5 s): ~140 to train on, 50 to test."""
+    return sim.write_cohort(tmp_path_factory.mktemp("brain16") / "cohort", 200, 16, seed=0)
+
+
+def test_the_counting_cnn_predicts_volumes_that_correlate_with_the_truth(
+        cohort16: Path, tmp_path: Path) -> None:
+    """A small CPU case of the fix (mean head, batch norm, standardised targets), 30 epochs,
+    ~10 s. At 16^3 (12.5 mm voxels) and ~140 training subjects gm and wm are learnt (test r
+    0.86 / 0.94 measured) but csf is not (r 0.24: the few old subjects' large CSF is
+    under-predicted); csf needs 32^3 and the full cohort (benchmarks/RESULTS.md, brain-age)."""
+    from bench.lifecycle import train
+    from bench.registry import get_task
+    from bench.trial import local_context
+
+    task = get_task("brain-age")
+    params = {**task.defaults, "cohort": str(cohort16), "shape": 16, "epochs": 30,
+              "mlp_epochs": 5, "head": "mean", "depth": 2, "width": 8, "hidden": 32,
+              "norm": "batch", "concept_scaling": "zscore"}
+    metrics = train(task, params, local_context(0, "cpu", tmp_path, "val_mae"), evaluate=True)
+    assert metrics["concept_r_gmv"] > 0.75 and metrics["concept_r_wmv"] > 0.85, metrics
+    pred = pd.read_csv(tmp_path / "predictions.csv")
+    test = pred[pred["split"] == "test"]
+    for name in ("gmv", "wmv"):  # the metric is the correlation of what predictions.csv holds
+        r = np.corrcoef(test[name], test[f"{name}_pred"])[0, 1]
+        assert r == pytest.approx(metrics[f"concept_r_{name}"], abs=1e-4)

@@ -1,11 +1,12 @@
 """A cohort folder (metadata CSV + one NIfTI per subject) -> resident float16 volumes.
 
 Each image is read in full (a truncated `.nii.gz` fails in the gzip stream, not at the
-header), reoriented to RAS+ (`nibabel.as_closest_canonical`), brought to a `shape`^3 cube
-(resample: isotropic field of view = the longest side, area-averaged when shrinking,
-trilinear when growing, then centre-padded; crop: centre crop/pad, no interpolation) and
-normalised (percentile: divide by the 99th percentile of the non-zero voxels, which maps
-WM to ~1 whatever the scanner gain; zscore: over the non-zero voxels; none).
+header), reoriented to RAS+ (`nibabel.as_closest_canonical`), normalised at its native
+resolution (percentile: divide by the 99th percentile of the non-zero voxels, which maps
+WM to ~1 whatever the scanner gain; zscore: over the non-zero voxels; none) and brought
+to a `shape`^3 cube (resample: isotropic field of view = the longest side, area-averaged
+when shrinking, trilinear when growing, then centre-padded; crop: centre crop/pad, no
+interpolation).
 
 Every problem is collected before anything is returned: one DataError lists every bad
 file and row with its reason; `on_bad_file="skip"` drops them and warns with the same
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from bench.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: normalised at the native resolution, then resized
 RESIZE_MODES = ("resample", "crop")
 NORMALIZE_MODES = ("percentile", "zscore", "none")
 _MEMORY: dict[str, Cohort] = {}
@@ -117,7 +118,10 @@ def load_volume(path: str | Path, shape: int, resize: str = "resample",
     if not np.isfinite(data).all():
         raise ValueError(f"{int((~np.isfinite(data)).sum())} non-finite voxels")
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    return normalize(resize_cube(data, zooms, shape, resize), norm)
+    # Normalised before resizing: at the native resolution the 99th percentile is pure white
+    # matter; after area-averaging to 32^3 (6 mm voxels) it is a partial-volume voxel whose
+    # value depends on the subject's tissue mix, the very thing the CNN has to measure.
+    return resize_cube(normalize(data, norm), zooms, shape, resize)
 
 
 def _reason(exc: BaseException) -> str:
@@ -197,19 +201,14 @@ def cache_key(spec: CohortSpec, meta_bytes: bytes, meta: pd.DataFrame) -> str:
 
 
 def cache_dir(spec: CohortSpec) -> Path:
-    """<cohort>/.bench_cache when writable, else the data root's brain-cache."""
-    own = spec.root / ".bench_cache"
-    try:
-        own.mkdir(exist_ok=True)
-        if os.access(own, os.W_OK):
-            return own
-    except OSError:
-        pass
-    from bench.data import data_root
+    """The preprocessed-cohort cache: $BENCH_CACHE/brain-cache (the cache key names the
+    cohort's folder, so one folder serves every cohort). Never inside the cohort: data
+    folders are often shared and read-only."""
+    from bench.data import cache_root
 
-    other = data_root() / "brain-cache"
-    other.mkdir(parents=True, exist_ok=True)
-    return other
+    folder = cache_root() / "brain-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _read_all(spec: CohortSpec, paths: list[Path]) -> tuple[np.ndarray, dict[int, str]]:

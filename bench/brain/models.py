@@ -1,16 +1,26 @@
 """Models of the brain-age task: a 3D CNN and the regressors from tissue volumes to age.
 
-The CNN is `depth` blocks of conv (`kernel`^3, `width * 2**i` channels) -> ReLU -> 2x
-pool, then dropout and a linear head; the original baseline is depth 1, width 2, max-pool
-(2 * 48^3 = 221k features into the head at 96^3). Regressors share one interface,
-`fit(x, y) -> self` and `predict(x)`, on float64 numpy arrays of min-max-scaled volumes
-and standardised age: an MLP (full-batch Adam: 3 inputs and a few hundred subjects make
-mini-batches pointless), RBF kernel ridge and linear ridge (scikit-learn).
+The CNN is one block per entry of `channels` (conv `kernel`^3 without padding, as the
+report's, or `same` padding -> optional batch norm -> ReLU -> 2x pool), then a head:
+
+- `flatten` (the report's): every voxel of the last feature map into a linear layer,
+  optionally through a hidden layer. The report's baseline, Conv3d(1 -> 2, k3) - ReLU -
+  MaxPool - Linear(2 * 47^3 -> 3), has 622,997 parameters at 96^3, 622,941 of them in the
+  head: one weight per voxel and concept for a few hundred subjects.
+- `mean`: a 1x1x1 conv to `hidden` channels (ReLU), the mean over space, a linear layer.
+  A tissue volume is a count of voxels, i.e. the mean over a fixed grid of a per-voxel
+  tissue fraction times a constant: this head is that sum with a learned per-voxel
+  classifier, the same weights at every position. (The sum over space is the mean times
+  the fixed voxel count, a constant the linear layer absorbs, so one of them is enough.)
+
+Regressors share one interface, `fit(x, y) -> self` and `predict(x)`, on float64 numpy
+arrays of scaled volumes and standardised age: an MLP (the report's 3 -> 64 -> 1, Adam,
+mini-batches, per-epoch history), RBF kernel ridge and linear ridge (scikit-learn).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,32 +29,83 @@ from torch import nn
 
 from bench.errors import ConfigError
 
+HEADS = ("flatten", "mean")
+NORMS = ("none", "batch")  # instance/group norm would remove each subject's own mean: the count
+
+
+def conv_channels(params: Mapping[str, Any]) -> list[int]:
+    """The conv channels per layer: `channels` ("2,16,64") or `depth` layers of width*2**i."""
+    text = str(params.get("channels") or "").strip()
+    if text:
+        return [int(c) for c in text.split(",") if c.strip()]
+    return [int(params["width"]) * 2**i for i in range(int(params["depth"]))]
+
+
+def feature_size(shape: int, layers: int, kernel: int, padding: str) -> int:
+    """Edge of the last feature map: each block loses kernel-1 voxels (valid), then halves."""
+    size = shape
+    for _ in range(layers):
+        size = (size - (kernel - 1 if padding == "valid" else 0)) // 2
+    return size
+
 
 class CNN3d(nn.Module):
-    def __init__(self, shape: int, depth: int = 1, width: int = 2, kernel: int = 3,
-                 pooling: str = "max", dropout: float = 0.0, out_dim: int = 3):
+    def __init__(self, shape: int, channels: Sequence[int] = (2,), kernel: int = 3,
+                 padding: str = "valid", pooling: str = "max", norm: str = "none",
+                 head: str = "flatten", hidden: int = 0, dropout: float = 0.0,
+                 out_dim: int = 3):
         super().__init__()
-        self.config = dict(shape=shape, depth=depth, width=width, kernel=kernel,
-                           pooling=pooling, dropout=dropout, out_dim=out_dim)
+        if head not in HEADS or norm not in NORMS:
+            raise ConfigError(f"brain-age: head must be one of {HEADS} and norm one of "
+                              f"{NORMS}, got head={head!r}, norm={norm!r}")
         pool = nn.MaxPool3d if pooling == "max" else nn.AvgPool3d
         layers: list[nn.Module] = []
-        ch, size = 1, shape
-        for i in range(depth):
-            out = width * 2**i
-            layers += [nn.Conv3d(ch, out, kernel, padding=kernel // 2), nn.ReLU(inplace=True),
-                       pool(2)]
-            ch, size = out, size // 2
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(ch * size**3, out_dim))
+        ch = 1
+        for out in channels:
+            layers.append(nn.Conv3d(ch, out, kernel, padding=kernel // 2 if padding == "same"
+                                    else 0))
+            if norm == "batch":
+                layers.append(nn.BatchNorm3d(out))
+            layers += [nn.ReLU(inplace=True), pool(2)]
+            ch = out
+        self.features = nn.Sequential(*layers)
+        size = feature_size(shape, len(channels), kernel, padding)
+        self.head = (flatten_head(ch * size**3, hidden, dropout, out_dim) if head == "flatten"
+                     else mean_head(ch, hidden, dropout, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-class MLPHead(nn.Module):
-    """in_dim -> hidden (ReLU) x layers -> 1: the joint model's differentiable regressor."""
+def flatten_head(features: int, hidden: int, dropout: float, out_dim: int) -> nn.Module:
+    mods: list[nn.Module] = [nn.Flatten(), nn.Dropout(dropout)]
+    if hidden > 0:  # the report's H1: Linear(64000 -> 16) - ReLU - Linear(16 -> 3)
+        mods += [nn.Linear(features, hidden), nn.ReLU(inplace=True)]
+        features = hidden
+    return nn.Sequential(*mods, nn.Linear(features, out_dim))
 
-    def __init__(self, in_dim: int = 3, hidden: int = 32, layers: int = 1):
+
+class SpatialMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3, 4))
+
+
+def mean_head(ch: int, hidden: int, dropout: float, out_dim: int) -> nn.Module:
+    mods: list[nn.Module] = []
+    if hidden > 0:  # a per-voxel classifier before the count
+        mods += [nn.Conv3d(ch, hidden, 1), nn.ReLU(inplace=True)]
+        ch = hidden
+    return nn.Sequential(*mods, SpatialMean(), nn.Dropout(dropout), nn.Linear(ch, out_dim))
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class MLPHead(nn.Module):
+    """in_dim -> hidden (ReLU) x layers -> 1: the MLP regressor and the joint model's head."""
+
+    def __init__(self, in_dim: int = 3, hidden: int = 64, layers: int = 1):
         super().__init__()
         mods: list[nn.Module] = []
         d = in_dim
@@ -64,26 +125,43 @@ class Regressor(Protocol):
 
 
 class MLPRegressor:
-    """Full-batch Adam on MSE; seeded, so the same data and seed give the same fit."""
+    """Adam on MSE over `epochs` shuffled mini-batches (full batch when `batch_size` is None);
+    seeded, so the same data and seed give the same fit. `history` holds one
+    (epoch, train MSE, validation MAE) per epoch, in the scaled units, when `monitor` is set."""
 
-    def __init__(self, hidden: int = 32, layers: int = 1, steps: int = 500, lr: float = 1e-2,
-                 weight_decay: float = 1e-4, seed: int = 0):
-        self.hidden, self.layers, self.steps, self.lr = hidden, layers, steps, lr
-        self.weight_decay, self.seed = weight_decay, seed
+    def __init__(self, hidden: int = 64, layers: int = 1, epochs: int = 30, lr: float = 1e-3,
+                 batch_size: int | None = 16, weight_decay: float = 0.0, seed: int = 0):
+        self.hidden, self.layers, self.epochs, self.lr = hidden, layers, epochs, lr
+        self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
         self.net: MLPHead | None = None
+        self.monitor: tuple[np.ndarray, np.ndarray] | None = None  # (x_val, y_val)
+        self.history: list[tuple[int, float, float]] = []
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> MLPRegressor:
+        gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             self.net = MLPHead(x.shape[1], self.hidden, self.layers)
         xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        for _ in range(self.steps):
-            loss = torch.mean((self.net(xt) - yt) ** 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        batch = self.batch_size or len(xt)
+        self.history = []
+        for epoch in range(self.epochs):
+            total = 0.0
+            for idx in torch.randperm(len(xt), generator=gen).split(batch):
+                loss = torch.mean((self.net(xt[idx]) - yt[idx]) ** 2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            self._record(epoch, total / len(xt))
         return self
+
+    def _record(self, epoch: int, train_mse: float) -> None:
+        if self.monitor is not None:
+            x_val, y_val = self.monitor
+            mae = float(np.abs(self.predict(x_val) - y_val).mean())
+            self.history.append((epoch, train_mse, mae))
 
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -95,7 +173,9 @@ def make_regressor(params: Mapping[str, Any], seed: int) -> Regressor:
     kind = params["regressor"]
     if kind == "mlp":
         return MLPRegressor(int(params["mlp_hidden"]), int(params["mlp_layers"]),
-                            int(params["mlp_steps"]), float(params["mlp_lr"]), seed=seed)
+                            int(params["mlp_epochs"]), float(params["mlp_lr"]),
+                            params["mlp_batch_size"], float(params["mlp_weight_decay"]),
+                            seed=seed)
     if kind == "kernel_ridge":
         from sklearn.kernel_ridge import KernelRidge
 

@@ -7,13 +7,17 @@ the template's brain mask minus the two. It is cropped to a 200 mm cube and area
 to the requested edge once per process.
 
 Per subject:
-- age: 6 + Gamma(k=2.2, theta=7) years (mode ~14, median ~19) for 88%, uniform 6-80 for
-  12%, clipped to [6, 80]: the original cohort's skew (most 10-30, a tail to 80).
+- age: the original report's training cohort (466 controls, ages 6.69-78.20, mean 24.62,
+  s.d. 12.68; per 10-year bucket 21 / 152 / 220 / 24 / 14 / 9 / 18 / 8 from 0-10 to
+  70-80): inverse-CDF sampling through a monotone (PCHIP) interpolation of the cumulative
+  bucket counts, so every bucket keeps its exact share and the density inside a bucket
+  follows its neighbours (mean 24.8, s.d. 13.6 in expectation).
 - sex scales head size: women's intracranial volume is ~12% smaller (Ruigrok et al. 2014,
   Neurosci Biobehav Rev 39:34), so 0.96 linear; individual spread 3% linear; the brain
   still grows ~2% (linear) between 6 and 12 (Giedd et al. 1999, Nat Neurosci 2:861).
-- "biological" age = age + N(0, 3 y); patients (8%) get +4 y, the brain-age gap reported
-  for schizophrenia and other disorders (Kaufmann et al. 2019, Nat Neurosci 22:1617).
+- "biological" age = age + N(0, 3 y): the individual spread of brain ageing, which no
+  model can predict from the image; every subject is a control, as in the report (an
+  earlier version of this simulator gave 8% patients a +4 y gap).
 - grey matter peaks in childhood (GMV peak 5.9 y in Bethlehem et al. 2022, Nature
   604:525) and declines through adulthood, ~0.25%/y accelerating to ~25% lost by 80
   (linear GM decline with age, Good et al. 2001, NeuroImage 14:21); the lost GM becomes
@@ -59,6 +63,10 @@ import torch.nn.functional as F
 from bench.errors import DataError
 
 TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+VERSION = 2  # 2: the report's age distribution, controls only (1: gamma ages, 8% patients)
+REPORT_AGE_EDGES_Y = (6.69, 10, 20, 30, 40, 50, 60, 70, 78.20)  # min, buckets, max
+REPORT_BUCKET_COUNTS = (21, 152, 220, 24, 14, 9, 18, 8)  # its 466 training subjects
+BIO_AGE_SD_Y = 3.0
 FOV_MM = 200.0          # the template brain spans 181 mm; room for larger heads
 NATIVE_SCALE = 0.92     # MNI152 is ~25% larger in volume than an average native brain
 GM_PEAK_Y, WM_PEAK_Y = 6.0, 35.0
@@ -146,19 +154,26 @@ def load_template(shape: int) -> Template:
 
 
 # ---------------------------------------------------------------- subjects
+@functools.lru_cache(maxsize=1)
+def age_quantile() -> Any:
+    """Age as a function of a uniform draw: the report's bucket counts (module docstring)."""
+    from scipy.interpolate import PchipInterpolator
+
+    cdf = np.r_[0.0, np.cumsum(REPORT_BUCKET_COUNTS)] / sum(REPORT_BUCKET_COUNTS)
+    return PchipInterpolator(cdf, REPORT_AGE_EDGES_Y)
+
+
 def draw_subject(seed: int, i: int) -> dict[str, Any]:
     """Demographics and the scalar random draws of subject i (a generator per subject)."""
     rng = np.random.default_rng([seed, i])
-    age = rng.uniform(6, 80) if rng.random() < 0.12 else 6 + rng.gamma(2.2, 7.0)
-    age = float(np.clip(age, 6.0, 80.0))
+    age = float(age_quantile()(rng.random()))
     sex = "F" if rng.random() < 0.5 else "M"
     site_i = int(rng.integers(len(SITES)))
-    patient = rng.random() < 0.08
-    bio_age = age + rng.normal(0, 3.0) + (4.0 if patient else 0.0)
+    bio_age = age + rng.normal(0, BIO_AGE_SD_Y)
     growth = 1.0 - 0.02 * max(0.0, 12.0 - age) / 6.0
     scale = NATIVE_SCALE * (0.96 if sex == "F" else 1.0) * growth * (1 + 0.03 * rng.normal())
     return {"id": f"sub-{i:04d}", "age": round(age, 2), "sex": sex, "site": SITES[site_i],
-            "diagnosis": "patient" if patient else "control", "bio_age": bio_age,
+            "diagnosis": "control", "bio_age": bio_age,
             "scale": scale, "rot": rng.normal(0, math.radians(ROT_DEG), 3),
             "shift_mm": rng.normal(0, SHIFT_MM, 3), "torch_seed": int(rng.integers(2**62))}
 
@@ -270,15 +285,19 @@ def save_nifti(img: np.ndarray, vox_mm: float, orientation: str, path: Path) -> 
 
 
 def _write_subjects(out: Path, shape: int, seed: int, ids: list[int]) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one process per core beats threads inside grid_sample
-    t = load_template(shape)
-    rows = []
-    for i in ids:
-        row, _, t1 = simulate_subject(t, seed, i)
-        save_nifti(t1, t.vox_mm, draw_subject(seed, i)["site"].orientation,
-                   out / f"{row['id']}.nii.gz")
-        rows.append(row)
-    return rows
+    try:
+        t = load_template(shape)
+        rows = []
+        for i in ids:
+            row, _, t1 = simulate_subject(t, seed, i)
+            save_nifti(t1, t.vox_mm, draw_subject(seed, i)["site"].orientation,
+                       out / f"{row['id']}.nii.gz")
+            rows.append(row)
+        return rows
+    finally:  # in-process generation must not change the trial's arithmetic after it
+        torch.set_num_threads(threads)
 
 
 def write_cohort(out: str | Path, n: int, shape: int = 96, seed: int = 0,
@@ -313,7 +332,7 @@ def write_cohort(out: str | Path, n: int, shape: int = 96, seed: int = 0,
 def ensure_sim_cohort(root: Path, n: int, shape: int, seed: int) -> Path:
     """The simulated cohort under `root`/brain-sim, generated once (file-locked, atomic)."""
     base = root / "brain-sim"
-    final = base / f"n{n}-s{shape}-seed{seed}"
+    final = base / f"n{n}-s{shape}-seed{seed}-v{VERSION}"  # a new version: a new folder
     if (final / "metadata.csv").exists():
         return final
     base.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,35 @@
 """Brain age from T1 MRI through a concept bottleneck of tissue volumes (CSF, GM, WM).
 
-Reads top to bottom: cohort, splits, scaling, training, evaluation, the objective. A 3D
-CNN predicts the min-max-scaled volumes csfv/gmv/wmv; a regressor (MLP, RBF kernel ridge,
-linear ridge) maps volumes to age. The three concept-bottleneck modes of Koh et al. (2020,
-ICML, "Concept Bottleneck Models"): independent (regressor fitted on the true training
-volumes), sequential (fitted on the CNN's predicted training volumes, refitted each
-epoch), joint (CNN and an MLP/linear head end to end, loss = age MSE + concept_weight *
-concept MSE). `model=direct` is the reference without the bottleneck: the CNN predicts age.
-The CNN trains with Adam at `lr`, constant or (`lr_schedule=cosine`) decayed to 0 over the
-epochs; no checkpoint selection: the last epoch's model is scored.
+Reads top to bottom: cohort, splits, scaling, training, evaluation, the trial. A 3D CNN
+predicts the scaled volumes csfv/gmv/wmv; a regressor (MLP, RBF kernel ridge, linear
+ridge) maps volumes to age. The three concept-bottleneck modes of Koh et al. (2020, ICML,
+"Concept Bottleneck Models"): independent (regressor fitted on the true training volumes,
+as the original report does), sequential (fitted on the CNN's predicted training volumes,
+refitted each epoch), joint (CNN and an MLP/linear head end to end, loss = age MSE +
+concept_weight * concept MSE). `model=direct` is the reference without the bottleneck:
+the CNN predicts age. The CNN trains with Adam at `lr`, constant or (`lr_schedule=cosine`)
+decayed to 0 over the epochs; no checkpoint selection: the last epoch's model is scored.
+
+The defaults are the original report's settings (../shared/seeds/000_347117b93a658727.txt,
+part 1): Conv3d(1 -> 2, k3, no padding) - ReLU - MaxPool - Linear(2*47^3 -> 3) at 96^3
+(622,997 parameters), Adam at 1e-3 for 30 epochs, min-max scaled volumes, an MLP 3 -> 64
+-> 1 (ReLU) at lr 1e-3 for 30 epochs, 75/25 test and 85/15 validation splits stratified by
+10-year bucket. What the report does not give (batch sizes: 16) is marked where it is set.
+
+Why that baseline does not learn csfv, and what does (benchmarks/RESULTS.md, brain-age):
+its head has one weight per voxel and concept (207,646 per concept at 96^3) for ~400
+training subjects, so it fits the training volumes and not the count; `head=mean` (a
+per-voxel classifier averaged over space: a volume is a count of voxels) has a few hundred
+weights and the right invariance.
 
 Data: without `cohort`, the simulated cohort (`bench.brain.sim`, `sim_n` subjects at
 `shape`^3) is generated once under the data root and reused. Splits: the cohort's own
 test rows (`split` column == "test") when present, else 75/25 stratified by 10-year
 bucket; train/val 85/15 stratified; both seeded by `split_seed`, not the trial's seed, so
-every trial is scored on the same subjects. Scaling is fitted on the training split only.
+every trial is scored on the same subjects. Scaling is fitted on the training split only
+(the report normalised the test ages with test-set statistics; that leak is not copied).
 
-Speed: the float16 volumes sit on the device once per process (96^3 x 600 = 1.06 GB) and
+Speed: the float16 volumes sit on the device once per process (96^3 x 622 = 1.1 GB) and
 batches are index slices into them, never copies of a split; bf16 autocast and
 channels_last_3d on CUDA; the training loss is read once per epoch.
 """
@@ -28,13 +41,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from bench.brain import plots as _plots  # noqa: F401  (registers the brain-age figures)
-from bench.brain.models import CNN3d, JointModel, joint_head, make_regressor
-from bench.data import data_root
-from bench.errors import ConfigError
+from bench.brain.evaluation import (
+    BUCKETS,
+    CONCEPTS,
+    age_metrics,
+    concept_metrics,
+    save_predictions,
+    save_regressor_curve,
+)
+from bench.brain.models import (
+    HEADS,
+    NORMS,
+    CNN3d,
+    JointModel,
+    MLPRegressor,
+    conv_channels,
+    feature_size,
+    joint_head,
+    make_regressor,
+)
+from bench.brain.splits import Scaler, make_splits
+from bench.data import cache_root
 from bench.lifecycle import EpochTrial
 from bench.params import Choice, Float, Int, Metric, Text
 from bench.registry import register_task
@@ -53,29 +83,49 @@ PARAMS = {
     "resize": Choice("resample", ["resample", "crop"]),
     "normalize": Choice("percentile", ["percentile", "zscore", "none"]),
     "on_bad_file": Choice("error", ["error", "skip"]),
-    "sim_n": Int(600, 10, 100_000, help="simulated cohort: subjects"),
+    # 622 subjects: 466 in train+val after the 25% test split, the report's training set
+    "sim_n": Int(622, 10, 100_000, help="simulated cohort: subjects"),
     "sim_seed": Int(0, 0),
+    "sim_shape": Int(None, 8, 512, help="edge the simulated cohort is generated at (the "
+                     "loader then brings it to `shape`); null: `shape`"),
     "model": Choice("bottleneck", ["bottleneck", "direct"], help="direct: CNN -> age"),
     "mode": Choice("independent", ["independent", "sequential", "joint"]),
     "regressor": Choice("mlp", ["mlp", "kernel_ridge", "ridge"]),
-    "depth": Int(1, 1, 8, help="the original baseline: 1 conv layer, 2 channels, max-pool"),
-    "width": Int(2, 1, 512),
+    "depth": Int(1, 1, 8, help="conv blocks (conv - [norm] - ReLU - 2x pool)"),
+    "width": Int(2, 1, 512, help="channels of the first block, doubled at each next one"),
+    "channels": Text("", help="conv channels per block, e.g. '2,16,64' (the report's H1); "
+                     "empty: depth blocks of width * 2**i. Given, depth and width must agree"),
     "kernel": Int(3, 1, 11),
+    "padding": Choice("valid", ["valid", "same"], help="valid: none, as the report's"),
     "pooling": Choice("max", ["max", "avg"]),
+    "norm": Choice("none", list(NORMS), help="after each conv"),
+    "head": Choice("flatten", list(HEADS),
+                   help="flatten: every voxel into a linear layer (the report's); mean: a "
+                        "per-voxel classifier averaged over space (a volume is a count)"),
+    "hidden": Int(0, 0, 4096, help="hidden units before the head's output (the report's H1: "
+                                   "16); for head=mean a 1x1x1 conv, per voxel"),
     "dropout": Float(0.0, 0.0, 0.99),
+    "augment": Choice("none", ["none", "flip"],
+                      help="flip: each training volume mirrored left-right with p=0.5 (a "
+                           "mirrored brain has the same tissue volumes)"),
+    "concept_scaling": Choice("minmax", ["minmax", "zscore"],
+                              help="targets of the CNN and inputs of the regressor"),
     "lr": Float(1e-3, high=10.0, above=0.0),
     "lr_schedule": Choice("constant", ["constant", "cosine"],
                           help="cosine: to 0 over `epochs`, stepped per epoch"),
     "weight_decay": Float(0.0, 0.0),
-    "batch_size": Int(16, 1),
-    "epochs": Int(20, 1, 100_000),
+    "batch_size": Int(16, 1, help="the report does not give it"),
+    "epochs": Int(30, 1, 100_000),
     "concept_weight": Float(1.0, 0.0, help="joint: weight of the concept MSE"),
-    "mlp_hidden": Int(32, 1),
+    "mlp_hidden": Int(64, 1),
     "mlp_layers": Int(1, 0, 16),
-    "mlp_steps": Int(500, 1),
-    "mlp_lr": Float(1e-2, high=10.0, above=0.0),
-    "kr_alpha": Float(0.1, above=0.0, help="5-fold CV on the simulated training split"),
-    "kr_gamma": Float(3.0, above=0.0),
+    "mlp_epochs": Int(30, 1, 100_000),
+    "mlp_batch_size": Int(16, 1, nullable=True, help="null: full batch; the report does not "
+                                                      "give it"),
+    "mlp_lr": Float(1e-3, high=10.0, above=0.0),
+    "mlp_weight_decay": Float(0.0, 0.0),
+    "kr_alpha": Float(0.01, above=0.0, help="the report's H2: 0.01; its H3 search: 0.001"),
+    "kr_gamma": Float(0.1, above=0.0, help="the report's H2: 0.1; its H3 search: 0.02"),
     "ridge_alpha": Float(1.0, 0.0),
     "train_size": Int(None, 1),
     "test_size": Int(None, 1),
@@ -85,15 +135,19 @@ PARAMS = {
     "eval_batch_size": Int(32, 1),
 }
 DEFAULTS = {k: d.default for k, d in PARAMS.items()}
-SMOKE = {"shape": 24, "sim_n": 40, "epochs": 2, "batch_size": 8, "mlp_steps": 100}
-CONCEPTS = ("csfv", "gmv", "wmv")  # per-concept metrics are declared for these names
-BUCKETS = tuple(range(0, 100, 10))  # MAE by 10-year age bucket
-YEARS, ML = "years", "mL"
+SMOKE = {"shape": 24, "sim_n": 40, "sim_shape": None, "epochs": 2, "batch_size": 8,
+         "mlp_epochs": 5}  # sim_shape None: generated at 24^3, not at the YAML's 96^3
+YEARS, ML, SCALED = "years", "mL", "MSE (scaled)"
 METRICS = {
-    "train_loss": Metric("MSE (scaled)", "training loss on scaled targets", "train"),
+    "train_loss": Metric(SCALED, "training loss on scaled targets, mean over the epoch",
+                         "train"),
+    "val_loss": Metric(SCALED, "the training loss on the validation split, after the epoch",
+                       "val"),
     "val_mae": Metric(YEARS, "mean absolute error of the predicted age, validation", "val"),
     "val_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, "
                                      "validation", "val"),
+    "val_mae_true_concepts": Metric(YEARS, "MAE of the regressor fed the TRUE volumes, "
+                                    "validation (the bottleneck's ceiling)", "val"),
     "test_mae": Metric(YEARS, "mean absolute error of the predicted age, test", "test"),
     "test_bias": Metric(YEARS, "mean signed error (predicted - true), test", "test"),
     "test_r2": Metric("", "coefficient of determination of the age, test", "test"),
@@ -103,16 +157,44 @@ METRICS = {
        for b in BUCKETS},
     **{f"concept_mae_{c}": Metric(ML, f"MAE of the predicted {c}, test", "test")
        for c in CONCEPTS},
+    **{f"concept_r_{c}": Metric("", f"Pearson r of the predicted and true {c}, test", "test")
+       for c in CONCEPTS},
+    **{f"val_concept_r_{c}": Metric("", f"Pearson r of the predicted and true {c}, "
+                                    "validation", "val") for c in CONCEPTS},
 }
 _DEVICE_VOLS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def rules(params: Mapping[str, Any]) -> list[str]:
     """Combinations of values that cannot run."""
+    return [*_architecture_rules(params), *_mode_rules(params)]
+
+
+def _architecture_rules(params: Mapping[str, Any]) -> list[str]:
+    text = str(params["channels"]).strip()
+    try:
+        chans = conv_channels(params)
+    except ValueError:
+        chans = []
+    if text and not chans:
+        return [f"channels: must be comma-separated positive integers, got {text!r}"]
     bad = []
-    if int(params["shape"]) // 2 ** int(params["depth"]) < 1:
-        bad.append(f"depth: {params['depth']} poolings shrink shape {params['shape']} below "
-                   "1 voxel")
+    if text and (len(chans) != int(params["depth"]) or chans[0] != int(params["width"])):
+        bad.append(f"channels: {text!r} has {len(chans)} block(s) starting at {chans[0]} "
+                   f"channels: depth must be {len(chans)} and width {chans[0]}, got depth "
+                   f"{params['depth']}, width {params['width']}")
+    if any(c < 1 for c in chans):
+        bad.append(f"channels: every block needs >= 1 channel, got {text!r}")
+    size = feature_size(int(params["shape"]), len(chans), int(params["kernel"]),
+                        params["padding"])
+    if size < 1:
+        bad.append(f"depth: {len(chans)} blocks of kernel {params['kernel']} "
+                   f"({params['padding']} padding) shrink shape {params['shape']} below 1 voxel")
+    return bad
+
+
+def _mode_rules(params: Mapping[str, Any]) -> list[str]:
+    bad = []
     if params["model"] == "bottleneck" and params["mode"] == "joint" \
             and params["regressor"] == "kernel_ridge":
         bad.append("regressor: mode=joint trains the regressor by gradient descent: regressor "
@@ -136,72 +218,13 @@ def load_data(params: Mapping[str, Any], data_dir: Path | None) -> Any:
     shape = int(params["shape"])
     folder = params["cohort"]
     if folder is None:
-        folder = ensure_sim_cohort(data_root(data_dir), int(params["sim_n"]), shape,
-                                   int(params["sim_seed"]))
+        folder = ensure_sim_cohort(cache_root(), int(params["sim_n"]),
+                                   int(params["sim_shape"] or shape), int(params["sim_seed"]))
     concepts = tuple(concept_names(params))
     spec = CohortSpec(Path(folder).expanduser(), shape, params["metadata"],
                       params["file_pattern"], params["id_column"], params["age_column"],
                       concepts, params["resize"], params["normalize"])
     return load_cohort(spec, params["on_bad_file"])
-
-
-def age_bucket(age: np.ndarray) -> np.ndarray:
-    return (np.floor(age / 10) * 10).astype(int)
-
-
-def stratified_split(strata: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rest, held) indices: round(frac * n_s) of each stratum held out, shuffled by `seed`."""
-    rng = np.random.default_rng(seed)
-    held: list[int] = []
-    for s in np.unique(strata):
-        members = np.flatnonzero(strata == s)
-        k = int(round(frac * len(members)))
-        held += rng.permutation(members)[:k].tolist()
-    mask = np.zeros(len(strata), bool)
-    mask[held] = True
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-
-def make_splits(meta: pd.DataFrame, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    age = meta[params["age_column"]].to_numpy(float)
-    strata = age_bucket(age)
-    seed = int(params["split_seed"])
-    col = params["split_column"]
-    if col in meta.columns and (meta[col].astype(str).str.lower() == "test").any():
-        is_test = meta[col].astype(str).str.lower().to_numpy() == "test"
-        dev, test = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    else:
-        dev, test = stratified_split(strata, float(params["test_fraction"]), seed)
-    tr, va = stratified_split(strata[dev], float(params["val_fraction"]), seed + 1)
-    train, val = dev[tr], dev[va]
-    if params["train_size"] is not None:
-        train = train[: int(params["train_size"])]
-    if params["test_size"] is not None:
-        test = test[: int(params["test_size"])]
-    if min(len(train), len(val), len(test)) < 1:
-        raise ConfigError(f"brain-age: a split is empty (train {len(train)}, val {len(val)}, "
-                          f"test {len(test)}); the cohort has {len(meta)} usable subjects")
-    return {"train": train, "val": val, "test": test}
-
-
-class Scaler:
-    """Min-max for volumes (as the original), standardisation for age; train split only."""
-
-    def __init__(self, concepts: np.ndarray, age: np.ndarray):
-        self.lo, self.span = concepts.min(0), np.maximum(np.ptp(concepts, 0), 1e-9)
-        self.mean, self.sd = float(age.mean()), max(float(age.std()), 1e-9)
-
-    def concepts(self, c: np.ndarray) -> np.ndarray:
-        return (c - self.lo) / self.span
-
-    def concepts_back(self, c: np.ndarray) -> np.ndarray:
-        return c * self.span + self.lo
-
-    def age(self, a: np.ndarray) -> np.ndarray:
-        return (a - self.mean) / self.sd
-
-    def age_back(self, a: np.ndarray) -> np.ndarray:
-        return a * self.sd + self.mean
 
 
 def device_volumes(vols: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -223,6 +246,12 @@ def _input(vols: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def flip_lr(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each volume of [B,1,X,Y,Z] (RAS: X runs left-right) mirrored in X with p=0.5."""
+    flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None, None], x.flip(2), x)
+
+
 def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             params: Mapping[str, Any]) -> torch.Tensor:
     """y = [scaled concepts..., scaled age]."""
@@ -236,6 +265,18 @@ def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return mse(model(x).float(), y[:, :-1])
 
 
+def scaled_loss(c: np.ndarray | None, a: np.ndarray | None, y: np.ndarray,
+                params: Mapping[str, Any]) -> float:
+    """`loss_fn` on network outputs already computed (forward_all), for the validation."""
+    loss = 0.0
+    if a is not None:
+        loss += float(((a - y[:, -1]) ** 2).mean())
+    if c is not None:
+        weight = float(params["concept_weight"]) if a is not None else 1.0
+        loss += weight * float(((c - y[:, :-1]) ** 2).mean())
+    return loss
+
+
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, vols: torch.Tensor,
                 idx: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any],
                 gen: torch.Generator) -> float:
@@ -243,8 +284,11 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, vols: torch.
     dev = vols.device
     total = torch.zeros((), device=dev)
     for b in batches(len(idx), int(params["batch_size"]), dev, gen):
+        x = _input(vols, idx[b])
+        if params["augment"] == "flip":
+            x = flip_lr(x, gen)
         with autocast(dev):
-            loss = loss_fn(model, _input(vols, idx[b]), y[b], params)
+            loss = loss_fn(model, x, y[b], params)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -276,9 +320,9 @@ def forward_all(model: torch.nn.Module, vols: torch.Tensor, idx: torch.Tensor,
 def build_model(params: Mapping[str, Any], n_concepts: int,
                 device: torch.device) -> torch.nn.Module:
     direct = params["model"] == "direct"
-    cnn = CNN3d(int(params["shape"]), int(params["depth"]), int(params["width"]),
-                int(params["kernel"]), params["pooling"], float(params["dropout"]),
-                1 if direct else n_concepts)
+    cnn = CNN3d(int(params["shape"]), conv_channels(params), int(params["kernel"]),
+                params["padding"], params["pooling"], params["norm"], params["head"],
+                int(params["hidden"]), float(params["dropout"]), 1 if direct else n_concepts)
     model: torch.nn.Module = cnn
     if not direct and params["mode"] == "joint":
         model = JointModel(cnn, joint_head(params, n_concepts))
@@ -288,43 +332,13 @@ def build_model(params: Mapping[str, Any], n_concepts: int,
     return model
 
 
-def predict(model: torch.nn.Module, reg: Any, vols: torch.Tensor, idx: torch.Tensor,
-            params: Mapping[str, Any], sc: Scaler) -> tuple[np.ndarray, np.ndarray | None]:
-    """(age in years, volumes in the metadata's units or None for the direct model)."""
-    c, a = forward_all(model, vols, idx, int(params["eval_batch_size"]))
-    if a is None:
-        assert c is not None and reg is not None
-        a = np.asarray(reg.predict(c), dtype=float)
-    return sc.age_back(a), None if c is None else sc.concepts_back(c)
-
-
-# ---------------------------------------------------------------- metrics
-def age_metrics(pred: np.ndarray, true: np.ndarray, prefix: str) -> dict[str, float]:
-    err = pred - true
-    ss_tot = float(((true - true.mean()) ** 2).sum())
-    out = {f"{prefix}_mae": float(np.abs(err).mean()), f"{prefix}_bias": float(err.mean()),
-           f"{prefix}_r2": 1.0 - float((err**2).sum()) / ss_tot if ss_tot > 0 else 0.0}
-    buckets = age_bucket(true)
-    for b in np.unique(buckets):
-        if b in BUCKETS:
-            out[f"{prefix}_mae_{b}_{b + 9}"] = float(np.abs(err[buckets == b]).mean())
-    return out
-
-
-def save_predictions(path: Path, meta: pd.DataFrame, parts: dict[str, tuple], params:
-                     Mapping[str, Any], concepts: list[str]) -> None:
-    """predictions.csv: one row per val/test subject, true and predicted age and volumes."""
-    frames = []
-    for split, (rows, age_pred, c_pred) in parts.items():
-        df = pd.DataFrame({"id": meta[params["id_column"]].to_numpy()[rows], "split": split,
-                           "age": meta[params["age_column"]].to_numpy(float)[rows],
-                           "age_pred": age_pred})
-        for j, name in enumerate(concepts):
-            df[name] = meta[name].to_numpy(float)[rows]
-            if c_pred is not None:
-                df[f"{name}_pred"] = c_pred[:, j]
-        frames.append(df)
-    pd.concat(frames).to_csv(path, index=False, float_format="%.6g")
+def fit_regressor(params: Mapping[str, Any], seed: int, x: np.ndarray, y: np.ndarray,
+                  x_val: np.ndarray, y_val: np.ndarray) -> Any:
+    """The regressor fitted on (x, y); an MLP also records its curve on (x_val, y_val)."""
+    reg = make_regressor(params, seed)
+    if isinstance(reg, MLPRegressor):
+        reg.monitor = (x_val, y_val)
+    return reg.fit(x, y)
 
 
 # ---------------------------------------------------------------- the trial
@@ -348,11 +362,12 @@ class BrainAgeTrial(EpochTrial):
         self.c_all = self.meta[self.concepts].to_numpy(float)
         self.a_all = self.meta[params["age_column"]].to_numpy(float)
         tr = self.sp["train"]
-        self.sc = Scaler(self.c_all[tr], self.a_all[tr])
+        self.sc = Scaler(self.c_all[tr], self.a_all[tr], params["concept_scaling"])
         self.vols = device_volumes(cohort.volumes, ctx.device)
         self.idx = {k: torch.as_tensor(v, device=ctx.device) for k, v in self.sp.items()}
-        self.y = np.column_stack([self.sc.concepts(self.c_all[tr]), self.sc.age(self.a_all[tr])])
-        self.y_train = torch.as_tensor(self.y, dtype=torch.float32, device=ctx.device)
+        self.y = {k: np.column_stack([self.sc.concepts(self.c_all[v]), self.sc.age(self.a_all[v])])
+                  for k, v in self.sp.items()}
+        self.y_train = torch.as_tensor(self.y["train"], dtype=torch.float32, device=ctx.device)
         self.model = build_model(params, len(self.concepts), ctx.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(params["lr"]),
                                     weight_decay=float(params["weight_decay"]))
@@ -361,12 +376,21 @@ class BrainAgeTrial(EpochTrial):
         self.bottleneck = params["model"] == "bottleneck" and params["mode"] != "joint"
         self.reg: Any = None
         if self.bottleneck and params["mode"] == "independent":  # true volumes -> age, once
-            self.reg = make_regressor(params, ctx.seed).fit(self.y[:, :-1], self.y[:, -1])
+            self.reg = self._fit_regressor(self.y["train"][:, :-1],
+                                           self.y["val"][:, :-1])
         self.gen = generator(ctx.device, ctx.seed)
         self.examples_per_epoch = len(tr)
 
     def sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.sp.items()}
+
+    def _fit_regressor(self, x_train: np.ndarray, x_val: np.ndarray) -> Any:
+        return fit_regressor(self.params, self.ctx.seed, x_train, self.y["train"][:, -1],
+                             x_val, self.y["val"][:, -1])
+
+    def _forward(self, split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return forward_all(self.model, self.vols, self.idx[split],
+                           int(self.params["eval_batch_size"]))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         loss = train_epoch(self.model, self.opt, self.vols, self.idx["train"], self.y_train,
@@ -378,42 +402,64 @@ class BrainAgeTrial(EpochTrial):
     def _fit_sequential(self) -> None:
         """Sequential mode: the regressor learns age from the CNN's predicted volumes."""
         if self.bottleneck and self.params["mode"] == "sequential":
-            c_tr, _ = forward_all(self.model, self.vols, self.idx["train"],
-                                  int(self.params["eval_batch_size"]))
-            assert c_tr is not None
-            self.reg = make_regressor(self.params, self.ctx.seed).fit(c_tr, self.y[:, -1])
+            c_tr, _ = self._forward("train")
+            c_va, _ = self._forward("val")
+            assert c_tr is not None and c_va is not None
+            self.reg = self._fit_regressor(c_tr, c_va)
 
     def restored(self) -> None:
         self._fit_sequential()
 
+    def _ages(self, c: np.ndarray | None, a: np.ndarray | None) -> np.ndarray:
+        """Age in years from the network's outputs (through the regressor when it has one)."""
+        if a is None:
+            assert c is not None and self.reg is not None
+            a = np.asarray(self.reg.predict(c), dtype=float)
+        return self.sc.age_back(a)
+
     def _predict(self, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-        return predict(self.model, self.reg, self.vols, self.idx[split], self.params, self.sc)
+        """(age in years, volumes in the metadata's units or None for the direct model)."""
+        c, a = self._forward(split)
+        return self._ages(c, a), None if c is None else self.sc.concepts_back(c)
 
     def validate(self, epoch: int) -> dict[str, float]:
         self._fit_sequential()
-        val_age, _ = self._predict("val")
-        return {"val_mae": float(np.abs(val_age - self.a_all[self.sp["val"]]).mean())}
+        c, a = self._forward("val")
+        val_age = self._ages(c, a)
+        return {"val_mae": float(np.abs(val_age - self.a_all[self.sp["val"]]).mean()),
+                "val_loss": scaled_loss(c, a, self.y["val"], self.params)}
+
+    def _mean_age(self) -> float:
+        return float(self.a_all[self.sp["train"]].mean())
 
     def finish(self) -> dict[str, float]:
-        mean_age = self.a_all[self.sp["train"]].mean()
-        return {"val_mae_mean_predictor": float(np.abs(mean_age - self.a_all[self.sp["val"]])
-                                                .mean())}
+        val = self.sp["val"]
+        out = {"val_mae_mean_predictor": float(np.abs(self._mean_age() - self.a_all[val])
+                                               .mean())}
+        _, val_c = self._predict("val")
+        if val_c is not None:
+            out.update(concept_metrics(val_c, self.c_all[val], self.concepts, "val_concept_",
+                                       mae=False))
+        if self.reg is not None:  # the regressor on the true volumes: the bottleneck's ceiling
+            true_age = self.sc.age_back(np.asarray(self.reg.predict(self.y["val"][:, :-1])))
+            out["val_mae_true_concepts"] = float(np.abs(true_age - self.a_all[val]).mean())
+        return out
 
     def test(self) -> dict[str, float]:
         test = self.sp["test"]
         test_age, test_c = self._predict("test")
-        mean_age = self.a_all[self.sp["train"]].mean()
         metrics = {**age_metrics(test_age, self.a_all[test], "test"),
-                   "test_mae_mean_predictor": float(np.abs(mean_age - self.a_all[test]).mean())}
+                   "test_mae_mean_predictor": float(np.abs(self._mean_age() - self.a_all[test])
+                                                    .mean())}
         if test_c is not None:
-            for j, name in enumerate(self.concepts):
-                if name in CONCEPTS:
-                    metrics[f"concept_mae_{name}"] = float(
-                        np.abs(test_c[:, j] - self.c_all[test, j]).mean())
+            metrics.update(concept_metrics(test_c, self.c_all[test], self.concepts,
+                                           "concept_", mae=True))
         return metrics
 
     def save_artifacts(self, folder: Path) -> None:
-        """predictions.csv: true and predicted age and volumes of every val/test subject."""
+        """predictions.csv (true and predicted age and volumes of every val/test subject) and
+        regressor_curve.csv (the MLP regressor's epochs)."""
         parts = {split: (self.sp[split], *self._predict(split)) for split in ("val", "test")}
         save_predictions(folder / "predictions.csv", self.meta, parts, self.params,
-                         self.concepts)
+                         self.concepts, self._mean_age())
+        save_regressor_curve(folder / "regressor_curve.csv", self.reg, self.sc.sd)
