@@ -133,6 +133,9 @@ class FusedGroup:
     `member_state(k)` and `load_member(k, state)` speak the unfused trial's state format."""
 
     group_keys: tuple[str, ...] = ()  # parameters that fix the stacked shapes
+    # parameter -> the values this implementation trains; a plan that can reach another
+    # value is refused before anything starts (run it unfused)
+    supports: dict[str, tuple[Any, ...]] = {}
 
     def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
                  device: torch.device, data_dir: Path | None):

@@ -17,11 +17,12 @@ Naming and places (every backend and launcher uses these, never its own):
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, ConfigError
 from bench.names import name_problem
@@ -36,6 +37,9 @@ from bench.space import (
     merge_params,
     space_for,
 )
+
+if TYPE_CHECKING:
+    from bench.fused import FusedGroup
 
 DEFAULT_SEARCH_TRIALS = 20
 DEFAULT_SMOKE_TRIALS = 3
@@ -201,6 +205,8 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     plan = Plan(opts, task, space, variant, metric, direction, study, "", pruner, overrides)
     plan.storage_url = resolve_storage(opts, task.name, study)
     _check_sampler(plan)
+    if plan.opts.fuse is not None:
+        fused_class(plan)
     param_sets = [plan.params(pt) for pt in (variant.points() if plan.enumerated
                                              and variant else [{}])]
     errs = []
@@ -266,6 +272,35 @@ def _option_problems(opts: RunOptions) -> list[str]:
     if not opts.checkpoint_every_s >= 0:
         errs.append(f"--checkpoint-every: must be >= 0 seconds, got {opts.checkpoint_every_s}")
     return errs
+
+
+def fused_class(plan: Plan) -> type[FusedGroup]:
+    """The task's FusedGroup class, refused before anything is written when the task has
+    none or the run can reach a value the fused implementation does not train."""
+    from bench.registry import get_fused
+
+    cls = get_fused(plan.task.name)
+    if cls is None:
+        raise ConfigError(f"--fuse: task {plan.task.name!r} trains one trial at a time (it "
+                          "has no fused implementation: BatchNorm statistics or a 3-D model "
+                          "that fills the device alone); run it without --fuse, or several "
+                          "trials per GPU with --workers N")
+    supports: dict[str, tuple[Any, ...]] = getattr(cls, "supports", {})
+    reachable: dict[str, set[Any]] = {k: {plan.params({}).get(k)} for k in supports}
+    for name, decl in plan.searched().items():
+        if name in supports:
+            reachable[name] |= set(decl.values_to_check())
+    if plan.enumerated and plan.variant is not None:
+        for pt in plan.variant.points():
+            for k in supports:
+                reachable[k].add(plan.params(pt).get(k))
+    for k, allowed in supports.items():
+        bad = sorted(str(v) for v in reachable[k] - set(allowed))
+        if bad:
+            raise ConfigError(f"--fuse: {plan.task.name}'s fused trials train {k} in "
+                              f"{{{', '.join(map(str, allowed))}}}, this run reaches "
+                              + ", ".join(f"{k}={b}" for b in bad) + "; run it without --fuse")
+    return cls  # type: ignore[no-any-return]
 
 
 def _check_sampler(plan: Plan) -> None:
@@ -346,8 +381,11 @@ def study_in_sqlite(path: Path, study: str) -> bool:
     if head != SQLITE_MAGIC:
         raise ConfigError(f"{path}: not an SQLite database (damaged, or another file in its "
                           "place); restore it, or move it away to start new studies")
+    # read-write where allowed (`rw` never creates): a writer killed mid-commit leaves a hot
+    # journal that only a read-write connection rolls back; read-only on a read-only file
+    mode = "rw" if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK) else "ro"
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        con = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=60)
         try:
             rows = con.execute("SELECT 1 FROM studies WHERE study_name = ?", (study,))
             return rows.fetchone() is not None
@@ -367,14 +405,20 @@ def study_in_journal(path: Path, study: str) -> bool:
     if not path.exists():
         return False
     needle = json.dumps(study)
+    torn: int | None = None  # an unreadable study record, damage unless it is the last line
     try:
         with open(path, "rb") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
+                if torn is not None:
+                    raise ConfigError(f"{path}: the study journal is damaged (line {torn} is "
+                                      "not a whole record, and records follow it); keep a "
+                                      "copy, then remove that line to recover its studies")
                 if b'"op_code":0' not in line or needle.encode() not in line:
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
+                    torn = number
                     continue
                 if record.get("op_code") == 0 and record.get("study_name") == study:
                     return True

@@ -44,7 +44,6 @@ class Task:
     rules: Rules | None = None
     data: DataCheck | None = None
     requires: tuple[str, Sequence[str]] | None = None  # (extra, modules)
-    fusable: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -55,7 +54,9 @@ class Task:
         found = problems(self.name, self.params, params, where)
         if not found and self.rules is not None:
             prefix = f"{where}: " if where else ""
-            found = [f"{prefix}{p}" for p in self.rules(params)]
+            # over the defaults: a partial set (`bench eval --set`, a row older than a
+            # parameter) is checked as the trial will run it
+            found = [f"{prefix}{p}" for p in self.rules({**self.defaults, **params})]
         return found
 
     def require_extra(self) -> None:
@@ -84,7 +85,7 @@ def register_task(
     name: str, *, metric: str, direction: str, params: Mapping[str, Decl],
     metrics: Mapping[str, Metric], smoke: Mapping[str, Any] | None = None,
     rules: Rules | None = None, data: DataCheck | None = None,
-    requires: tuple[str, Sequence[str]] | None = None, fusable: bool = False,
+    requires: tuple[str, Sequence[str]] | None = None,
 ) -> Callable[[type[EpochTrial]], type[EpochTrial]]:
     """Register an `EpochTrial` subclass as the task `name`.
 
@@ -109,7 +110,7 @@ def register_task(
         doc = (cls.__doc__ or "").strip().splitlines()
         _TASKS[name] = Task(name, cls, metric, direction, dict(params),
                             {**metrics, **HARNESS_METRICS}, doc[0] if doc else "",
-                            dict(smoke or {}), rules, data, requires, fusable)
+                            dict(smoke or {}), rules, data, requires)
         return cls
 
     return wrap

@@ -3,7 +3,6 @@ trial run alone; members are pruned, fail and resume alone; groups follow the sa
 
 from __future__ import annotations
 
-import math
 import re
 import signal
 import subprocess
@@ -192,7 +191,14 @@ def test_fuse_on_a_task_without_it_says_so(tmp_path: Path) -> None:
     assert "--workers N" in res.stderr and not (tmp_path / "lb").exists()
     res = bench_cli("run", "synthetic", "--fuse", "0", "--out", str(tmp_path / "lb"))
     assert res.returncode == 2 and "--fuse: must be a number of trials" in res.stderr
-    assert math.isfinite(1.0)
+    for bad, said in (("arch=bn256", "arch=bn256"), ("likelihood=mse", "likelihood=mse"),
+                      ("kl=mc", "kl=mc")):
+        res = bench_cli("run", "vae", "--fuse", "4", "--set", bad, "--out", str(tmp_path / "lb"))
+        assert res.returncode == 2 and said in res.stderr and "without --fuse" in res.stderr
+    res = bench_cli("run", "vae", "--variant", "ae-vs-vae-001", "--fuse", "2",
+                    "--out", str(tmp_path / "lb"))
+    assert res.returncode == 2 and "arch=bn256" in res.stderr, res.stderr
+    assert not (tmp_path / "lb").exists()
 
 
 def test_workers_are_placed_on_the_gpus_round_robin() -> None:

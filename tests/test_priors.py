@@ -259,3 +259,91 @@ def test_prior_comparison_end_to_end(tmp_path: Path) -> None:
     for name in ("priors_comparison.png", "priors_samples.png", "priors_decoded.png"):
         img = imread(written[name])
         assert img.ndim == 3 and min(img.shape[:2]) > 200 and img.std() > 0, name
+
+
+# ---------------------------------------------------------------- the study's settings (002)
+def test_dcgan_decoder_is_the_studys() -> None:
+    from torch import nn
+
+    from bench.nets import DcganLinearDecoder
+
+    dec = DcganLinearDecoder(1, 28, 100)
+    convs = [m for m in dec.net if isinstance(m, nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] \
+        == [(100, 128, (7, 7), (1, 1), (0, 0)), (128, 64, (4, 4), (2, 2), (1, 1)),
+            (64, 1, (4, 4), (2, 2), (1, 1))]
+    assert [type(m).__name__ for m in dec.net] == [
+        "ConvTranspose2d", "BatchNorm2d", "ReLU", "ConvTranspose2d", "BatchNorm2d", "ReLU",
+        "ConvTranspose2d", "Sigmoid"]
+    assert (dec.mlp.in_features, dec.mlp.out_features) == (784, 784)
+    expected = (100 * 128 * 49 + 128) + 2 * 128 + (128 * 64 * 16 + 64) + 2 * 64 \
+        + (64 * 16 + 1) + (784 * 784 + 784)
+    assert sum(p.numel() for p in dec.parameters()) == expected
+    assert dec(torch.randn(3, 100)).shape == (3, 1, 28, 28)
+
+
+def test_gaussian_likelihood_matches_torch() -> None:
+    from bench.nets import gaussian_log_px
+
+    g = torch.Generator().manual_seed(5)
+    mean, x = torch.rand(4, 1, 28, 28, generator=g), torch.rand(4, 1, 28, 28, generator=g)
+    ref = torch.distributions.Normal(mean, 0.1).log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(gaussian_log_px(mean, x, 0.1), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_per_class_init_shares_one_draw_per_class_for_the_vad_only() -> None:
+    from bench.tasks.priors import build_model
+
+    task = get_task("priors")
+    labels = torch.tensor([0, 1, 0, 2, 1, 2, 2])
+    params = {**task.defaults, "vad_init": "per-class", "latent_dim": 6, "width": 4}
+    torch.manual_seed(0)
+    vad = build_model({**params, "model": "vad"}, 7, (1, 28, 28), torch.device("cpu"), labels)
+    w = vad.codes.weight.detach()
+    for c in range(3):
+        rows = w[labels == c]
+        assert torch.equal(rows, rows[:1].expand_as(rows)), f"class {c} shares one draw"
+    assert not torch.equal(w[0], w[1])
+    ad = build_model({**params, "model": "ad"}, 7, (1, 28, 28), torch.device("cpu"), labels)
+    assert not torch.equal(ad.codes.weight[0], ad.codes.weight[2]), "ad: one draw per image"
+
+
+def test_rmse_is_in_grey_levels() -> None:
+    from bench.tasks.priors import rmse_grey
+
+    # images off by 0.1 everywhere, and by 0.3 everywhere: RMSE sqrt((0.01 + 0.09) / 2)
+    assert rmse_grey(torch.tensor([0.01, 0.09])) == pytest.approx(255 * math.sqrt(0.05))
+
+
+def test_dcgan_needs_28x28_images() -> None:
+    from bench.registry import check_values
+
+    task = get_task("priors")
+    with pytest.raises(ConfigError, match="dcgan decodes 28x28"):
+        check_values(task, {**task.defaults, "arch": "dcgan", "dataset": "cifar10"})
+
+
+@needs_mnist
+def test_decoders_002_end_to_end(tmp_path: Path) -> None:
+    """The study's variant: grey-level metrics on every trial, its figures from bench plot."""
+    from matplotlib.image import imread
+
+    out = tmp_path / "lb"
+    run = bench_cli("run", "priors", "--variant", "decoders-002", "--smoke", "--set",
+                    "tsne_size=24", "--quiet", "--device", "cpu", "--out", str(out),
+                    env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr
+    rows = leaderboard.read_trials(out, "priors")
+    assert len(rows) == 18 and set(rows["state"]) == {"COMPLETE"}, rows["error"].dropna()
+    for col in ("metric_train_rmse", "metric_val_rmse", "metric_test_rmse"):
+        assert rows[col].between(0, 255).all(), col
+    assert rows["metric_test_bce_per_pixel"].isna().all() if \
+        "metric_test_bce_per_pixel" in rows else True  # a Gaussian has no BCE
+    plot = bench_cli("plot", "priors", "--out", str(out), env=ONE_THREAD)
+    assert plot.returncode == 0, plot.stderr
+    written = {Path(p).name: Path(p) for p in plot.stdout.split()}
+    for name in ("priors_test_vs_random.png", "priors_tsne.png", "priors_fit_curves.png"):
+        img = imread(written[name])
+        assert img.ndim == 3 and min(img.shape[:2]) > 200 and img.std() > 0, name
+    board = bench_cli("board", "priors", "--out", str(out), "--format", "json")
+    assert board.returncode == 0 and "24.9" in board.stdout, board.stderr  # the reference

@@ -24,23 +24,18 @@ import torch
 from optuna.trial import TrialState
 
 from bench import signals
-from bench.errors import ConfigError
 from bench.fused import FusedGroup, Member, run_group
 from bench.lifecycle import Outcome
 from bench.plan import Plan
-from bench.registry import get_fused
 
 MAX_AUTO = 64  # --fuse auto never stacks more members than this
 
 
 def check_fusable(plan: Plan) -> type[FusedGroup]:
-    cls = get_fused(plan.task.name)
-    if cls is None:
-        raise ConfigError(f"--fuse: task {plan.task.name!r} trains one trial at a time (it "
-                          "has no fused implementation: BatchNorm statistics or a 3-D model "
-                          "that fills the device alone); run it without --fuse, or several "
-                          "trials per GPU with --workers N")
-    return cls
+    """The task's fused implementation (bench.plan.fused_class checks it at planning)."""
+    from bench.plan import fused_class
+
+    return fused_class(plan)
 
 
 def latent_cap(plan: Plan) -> int:
@@ -168,7 +163,7 @@ class FusedRunner:
                     continue
         return None
 
-    def _ask(self, shape: Mapping[str, Any] | None) -> optuna.Trial:
+    def _ask(self, shape: Mapping[str, Any] | None) -> optuna.Trial | None:
         searched = self.plan.searched()
         fixed = {k: v for k, v in (shape or {}).items() if k in searched}
         if fixed:  # the group's shape, fixed; the sampler proposes the rest

@@ -7,20 +7,30 @@ reparameterised) on Fashion-MNIST with 100 latents, and compared the latent fami
 codes: `ad` and `vad` fit them with the decoder frozen (`test_steps` Adam steps, `lr_codes`),
 `vae` encodes them.
 
-Losses, per image, in nats, on statically binarised pixels (Bernoulli likelihood):
+Losses, per image, in nats, on statically binarised pixels (`likelihood=bernoulli`) or on
+grey levels in [0, 1] with a Gaussian of fixed pixel std `sigma` (`likelihood=gaussian`, the
+original study's grey-level targets):
 - `ad`: MAP, -log p(x | z) - beta * log p(z): the prior is the code regulariser (L2 for Normal,
   L1 for Laplace, nothing inside the support for Uniform, whose codes are kept inside it).
 - `vad`, `vae`: the negative beta-ELBO, -E_q log p(x | z) + beta * KL(q || p), with q and p of
   the same family (bench.distributions), the KL analytic where torch has it.
 
+`arch=dcgan` is the study's decoder (bench.nets.DcganLinearDecoder); `vad_init=per-class` its
+initialisation of the VAD's per-image variational parameters: every training image of one
+class starts from the same draw (10 draws, assigned by label), which the study needed for
+its VAD to train (its AD started from a prior draw per image).
+
 Metrics, in nats per image (784 pixels for MNIST-sized images): `val_recon` (the objective)
 is -log p(x | z) at the code of held-out training images (`val_size`, never trained on):
 fitted with the decoder frozen for `ad` and `vad`, encoded for `vae`; it is computed once, at
 the end, so search with `--pruner none`. `bench eval` (or a variant) adds the same on the
-test split (`test_recon`, `test_bce_per_pixel` = test_recon / pixels, the per-pixel mean
-BCE the original study reported with grey-level targets, so its 0.11 is not on this scale)
+test split (`test_recon`; `test_bce_per_pixel` = test_recon / pixels for the Bernoulli)
 and, for the variational models, `test_kl`, `test_elbo` (beta = 1, one sample) and
-`test_iwae_ll` (Burda et al. 2016, `iwae_k` samples).
+`test_iwae_ll` (Burda et al. 2016, `iwae_k` samples). `*_rmse` is the root mean squared
+error of the decoded point code in grey levels (0-255), on the learned codes of the
+training images (`train_rmse`), the fitted codes of held-out and test images. The study's
+own "evaluation loss" was ||x - x_hat||_2 / numel(x) per batch on 0-255 targets (its course's
+`reconstruction_loss`), which is RMSE / sqrt(numel): with batches of 64, RMSE / 224.
 """
 
 from __future__ import annotations
@@ -37,7 +47,14 @@ from torch import nn
 from bench.data import DATASETS, require_dataset, subsets
 from bench.distributions import Family, family_names, get_family, kl
 from bench.lifecycle import EpochTrial
-from bench.nets import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
+from bench.nets import (
+    ConvDecoder,
+    ConvEncoder,
+    DcganLinearDecoder,
+    bernoulli_log_px,
+    binarize,
+    gaussian_log_px,
+)
 from bench.params import Choice, Float, Int, Metric
 from bench.registry import register_task
 from bench.train import autocast, batches, generator
@@ -48,9 +65,20 @@ PARAMS = {
     "dataset": Choice("fashion-mnist", DATASETS, help="mnist works offline"),
     "prior": Choice("normal", family_names(), help="a family of bench.distributions"),
     "model": Choice("ad", MODELS),
+    "arch": Choice("conv", ["conv", "dcgan"],
+                   help="decoder: conv (nets.ConvDecoder, width x depth) or dcgan (the "
+                        "study's ConvT-BN-ReLU x 2, ConvT, sigmoid, Linear(784, 784))"),
+    "likelihood": Choice("bernoulli", ["bernoulli", "gaussian"],
+                         help="bernoulli: binarised pixels; gaussian: grey levels in [0, 1], "
+                              "pixel std `sigma`"),
+    "sigma": Float(0.1, high=10.0, above=0.0, help="gaussian: pixel std on [0, 1] grey levels"),
+    "vad_init": Choice("prior", ["prior", "per-class"],
+                       help="vad: initial variational parameters of the training images, a "
+                            "prior draw each, or one draw per class shared by its images "
+                            "(the study's fix for its VAD)"),
     "latent_dim": Int(100, 1, 4096),
-    "width": Int(32, 1, 1024, help="decoder (and encoder) channels, as in nets.ConvDecoder"),
-    "depth": Int(2, 1, 8),
+    "width": Int(32, 1, 1024, help="arch=conv: decoder (and encoder) channels"),
+    "depth": Int(2, 1, 8, help="arch=conv: layers"),
     "lr": Float(1e-3, high=10.0, above=0.0, help="decoder and encoder"),
     "lr_codes": Float(1e-2, high=100.0, above=0.0,
                       help="per-image codes / variational parameters, train and fit"),
@@ -69,6 +97,7 @@ PARAMS = {
 }
 DEFAULTS = {k: d.default for k, d in PARAMS.items()}
 NATS = "nats"
+GREY = "grey levels 0-255"
 METRICS = {
     "train_loss": Metric(NATS, "training loss per image (MAP or negative beta-ELBO)", "train"),
     "train_recon": Metric(NATS, "-log p(x|z) per training image, epoch mean", "train"),
@@ -76,7 +105,12 @@ METRICS = {
                         "val"),
     "val_kl": Metric(NATS, "KL(q || p) per held-out image (variational models)", "val"),
     "test_recon": Metric(NATS, "-log p(x|z) per test image at its fitted/encoded code", "test"),
-    "test_bce_per_pixel": Metric("nats/pixel", "test_recon / pixels", "test"),
+    "test_bce_per_pixel": Metric("nats/pixel", "test_recon / pixels (bernoulli)", "test"),
+    "train_rmse": Metric(GREY, "RMSE of the decoded learned codes of the training images "
+                         "(ad, vad; vae: encoded)", "train"),
+    "val_rmse": Metric(GREY, "RMSE of the decoded fitted/encoded codes, held-out images",
+                       "val"),
+    "test_rmse": Metric(GREY, "RMSE of the decoded fitted/encoded codes, test images", "test"),
     "test_kl": Metric(NATS, "KL(q || p) per test image", "test"),
     "test_elbo": Metric(NATS, "beta=1 ELBO per test image, one sample", "test"),
     "test_iwae_ll": Metric(NATS, "importance-weighted log p(x) per test image", "test"),
@@ -87,11 +121,13 @@ GRID = 64  # images in each artifact grid (8 x 8)
 # ---------------------------------------------------------------- data
 def load_data(params: Mapping[str, Any], device: torch.device,
               data_dir: Path | None) -> dict[str, torch.Tensor]:
-    """uint8 training images (binarised per batch); binarised validation and test images."""
+    """uint8 training images (prepared per batch); prepared validation and test images:
+    binarised at 0.5 for the Bernoulli, grey levels in [0, 1] for the Gaussian."""
     d = subsets(params["dataset"], device, data_dir, params["train_size"], params["test_size"],
                 int(params["val_size"]))
-    return {**d, "val": binarize(d["val"], "static", "bernoulli"),
-            "test": binarize(d["test"], "static", "bernoulli")}
+    lik = params["likelihood"]
+    return {**d, "val": binarize(d["val"], "static", lik),
+            "test": binarize(d["test"], "static", lik)}
 
 
 # ---------------------------------------------------------------- model
@@ -103,25 +139,49 @@ class LatentModel(nn.Module):
     """
 
     def __init__(self, family: Family, kind: str, n_train: int, in_ch: int, size: int,
-                 width: int, depth: int, latent_dim: int, init_std: float):
+                 width: int, depth: int, latent_dim: int, init_std: float,
+                 arch: str = "conv", likelihood: str = "bernoulli", sigma: float = 0.1,
+                 labels: torch.Tensor | None = None):
         super().__init__()
         self.family, self.kind, self.latent_dim, self.init_std = family, kind, latent_dim, init_std
+        self.likelihood, self.sigma = likelihood, sigma
         self.config = dict(family=family.name, kind=kind, n_train=n_train, in_ch=in_ch,
                            size=size, width=width, depth=depth, latent_dim=latent_dim,
-                           init_std=init_std)
+                           init_std=init_std, arch=arch, likelihood=likelihood, sigma=sigma)
         self.variational = kind != "ad"
         raw_dim = latent_dim * (2 if self.variational else 1)
-        self.decoder = ConvDecoder(in_ch, size, width, depth, latent_dim)
+        self.decoder: nn.Module = (DcganLinearDecoder(in_ch, size, latent_dim) if arch == "dcgan"
+                                   else ConvDecoder(in_ch, size, width, depth, latent_dim))
         self.encoder = ConvEncoder(in_ch, size, width, depth, raw_dim) if kind == "vae" else None
         # sparse=True: SparseAdam moves only the rows of the batch; dense Adam would keep
         # moving every code on stale momentum, 60,000 x 100 values per step.
         self.codes = nn.Embedding(n_train, raw_dim, sparse=True) if kind != "vae" else None
         if self.codes is not None:
             with torch.no_grad():
-                self.codes.weight.copy_(self.init_raw(n_train, torch.device("cpu")))
+                self.codes.weight.copy_(self.initial_codes(n_train, labels))
+
+    def initial_codes(self, n: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """The training codes' start: a prior draw per image, or (labels given) per class."""
+        cpu = torch.device("cpu")
+        if labels is None:
+            return self.init_raw(n, cpu)
+        labels = labels.cpu()
+        return self.init_raw(int(labels.max()) + 1, cpu)[labels]
 
     def prior(self) -> torch.distributions.Distribution:
-        return self.family.prior(self.decoder.fc.weight.device)
+        return self.family.prior(next(self.decoder.parameters()).device)
+
+    def log_px(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) per image, summed over pixels (nats): Bernoulli logits or the
+        Gaussian mean with pixel std `sigma`; `out` broadcasts over x."""
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_px(out, x)
+        return gaussian_log_px(out, x, self.sigma)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """The decoded image in [0, 1]: Bernoulli probabilities, or the clipped Gaussian mean."""
+        out = out.float()
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0.0, 1.0)
 
     def init_raw(self, n: int, device: torch.device) -> torch.Tensor:
         """Codes at prior samples; variational: located there, `init_std` wide."""
@@ -159,7 +219,7 @@ def loss_terms(model: LatentModel, raw: torch.Tensor, x: torch.Tensor,
         reg = -model.prior().log_prob(z).sum(-1)
     with autocast(x.device):
         logits = model.decoder(z)
-    recon = -bernoulli_log_px(logits, x)
+    recon = -model.log_px(logits, x)
     return recon + beta * reg, recon
 
 
@@ -180,7 +240,7 @@ def train_epoch(model: LatentModel, opts: list[torch.optim.Optimizer], x_u8: tor
     dev = x_u8.device
     total, recon_total = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for idx in batches(len(x_u8), int(params["batch_size"]), dev, gen):
-        x = binarize(x_u8[idx], "static", "bernoulli")
+        x = binarize(x_u8[idx], "static", params["likelihood"])
         with autocast(dev):
             raw = model.raw(idx, x)
         loss_i, recon_i = loss_terms(model, raw, x, float(params["beta"]))
@@ -230,19 +290,22 @@ def encode_all(model: LatentModel, x: torch.Tensor, batch: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, batch: int,
              iwae_k: int) -> dict[str, torch.Tensor]:
-    """Per image: recon at the point code; variational: KL, one-sample ELBO, IWAE (k > 0)."""
+    """Per image: recon and the mean squared error of the decoded image (`mse`, on [0, 1]) at
+    the point code; variational: KL, one-sample ELBO, IWAE (k > 0)."""
     model.eval()
     prior = model.prior()
-    out: dict[str, list[torch.Tensor]] = {"recon": [], "code": []}
+    out: dict[str, list[torch.Tensor]] = {"recon": [], "mse": [], "code": []}
     for rb, xb in zip(raw.split(batch), x.split(batch), strict=True):
         code = model.code(rb)
         out["code"].append(code)
-        out["recon"].append(-bernoulli_log_px(model.decoder(code), xb))
+        dec = model.decoder(code)
+        out["recon"].append(-model.log_px(dec, xb))
+        out["mse"].append((model.mean(dec) - xb).pow(2).flatten(1).mean(-1))
         if model.variational:
             q = model.posterior(rb)
             kl_i = kl(q, prior).sum(-1)
             out.setdefault("kl", []).append(kl_i)
-            log_px = bernoulli_log_px(model.decoder(q.sample()), xb)
+            log_px = model.log_px(model.decoder(q.sample()), xb)
             out.setdefault("elbo", []).append(log_px - kl_i)
             if iwae_k > 0:
                 out.setdefault("iwae_ll", []).append(iwae_ll(model, rb, xb, iwae_k))
@@ -258,13 +321,23 @@ def iwae_ll(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, k: int,
         q = model.posterior(rb)
         z = q.sample((k,))
         logits = model.decoder(z.flatten(0, 1)).unflatten(0, (k, len(xb)))
-        log_w = bernoulli_log_px(logits, xb) + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        log_w = model.log_px(logits, xb) + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
         out.append(torch.logsumexp(log_w, 0) - math.log(k))
     return torch.cat(out)
 
 
 def _mean(terms: Mapping[str, torch.Tensor], prefix: str) -> dict[str, float]:
-    return {f"{prefix}_{k}": float(v.float().mean()) for k, v in terms.items() if k != "code"}
+    """Means per image; the squared errors as one RMSE over every pixel, in grey levels."""
+    out = {f"{prefix}_{k}": float(v.float().mean()) for k, v in terms.items()
+           if k not in ("code", "mse")}
+    out[f"{prefix}_rmse"] = rmse_grey(terms["mse"])
+    return out
+
+
+def rmse_grey(mse: torch.Tensor) -> float:
+    """Root mean squared error over every pixel of every image, in grey levels (0-255), from
+    per-image mean squared errors on [0, 1] (images of equal size: the mean of means)."""
+    return 255.0 * math.sqrt(float(mse.double().mean()))
 
 
 # ---------------------------------------------------------------- artifacts
@@ -277,8 +350,8 @@ def decode_grids(model: LatentModel, test_x: torch.Tensor, test_codes: torch.Ten
     def u8(t: torch.Tensor) -> np.ndarray:
         return (t.float().clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].cpu().numpy()
 
-    return {"test": u8(test_x[:n]), "decoded": u8(torch.sigmoid(model.decoder(test_codes[:n]))),
-            "prior_samples": u8(torch.sigmoid(model.decoder(z)))}
+    return {"test": u8(test_x[:n]), "decoded": u8(model.mean(model.decoder(test_codes[:n]))),
+            "prior_samples": u8(model.mean(model.decoder(z)))}
 
 
 def save_artifacts(model: LatentModel, folder: Path, grids: Mapping[str, Any],
@@ -320,11 +393,38 @@ def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
     require_dataset(params["dataset"], data_dir)
 
 
+def rules(params: Mapping[str, Any]) -> list[str]:
+    """Combinations that cannot run, found before anything starts."""
+    if params["arch"] == "dcgan" and params["dataset"] == "cifar10":
+        return ["arch: dcgan decodes 28x28 single-channel images (mnist, fashion-mnist), got "
+                "dataset=cifar10"]
+    return []
+
+
 def build_model(params: Mapping[str, Any], n_train: int, shape: tuple[int, ...],
-                device: torch.device) -> LatentModel:
+                device: torch.device, labels: torch.Tensor | None = None) -> LatentModel:
+    """The model; `labels` (the training labels) are used by vad_init=per-class only."""
+    per_class = params["vad_init"] == "per-class" and params["model"] == "vad"
     return LatentModel(get_family(params["prior"]), params["model"], n_train, shape[0],
                        shape[-1], int(params["width"]), int(params["depth"]),
-                       int(params["latent_dim"]), float(params["init_std"])).to(device)
+                       int(params["latent_dim"]), float(params["init_std"]), params["arch"],
+                       params["likelihood"], float(params["sigma"]),
+                       labels if per_class else None).to(device)
+
+
+@torch.no_grad()
+def train_mse(model: LatentModel, x_u8: torch.Tensor, likelihood: str,
+              batch: int) -> torch.Tensor:
+    """Per-image mean squared error of the decoded learned codes (ad, vad: the table's
+    point codes; vae: encoded) of the training images, eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, len(x_u8), batch):
+        idx = torch.arange(start, min(start + batch, len(x_u8)), device=x_u8.device)
+        x = binarize(x_u8[idx], "static", likelihood)
+        code = model.code(model.raw(idx, x))
+        out.append((model.mean(model.decoder(code)) - x).pow(2).flatten(1).mean(-1))
+    return torch.cat(out)
 
 
 SMOKE = {"dataset": "mnist", "model": "vad", "epochs": 1, "train_size": 128, "val_size": 32,
@@ -333,7 +433,7 @@ SMOKE = {"dataset": "mnist", "model": "vad", "epochs": 1, "train_size": 128, "va
 
 
 @register_task("priors", metric="val_recon", direction="minimize", params=PARAMS,
-               metrics=METRICS, smoke=SMOKE, data=data_check, fusable=True)
+               metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check)
 class PriorsTrial(EpochTrial):
     """Normal/Laplace/Uniform latents in auto-decoders, VADs and VAEs; recon in nats/image."""
 
@@ -341,7 +441,8 @@ class PriorsTrial(EpochTrial):
         super().__init__(params, ctx)
         self.data = load_data(params, ctx.device, ctx.data_dir)
         train = self.data["train"]
-        self.model = build_model(params, len(train), tuple(train.shape[1:]), ctx.device)
+        self.model = build_model(params, len(train), tuple(train.shape[1:]), ctx.device,
+                                 self.data["train_y"])
         self.opts = make_optimizers(self.model, params)
         self.gen = generator(ctx.device, ctx.seed)
         self.examples_per_epoch = len(train)
@@ -361,8 +462,13 @@ class PriorsTrial(EpochTrial):
             return {}
         terms = evaluate(self.model, self._codes(self.data["val"]), self.data["val"],
                          int(self.params["eval_batch_size"]), iwae_k=0)
-        return {"val_recon": float(terms["recon"].mean()),
-                **({"val_kl": float(terms["kl"].mean())} if "kl" in terms else {})}
+        return {k: v for k, v in _mean(terms, "val").items()
+                if k in ("val_recon", "val_kl", "val_rmse")}
+
+    def finish(self) -> dict[str, float]:
+        mse = train_mse(self.model, self.data["train"], self.params["likelihood"],
+                        int(self.params["eval_batch_size"]))
+        return {"train_rmse": rmse_grey(mse)}
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         """Raw latent parameters of new images: encoded (vae) or fitted (ad, vad)."""
@@ -381,7 +487,8 @@ class PriorsTrial(EpochTrial):
                          int(self.params["iwae_k"]))
         self.test_code = terms["code"]
         metrics = _mean(terms, "test")
-        metrics["test_bce_per_pixel"] = metrics["test_recon"] / x[0].numel()
+        if self.params["likelihood"] == "bernoulli":
+            metrics["test_bce_per_pixel"] = metrics["test_recon"] / x[0].numel()
         return metrics
 
     def save_artifacts(self, folder: Path) -> None:

@@ -7,6 +7,12 @@ by re-training). Figures:
   variational models when the rows have it.
 - `priors_samples.png` / `priors_decoded.png`: decoded prior samples / decoded test codes,
   families down, models across, from the lowest-seed trial of each cell.
+- `priors_test_vs_random.png`: the original study's figure, per cell: test images, their
+  decoded fitted codes and decoded random prior draws, 5 of each.
+- `priors_tsne.png`: t-SNE of each cell's test codes, coloured by class (the study's t-SNE
+  per family).
+- `priors_fit_curves.png`: the training loss per epoch and the test-time code fit's
+  reconstruction per step (decoder frozen), mean and band over seeds per cell.
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ def comparison(inp: PlotInput, done: pd.DataFrame, families: list[str],
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    panels = [("objective", "test recon (BCE nats / image, lower is better)")]
+    from bench.plots import axis_label, objective_of
+
+    panels = [("objective", f"{axis_label('priors', objective_of(done))}, the objective")]
     if "metric_test_iwae_ll" in done and done["metric_test_iwae_ll"].notna().any():
         panels.append(("metric_test_iwae_ll", "test IWAE log-likelihood (nats, higher is better)"))
-    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
     colors = {f: f"C{i}" for i, f in enumerate(families)}
     width = 0.8 / max(1, len(families))
     for i, (col, label) in enumerate(panels):
@@ -122,4 +130,136 @@ def priors_plots(inp: PlotInput) -> list[Path]:
         path = grid_figure(inp, done, families, models, key, title, name)
         if path is not None:
             paths.append(path)
+    cells = [(f, m) for f in families for m in models if not cell(done, f, m).empty]
+    for draw in (test_vs_random, tsne_panels, fit_curves):
+        path = draw(inp, done, cells)
+        if path is not None:
+            paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------- the study's own figures
+SHOW = 5  # images per row: the study showed 5 decoded test and 5 decoded random images
+
+
+def cell(done: pd.DataFrame, family: str, model: str) -> pd.DataFrame:
+    return done[(done["param_prior"] == family) & (done["param_model"] == model)]
+
+
+def first_artifact(inp: PlotInput, rows: pd.DataFrame, name: str) -> Path | None:
+    """`name` in the artifacts of the lowest-seed trial that has it."""
+    for uid in rows.sort_values("seed")["trial_uid"]:
+        path = inp.artifact_dir(str(uid)) / name
+        if path.exists():
+            return path
+    return None
+
+
+def test_vs_random(inp: PlotInput, done: pd.DataFrame,
+                   cells: list[tuple[str, str]]) -> Path | None:
+    """Per cell (families down, models across): test images, their decoded fitted codes and
+    decoded prior draws, one row of SHOW each (the study's figure had the last two)."""
+    from matplotlib.figure import Figure
+
+    grids: dict[tuple[str, str], Path] = {}
+    for fam, model in cells:
+        path = first_artifact(inp, cell(done, fam, model), "grids.npz")
+        if path is not None:
+            grids[(fam, model)] = path
+    if not grids:
+        return None
+    fams = list(dict.fromkeys(f for f, _ in grids))
+    models = list(dict.fromkeys(m for _, m in grids))
+    fig = Figure(figsize=(2.9 * len(models) + 1.2, 2.0 * len(fams) + 0.6))
+    for (fam, model), path in grids.items():
+        r, c = fams.index(fam), models.index(model)
+        ax = fig.add_subplot(len(fams), len(models), r * len(models) + c + 1)
+        with np.load(path) as g:
+            strips = np.concatenate([g[k][:SHOW] for k in ("test", "decoded", "prior_samples")])
+        img = mosaic(strips, cols=SHOW)
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{model} {fam}", fontsize=9)
+        ax.set_xticks([])
+        h = img.shape[0] / 3
+        ax.set_yticks([h * (i + 0.5) for i in range(3)],
+                      ["test", "decoded\ntest code", "decoded\nrandom z"] if c == 0 else [],
+                      fontsize=8)
+    fig.suptitle(f"{inp.study}: test images, their decoded fitted codes and decoded prior "
+                 "draws (lowest seed of each cell)", fontsize=10)
+    out = inp.plot_dir / "priors_test_vs_random.png"
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    return out
+
+
+def tsne_panels(inp: PlotInput, done: pd.DataFrame,
+                cells: list[tuple[str, str]]) -> Path | None:
+    """One t-SNE scatter of test codes per cell (the trial's saved tsne.npz)."""
+    from bench.plots import figure
+
+    found: list[tuple[str, str, Path]] = []
+    for fam, model in cells:
+        path = first_artifact(inp, cell(done, fam, model), "tsne.npz")
+        if path is not None:
+            found.append((fam, model, path))
+    if not found:
+        return None
+    out = inp.plot_dir / "priors_tsne.png"
+    ncol = min(3, len(found))
+    with figure(out, -(-len(found) // ncol), ncol, panel_in=(3.4, 3.2)) as (fig, axes):
+        for ax in axes.flat[len(found):]:
+            ax.set_visible(False)
+        for ax, (fam, model, path) in zip(axes.flat, found, strict=False):
+            with np.load(path) as t:
+                sc = ax.scatter(t["xy"][:, 0], t["xy"][:, 1], c=t["labels"], cmap="tab10",
+                                s=4, vmin=-0.5, vmax=9.5)
+                n = len(t["labels"])
+            ax.set(title=f"{model} {fam} ({n} test codes)", xlabel="t-SNE 1",
+                   ylabel="t-SNE 2", xticks=[], yticks=[])
+        fig.colorbar(sc, ax=axes, ticks=range(10), label="class")
+        fig.suptitle(f"{inp.study}: t-SNE of the fitted test codes (point codes; lowest seed)")
+    return out
+
+
+def fit_curves(inp: PlotInput, done: pd.DataFrame,
+               cells: list[tuple[str, str]]) -> Path | None:
+    """Training loss per epoch (curves) and test-fit reconstruction per step (the saved
+    test_fit_history.npy), mean and +-1 std band over each cell's seeds."""
+    from bench.plots import axis_label, figure, integer_ticks
+
+    curves = inp.curves(list(done["trial_uid"]))
+    curves = curves[curves["metric"] == "train_loss"] if not curves.empty else curves
+    fits = {k: [np.load(p) for p in (inp.artifact_dir(str(u)) / "test_fit_history.npy"
+                                     for u in cell(done, *k)["trial_uid"]) if p.exists()]
+            for k in cells}
+    if curves.empty and not any(fits.values()):
+        return None
+    out = inp.plot_dir / "priors_fit_curves.png"
+    later = curves[curves["step"] >= 1]["value"] if not curves.empty else curves
+    with figure(out, 1, 2, panel_in=(5.0, 3.6)) as (fig, axes):
+        if len(later) and curves["step"].nunique() > 2:  # epoch 1's loss is 10-100x the rest
+            lo, hi = float(later.min()), float(later.max())
+            axes[0, 0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        for i, (fam, model) in enumerate(cells):
+            c, rows = f"C{i % 10}", cell(done, fam, model)
+            per_epoch = curves[curves["trial_uid"].isin(rows["trial_uid"])]
+            if not per_epoch.empty:
+                stats = per_epoch.groupby("step")["value"].agg(["mean", "std"]).fillna(0.0)
+                _band(axes[0, 0], stats.index + 1, stats, c, f"{model} {fam}")
+            if fits[(fam, model)]:
+                h = np.stack(fits[(fam, model)])
+                stats = pd.DataFrame({"mean": h.mean(0), "std": h.std(0)})
+                _band(axes[0, 1], np.arange(1, h.shape[1] + 1), stats, c, f"{model} {fam}")
+        axes[0, 0].set(xlabel="epoch", ylabel=axis_label("priors", "train_loss"),
+                       title="training loss (from epoch 2)")
+        integer_ticks(axes[0, 0].xaxis)
+        axes[0, 1].set(xlabel="code-fitting step (decoder frozen)",
+                       ylabel="test −log p(x|z) (nats / image)", title="test-time code fit")
+        axes[0, 1].legend(fontsize="small")
+        fig.suptitle(f"{inp.study}: mean over seeds, band = ±1 std")
+    return out
+
+
+def _band(ax: Any, x: Any, stats: pd.DataFrame, colour: str, label: str) -> None:
+    mean, std = stats["mean"].to_numpy(), stats["std"].to_numpy()
+    ax.plot(x, mean, color=colour, label=label)
+    ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2)

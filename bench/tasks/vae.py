@@ -7,6 +7,13 @@ is compared on one scale; `test_iwae_ll` is the importance-weighted bound (Burda
 2016) with `iwae_k` samples on the same test examples as `test_elbo`, hence >= it in
 expectation and a far tighter estimate of log p(x).
 
+The original reports' settings are parameters: `arch` (their networks, bench.nets.ARCHS),
+`likelihood=mse` (report 001's per-pixel mean squared error on grey levels: not a
+log-likelihood, so such a model has `*_mse` and `*_kl` but no ELBO; its beta weighs the KL
+in nats against a per-pixel mean, so beta = 1e-4 there equals a Gaussian ELBO with
+sigma^2 = 784 x 1e-4 / 2, sigma = 0.2), and `kl=mc` (report 004's single-sample Monte Carlo
+KL in the training loss; the reported KL is always the analytic one).
+
 Speed: the whole set sits on the device as uint8 and batches are index slices; the
 training loss is accumulated on the device and read once per epoch; bf16 autocast and
 channels_last on CUDA. Evaluation runs in fp32 (bf16 logits would move a 784-pixel
@@ -25,7 +32,7 @@ from torch import nn
 
 from bench.data import DATASETS, require_dataset, subsets
 from bench.lifecycle import CHECKPOINT_FILE, EpochTrial, load_state
-from bench.nets import ConvDecoder, ConvEncoder, bernoulli_log_px, binarize
+from bench.nets import ARCHS, FIXED_SIZE_ARCHS, bernoulli_log_px, binarize
 from bench.params import Choice, Float, Int, Metric
 from bench.registry import register_task
 from bench.train import autocast, batches, generator
@@ -35,13 +42,22 @@ PARAMS = {
     "dataset": Choice("mnist", DATASETS),
     "model": Choice("vae", ["vae", "ae"], help="ae: deterministic encoder, no KL (the "
                                                "baseline)"),
-    "likelihood": Choice("bernoulli", ["bernoulli", "gaussian"],
-                         help="bernoulli: binarized pixels; gaussian: intensities in [0,1]"),
+    "arch": Choice("conv", list(ARCHS),
+                   help="conv: width x depth SiLU net; lrelu16: report 000's 16-32-32-32 "
+                        "LeakyReLU net; bn256: report 001's 32-64-128-256 BatchNorm net"),
+    "likelihood": Choice("bernoulli", ["bernoulli", "gaussian", "mse"],
+                         help="bernoulli: binarized pixels; gaussian: intensities in [0,1], "
+                              "learned sigma; mse: per-pixel mean squared error of a sigmoid "
+                              "output on intensities (report 001; no log-likelihood)"),
+    "kl": Choice("analytic", ["analytic", "mc"],
+                 help="KL term of the training loss: analytic, or one-sample Monte Carlo "
+                      "log q(z|x) - log p(z) at the reparameterised z (report 004)"),
     "binarize": Choice("static", ["static", "dynamic"],
                        help="static: pixel > 127; dynamic: resampled every batch"),
     "latent_dim": Int(16, 1, 4096),
-    "depth": Int(2, 1, 8, help="conv layers; the first two halve the resolution"),
-    "width": Int(32, 1, 1024, help="channels of the first conv, doubled when downsampling"),
+    "depth": Int(2, 1, 8, help="arch=conv: conv layers; the first two halve the resolution"),
+    "width": Int(32, 1, 1024, help="arch=conv: channels of the first conv, doubled when "
+                                   "downsampling"),
     "beta": Float(1.0, 0.0, help="weight of the KL term in training (0 allowed)"),
     "kl_warmup_epochs": Float(0.0, 0.0, help="beta ramps linearly from 0 over these epochs"),
     "lr": Float(1e-3, high=10.0, above=0.0),
@@ -55,16 +71,25 @@ PARAMS = {
 }
 DEFAULTS = {k: d.default for k, d in PARAMS.items()}
 NATS = "nats"
+PIXEL = "per pixel"
 METRICS = {
-    "train_loss": Metric(NATS, "training loss per image (the beta-weighted bound)", "train"),
+    "train_loss": Metric(NATS, "training loss per image (the beta-weighted bound; "
+                         "likelihood=mse: mse + beta x KL)", "train"),
+    "train_mse": Metric(PIXEL, "squared error of the decoder mean, per pixel, at the training "
+                        "z (train mode), epoch mean", "train"),
+    "train_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image (analytic), epoch mean", "train"),
     "val_elbo": Metric(NATS, "beta=1 ELBO per image, validation split", "val"),
     "val_recon": Metric(NATS, "-log p(x|z) per image, one sample, validation split", "val"),
     "val_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image, validation split", "val"),
+    "val_mse": Metric(PIXEL, "squared error of the decoder mean at one z ~ q(z|x) (AE: the "
+                      "code), per pixel on [0,1] targets, validation split", "val"),
     "val_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (validation)",
                                "val"),
     "test_elbo": Metric(NATS, "beta=1 ELBO per image, test split", "test"),
     "test_recon": Metric(NATS, "-log p(x|z) per image, test split", "test"),
     "test_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image, test split", "test"),
+    "test_mse": Metric(PIXEL, "squared error of the decoder mean at one z ~ q(z|x) (AE: the "
+                       "code), per pixel on [0,1] targets, test split", "test"),
     "test_iwae_ll": Metric(NATS, "importance-weighted log p(x), iwae_k samples, test split",
                            "test"),
     "test_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (test)", "test"),
@@ -92,16 +117,22 @@ def load_split(params: Mapping[str, Any], device: torch.device, data_dir: Path |
 # ---------------------------------------------------------------- model
 class VAE(nn.Module):
     def __init__(self, in_ch: int = 1, size: int = 28, width: int = 32, depth: int = 2,
-                 latent_dim: int = 16, model: str = "vae", likelihood: str = "bernoulli"):
+                 latent_dim: int = 16, model: str = "vae", likelihood: str = "bernoulli",
+                 arch: str = "conv"):
         super().__init__()
         self.config = dict(in_ch=in_ch, size=size, width=width, depth=depth,
-                           latent_dim=latent_dim, model=model, likelihood=likelihood)
+                           latent_dim=latent_dim, model=model, likelihood=likelihood, arch=arch)
         self.variational, self.likelihood = model == "vae", likelihood
         code_dim = latent_dim * (2 if self.variational else 1)  # (mu, logvar) or z
-        self.encoder = ConvEncoder(in_ch, size, width, depth, code_dim)
-        self.decoder = ConvDecoder(in_ch, size, width, depth, latent_dim)
+        self.encoder, self.decoder = ARCHS[arch](in_ch, size, width, depth, code_dim,
+                                                 latent_dim)
         # Gaussian likelihood: one learned scale shared by all pixels (the "sigma-VAE").
         self.log_sigma = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
+
+    @property
+    def has_likelihood(self) -> bool:
+        """False for likelihood=mse: a squared error is no log-likelihood, so no ELBO."""
+        return self.likelihood != "mse"
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.encoder(x)
@@ -110,14 +141,32 @@ class VAE(nn.Module):
         mu, logvar = h.chunk(2, dim=-1)
         return mu, logvar.clamp(-12.0, 8.0)  # keeps exp(logvar) finite in bf16
 
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean image: sigmoid of the output (Bernoulli probabilities; the
+        reports' sigmoid output for mse), the output itself for the Gaussian."""
+        out = out.float()
+        return out if self.likelihood == "gaussian" else torch.sigmoid(out)
+
     def log_px(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) per instance, summed over pixels (nats). `out` broadcasts over x."""
         if self.likelihood == "bernoulli":
             return bernoulli_log_px(out, x)
-        assert self.log_sigma is not None
+        assert self.log_sigma is not None, f"likelihood={self.likelihood} has no log p(x|z)"
         ls = self.log_sigma.clamp(-7.0, 2.0)
         lp = -0.5 * ((x - out.float()) * torch.exp(-ls)) ** 2 - ls - 0.5 * LOG_2PI
         return lp.flatten(-3).sum(-1)
+
+    def recon_loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction term of the training loss, per instance: -log p(x|z) in nats,
+        or for mse the per-pixel mean squared error (torch.nn.MSELoss's scale)."""
+        if self.has_likelihood:
+            return -self.log_px(out, x)
+        return pixel_mse(self.mean(out), x)
+
+
+def pixel_mse(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of (mean - x)^2, per instance."""
+    return (mean.float() - x).pow(2).flatten(1).mean(-1)
 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -127,6 +176,13 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (-0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)).sum(-1)
+
+
+def kl_monte_carlo(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """One-sample estimate log q(z|x) - log p(z) at z ~ q (report 004's training KL): unbiased
+    for kl_normal, with variance that grows with the KL."""
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    return log_normal(z, mu, logvar) - log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -145,24 +201,26 @@ def eval_generator(device: torch.device) -> torch.Generator:
 
 @torch.no_grad()
 def elbo_terms(model: VAE, x: torch.Tensor, batch: int = 1000) -> dict[str, torch.Tensor]:
-    """Per-instance single-sample ELBO, reconstruction (-log p(x|z)) and KL; AE: recon only."""
+    """Per instance, at one z ~ q(z|x) (AE: the code): the reconstruction -log p(x|z), the
+    analytic KL and the beta=1 ELBO (models with a likelihood), and the per-pixel squared
+    error of the decoder mean (every model)."""
     model.eval()
-    recon, kl, codes = [], [], []
+    out: dict[str, list[torch.Tensor]] = {"mse": [], "mu": []}
     gen = eval_generator(x.device)
     for xb in x.split(batch):
         mu, logvar = model.encode(xb)
-        if logvar is None:
-            recon.append(-model.log_px(model.decoder(mu), xb))
-        else:
-            z = mu + noise(mu, gen) * torch.exp(0.5 * logvar)
-            recon.append(-model.log_px(model.decoder(z), xb))
-            kl.append(kl_normal(mu, logvar))
-        codes.append(mu)
-    out = {"recon": torch.cat(recon), "mu": torch.cat(codes)}
-    if kl:
-        out["kl"] = torch.cat(kl)
-        out["elbo"] = -out["recon"] - out["kl"]
-    return out
+        z = mu if logvar is None else mu + noise(mu, gen) * torch.exp(0.5 * logvar)
+        dec = model.decoder(z)
+        if model.has_likelihood:
+            out.setdefault("recon", []).append(-model.log_px(dec, xb))
+        if logvar is not None:
+            out.setdefault("kl", []).append(kl_normal(mu, logvar))
+        out["mse"].append(pixel_mse(model.mean(dec), xb))
+        out["mu"].append(mu)
+    terms = {k: torch.cat(v) for k, v in out.items()}
+    if "kl" in terms and "recon" in terms:
+        terms["elbo"] = -terms["recon"] - terms["kl"]
+    return terms
 
 
 @torch.no_grad()
@@ -191,32 +249,38 @@ def active_units(mu: torch.Tensor) -> int:
 # ---------------------------------------------------------------- training
 def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_u8: torch.Tensor,
                 params: Mapping[str, Any], beta: float, gen: torch.Generator,
-                noise_gen: torch.Generator | None = None) -> torch.Tensor:
-    """One pass; returns the mean training loss as a device tensor (read once, per epoch).
-    `gen` orders the batches (and draws dynamic binarization), `noise_gen` the
-    reparameterisation noise: both are the trial's own, so a trial's randomness does not
-    depend on what else runs in the process."""
+                noise_gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One pass; the epoch means of the loss, the pixel MSE and (VAE) the analytic KL, as
+    device tensors (read once, per epoch). `gen` orders the batches (and draws dynamic
+    binarization), `noise_gen` the reparameterisation noise: both are the trial's own, so a
+    trial's randomness does not depend on what else runs in the process."""
     model.train()
     dev = x_u8.device
-    total = torch.zeros((), device=dev)
+    sums = {k: torch.zeros((), device=dev) for k in ("loss", "mse", "kl")}
+    mc_kl = params["kl"] == "mc"
     for idx in batches(len(x_u8), int(params["batch_size"]), dev, gen):
         x = binarize(x_u8[idx], params["binarize"], params["likelihood"], gen)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(dev):
             mu, logvar = model.encode(x)
-            if logvar is None:
-                loss_i = -model.log_px(model.decoder(mu), x)
-            else:
-                z = mu + noise(mu, noise_gen) * torch.exp(0.5 * logvar)
+            z = mu if logvar is None else mu + noise(mu, noise_gen) * torch.exp(0.5 * logvar)
+            out = model.decoder(z)
+            loss_i = model.recon_loss(out, x)
+            if logvar is not None:
                 kl = kl_normal(mu.float(), logvar.float())
-                loss_i = -model.log_px(model.decoder(z), x) + beta * kl
+                loss_i = loss_i + beta * (kl_monte_carlo(z, mu, logvar) if mc_kl else kl)
+                sums["kl"] += kl.detach().sum()
         loss = loss_i.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += loss.detach() * len(idx)
-    return total / len(x_u8)
+        sums["loss"] += loss.detach() * len(idx)
+        sums["mse"] += pixel_mse(model.mean(out.detach()), x).sum()
+    metrics = {"loss": sums["loss"], "mse": sums["mse"]}
+    if model.variational:
+        metrics["kl"] = sums["kl"]
+    return {k: v / len(x_u8) for k, v in metrics.items()}
 
 
 def beta_at(params: Mapping[str, Any], epoch: int) -> float:
@@ -227,7 +291,8 @@ def beta_at(params: Mapping[str, Any], epoch: int) -> float:
 
 def build_model(params: Mapping[str, Any], shape: tuple[int, ...], device: torch.device) -> VAE:
     model = VAE(shape[0], shape[-1], int(params["width"]), int(params["depth"]),
-                int(params["latent_dim"]), params["model"], params["likelihood"]).to(device)
+                int(params["latent_dim"]), params["model"], params["likelihood"],
+                params["arch"]).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -238,12 +303,21 @@ def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
     require_dataset(params["dataset"], data_dir)
 
 
+def rules(params: Mapping[str, Any]) -> list[str]:
+    """Combinations that cannot run, found before anything starts."""
+    found = []
+    if params["arch"] in FIXED_SIZE_ARCHS and params["dataset"] == "cifar10":
+        found.append(f"arch: {params['arch']} is built for 28x28 single-channel images "
+                     f"(mnist, fashion-mnist), got dataset={params['dataset']}")
+    return found
+
+
 def load_model(params: Mapping[str, Any], folder: str | Path,
                device: str | torch.device = "cpu") -> VAE:
     """A finished trial's model, from its checkpoint and its parameters."""
     dev = torch.device(device)
     shape = (1, 28, 28) if params["dataset"] != "cifar10" else (3, 32, 32)
-    model = build_model(params, shape, dev)
+    model = build_model({**DEFAULTS, **params}, shape, dev)  # rows older than `arch` lack it
     state = load_state(Path(folder) / CHECKPOINT_FILE, dev)
     model.load_state_dict(state["trial"]["model"])
     return model.eval()
@@ -258,7 +332,7 @@ SMOKE = {"epochs": 2, "train_size": 512, "val_size": 256, "test_size": 64, "iwae
 
 
 @register_task("vae", metric="val_elbo", direction="maximize", params=PARAMS, metrics=METRICS,
-               smoke=SMOKE, data=data_check, fusable=True)
+               smoke=SMOKE, rules=rules, data=data_check)
 class VaeTrial(EpochTrial):
     """Convolutional VAE/AE on binarized MNIST; ELBO and IWAE log-likelihood in nats."""
 
@@ -276,9 +350,9 @@ class VaeTrial(EpochTrial):
         return {k: len(d[k]) for k in ("train", "val", "test")}
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
-        loss = train_epoch(self.model, self.opt, self.data["train"], self.params,
-                           beta_at(self.params, epoch), self.gen, self.noise_gen)
-        return {"train_loss": loss}
+        means = train_epoch(self.model, self.opt, self.data["train"], self.params,
+                            beta_at(self.params, epoch), self.gen, self.noise_gen)
+        return {f"train_{k}": v for k, v in means.items()}
 
     def validate(self, epoch: int) -> dict[str, torch.Tensor]:
         self.val_terms = elbo_terms(self.model, self.data["val"],
@@ -291,12 +365,13 @@ class VaeTrial(EpochTrial):
         return {"val_active_units": float(active_units(self.val_terms["mu"]))}
 
     def test(self) -> dict[str, float]:
-        """Test ELBO terms, active units and (VAE) the IWAE bound with `iwae_k` samples."""
+        """Test ELBO terms, active units and (a VAE with a likelihood) the IWAE bound with
+        `iwae_k` samples."""
         data = load_split(self.params, self.ctx.device, self.ctx.data_dir, test=True)
         terms = elbo_terms(self.model, data["test"], int(self.params["eval_batch_size"]))
         metrics = {k: float(v) for k, v in _means(terms, "test").items()}
         metrics["test_active_units"] = float(active_units(terms["mu"]))
-        if self.model.variational:
+        if self.model.variational and self.model.has_likelihood:
             metrics["test_iwae_ll"] = float(iwae_ll(self.model, data["test"],
                                                     int(self.params["iwae_k"])).mean())
         return metrics

@@ -45,6 +45,10 @@ class _Slot:
 class FusedVae(FusedGroup):
     group_keys = ("dataset", "model", "likelihood", "binarize", "depth", "width",
                   "batch_size", "epochs", "train_size", "val_size", "eval_batch_size")
+    # the reports' fixed networks (BatchNorm in bn256), the per-pixel MSE and the Monte
+    # Carlo KL train one trial at a time
+    supports = {"arch": ("conv",), "likelihood": ("bernoulli", "gaussian"),
+                "kl": ("analytic",)}
 
     def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
                  device: torch.device, data_dir: Path | None, latent_cap: int):

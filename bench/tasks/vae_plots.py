@@ -3,9 +3,15 @@
 Sweeps (beta, latent size, rate-distortion) come from leaderboard rows alone; the rest from
 the best COMPLETE VAE trial's checkpoint on test images: reconstructions, prior samples, an
 AE-vs-VAE interpolation strip, latent traversals and a t-SNE of test codes. Nothing is
-trained. The best trial is ranked by the task's own metric (`val_elbo`, the beta=1 bound),
-not by the `objective` column: studies optimise different metrics (`ae-vs-vae` minimises
-`val_recon`), so objectives of different studies are not comparable.
+trained. The best trial is ranked by the task's own metric (`val_elbo`, the beta=1 bound;
+`val_mse` for models without a likelihood), not by the `objective` column: studies optimise
+different metrics (`ae-vs-vae` minimises `val_recon`).
+
+The original reports' studies (`REPORT_FIGURES`, by variant) also get the report's own
+figures, from the lowest-seed trial of each configuration: reconstructions of the first
+test images and prior samples in the report's numbers, t-SNE of test codes, AE and VAE code
+interpolations between the report's digit pairs, interpolation between two prior draws in
+latent and in data space, and prior samples perturbed along chosen latent dimensions.
 
 matplotlib, sklearn and bench.plots are imported inside the hooks: the registry imports
 this module whenever it lists tasks.
@@ -40,6 +46,8 @@ SAMPLE_GRID = (4, 10)   # rows x columns of prior samples
 SWEEP_LABELS = {"metric_val_elbo": "val ELBO (β=1 bound, nats)",
                 "metric_val_recon": "val recon −log p(x|z) (nats)",
                 "metric_val_kl": "val KL(q(z|x) ‖ p(z)) (nats)"}
+MSE_SWEEP_LABELS = {"metric_val_mse": "val squared error (per pixel, [0,1] scale)",
+                    "metric_val_kl": "val KL(q(z|x) ‖ p(z)) (nats)"}
 
 
 # ---------------------------------------------------------------- rows
@@ -65,9 +73,19 @@ def load_model(inp: PlotInput, row: Any) -> V.VAE:
     return V.load_model(params_of(get_task("vae"), dict(row)), checkpoint(inp, row).parent)
 
 
-def best_row(inp: PlotInput, model: str, latent_dim: int | None = None) -> Any | None:
-    """The best COMPLETE trial of `model` with a checkpoint: VAE by val_elbo, AE by val_recon."""
+def rank_column(inp: PlotInput, model: str) -> tuple[str, bool]:
+    """(column, ascending) ranking `model`'s trials: VAE by val_elbo, AE by val_recon; a
+    study without them (likelihood=mse: no log-likelihood) by val_mse."""
     col, ascending = ("metric_val_elbo", False) if model == "vae" else ("metric_val_recon", True)
+    rows = inp.complete()
+    if col not in rows.columns or rows[col].isna().all():
+        return "metric_val_mse", True
+    return col, ascending
+
+
+def best_row(inp: PlotInput, model: str, latent_dim: int | None = None) -> Any | None:
+    """The best COMPLETE trial of `model` with a checkpoint (see `rank_column`)."""
+    col, ascending = rank_column(inp, model)
     rows = model_rows(inp, model, [col])
     if latent_dim is not None and "param_latent_dim" in rows.columns:
         rows = rows[rows["param_latent_dim"] == latent_dim]
@@ -88,12 +106,16 @@ def plot_beta(inp: PlotInput) -> list[Path]:
     """val ELBO, reconstruction and KL against beta (symlog x when beta=0 is present)."""
     from bench.plots import figure
 
-    rows = model_rows(inp, "vae", ["param_beta", *SWEEP_LABELS])
+    labels = SWEEP_LABELS
+    rows = model_rows(inp, "vae", ["param_beta", *labels])
+    if rows.empty:  # likelihood=mse: no ELBO, so per-pixel error and KL
+        labels = MSE_SWEEP_LABELS
+        rows = model_rows(inp, "vae", ["param_beta", *labels])
     if rows.empty or rows["param_beta"].nunique() < 2:
         return []
     path = inp.plot_dir / "vae_beta.png"
-    with figure(path, 1, 3) as (fig, axes):
-        for i, (col, label) in enumerate(SWEEP_LABELS.items()):
+    with figure(path, 1, len(labels)) as (fig, axes):
+        for i, (col, label) in enumerate(labels.items()):
             ax = axes[0, i]
             _sweep(ax, rows, "param_beta", col, legend=i == 0)
             _beta_axis(ax, rows["param_beta"])
@@ -136,6 +158,12 @@ def _beta_axis(ax: Any, betas: pd.Series) -> None:
         ax.set_xscale("log")
         _plain_ticks(ax.xaxis)
         ax.set_xlabel("β (KL weight, log)")
+    values = sorted(positive.unique())
+    if len(values) <= 8:  # a grid: tick exactly its values (0.6, 1, 1.4, 1.8)
+        from matplotlib.ticker import NullLocator
+
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _plain_ticks(axis: Any) -> None:
@@ -295,10 +323,9 @@ def encode(model: V.VAE, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(model: V.VAE, z: torch.Tensor) -> np.ndarray:
-    """Decoder means in [0, 1]: Bernoulli probabilities, or clipped Gaussian means."""
-    out = model.decoder(z).float()
-    img = torch.sigmoid(out) if model.likelihood == "bernoulli" else out.clamp(0.0, 1.0)
-    return img.numpy()
+    """Decoder means in [0, 1]: Bernoulli probabilities, sigmoid outputs (mse), or clipped
+    Gaussian means."""
+    return model.mean(model.decoder(z)).clamp(0.0, 1.0).numpy()
 
 
 def plot_reconstructions(inp: PlotInput, best: Best) -> list[Path]:
@@ -395,4 +422,328 @@ def plot_tsne(inp: PlotInput, best: Best) -> list[Path]:
         ax.set_xlabel("dimension 1")
         ax.set_ylabel("dimension 2")
         ax.set_title(f"{how}\n{len(codes)} test images, {best.name}")
+    return [path]
+
+
+# ---------------------------------------------------------------- the reports' own figures
+@dataclass(frozen=True)
+class ReportFigures:
+    """The figures of one report's study, in the report's numbers (0 / () draws nothing)."""
+
+    recon_n: int = 0            # the first test images, reconstructed by every configuration
+    recon_cols: int = 8
+    samples: int = 0            # decoded prior samples per configuration
+    sample_cols: int = 8
+    tsne: bool = False          # t-SNE of sampled test codes per configuration
+    pairs: tuple[tuple[int, int], ...] = ()  # digit pairs for code interpolations
+    interp_steps: int = 5       # t = i / steps, i < steps, between the two images
+    prior_interp: int = 0       # alphas in [0, 1] between two prior draws
+    perturb_dims: tuple[int, ...] = ()       # prior samples shifted along these dimensions
+    perturb_eps: float = 0.0
+    curves: tuple[str, ...] = ()  # per-epoch metrics, one panel each, a line per configuration
+
+
+REPORT_FIGURES = {
+    # 000: "32 test images", "n_samples = 256" in a 16-wide grid, TSNE of sampled z
+    # and its "Losses over epochs" (train and validation reconstruction and KL)
+    "beta-vae-000": ReportFigures(recon_n=32, samples=256, sample_cols=16, tsne=True,
+                                  curves=("val_elbo", "val_recon", "val_kl", "train_kl")),
+    # 001: vis_reconstruction (5 test images), vis_samples (16 of 64 drawn, 4 x 4), pairs,
+    # and its curves of the reconstruction and KL losses
+    "ae-vs-vae-001": ReportFigures(recon_n=5, recon_cols=5, samples=16, sample_cols=4,
+                                   pairs=((1, 7), (3, 5), (6, 9)),
+                                   curves=("train_mse", "val_mse", "train_kl")),
+    "vae-beta-001": ReportFigures(recon_n=5, recon_cols=5, samples=16, sample_cols=4,
+                                  curves=("train_mse", "val_mse", "train_kl")),
+    # 004: alpha = 0, 0.1, ..., 1; eps = 5 on dimensions 0, 2, 6 and 16
+    "kl-estimator-004": ReportFigures(prior_interp=11, perturb_dims=(0, 2, 6, 16),
+                                      perturb_eps=5.0),
+}
+TSNE_POINTS = 1000  # the report displayed 1,000 test points
+
+
+@dataclass
+class Config:
+    """One configuration of a study: its label, its lowest-seed trial's model and row."""
+
+    label: str
+    model: V.VAE
+    row: Any
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.row["param_latent_dim"])
+
+
+def config_labels(rows: pd.DataFrame) -> dict[str, str]:
+    """config_hash -> 'k=v k=v' over the parameters that differ between configurations."""
+    params = [c for c in rows.columns if c.startswith("param_")]
+    firsts = rows.groupby("config_hash")[params].first()
+    cols = [c for c in firsts.columns if firsts[c].astype(str).nunique() > 1]
+    return {str(h): " ".join(f"{c.removeprefix('param_')}={r[c]:g}" if isinstance(r[c], float)
+                             else f"{c.removeprefix('param_')}={r[c]}" for c in cols) or "all"
+            for h, r in firsts.iterrows()}
+
+
+def configs(inp: PlotInput) -> list[Config]:
+    """Each configuration's lowest-seed COMPLETE trial with a checkpoint, in grid order."""
+    done = inp.complete()
+    done = done[[checkpoint(inp, r).exists() for _, r in done.iterrows()]]
+    if done.empty:
+        return []
+    labels = config_labels(done)
+    out = []
+    for h, g in done.sort_values(["trial_number"]).groupby("config_hash", sort=False):
+        row = g.sort_values("seed").iloc[0]
+        out.append(Config(labels[str(h)], load_model(inp, row), row))
+    return out
+
+
+@register_plots("vae")
+def plot_report_figures(inp: PlotInput) -> list[Path]:
+    """The figures the study's report drew (REPORT_FIGURES), when the study is one of them."""
+    from bench.plots import guarded
+
+    spec = REPORT_FIGURES.get(str(inp.rows["variant"].iloc[0])) if len(inp.rows) else None
+    cfgs = configs(inp) if spec is not None else []
+    if spec is None or not cfgs:
+        return []
+    x, y = load_test_images(inp, cfgs[0].row, max(spec.recon_n, TSNE_POINTS))
+    draws: list[tuple[str, Callable[..., list[Path]], tuple[Any, ...]]] = [
+        ("report reconstructions", report_recon, (inp, spec, cfgs, x)),
+        ("report samples", report_samples, (inp, spec, cfgs)),
+        ("report t-SNE", report_tsne, (inp, spec, cfgs, x, y)),
+        ("report interpolations", report_pairs, (inp, spec, cfgs, x, y)),
+        ("report prior interpolation", report_prior_interp, (inp, spec, cfgs)),
+        ("report perturbations", report_perturb, (inp, spec, cfgs)),
+        ("report curves", report_curves, (inp, spec)),
+    ]
+    return [p for name, draw, args in draws for p in guarded(name, draw, *args)]
+
+
+def mosaic(imgs: np.ndarray, cols: int) -> np.ndarray:
+    """[N, 1, H, W] in [0, 1] -> one grid image, `cols` wide, 1-pixel white gaps."""
+    import numpy as np
+
+    n, _, h, w = imgs.shape
+    rows = -(-n // cols)
+    out = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1), dtype=np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        out[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img[0]
+    return out
+
+
+def mosaic_panels(path: Path, panels: list[tuple[str, np.ndarray]], cols: int,
+                  title: str) -> Path:
+    """One grayscale mosaic per panel: stacked when each is one strip, else a near-square
+    grid of panels."""
+    import math
+    import textwrap
+
+    from bench.plots import figure
+
+    n = len(panels)
+    strip = len(panels[0][1]) <= cols
+    ncols = 1 if strip else math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    edge = 0.45 * min(cols, len(panels[0][1]))
+    size = (max(edge + 0.4, 2.6), 0.45 * -(-len(panels[0][1]) // cols) + 0.6)
+    title = "\n".join(textwrap.wrap(title, int(ncols * size[0] * 11)))  # ~11 characters an inch
+    with figure(path, nrows, ncols, panel_in=size) as (fig, axes):
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        for ax, (label, imgs) in zip(axes.flat, panels, strict=False):
+            ax.imshow(mosaic(imgs, cols), cmap="gray", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+            ax.set(xticks=[], yticks=[])
+            ax.grid(False)
+            ax.set_title(label, fontsize="small")
+        fig.suptitle(title, fontsize="medium")
+    return path
+
+
+def report_recon(inp: PlotInput, spec: ReportFigures, cfgs: list[Config],
+                 x: torch.Tensor) -> list[Path]:
+    """The first `recon_n` test images and each configuration's reconstruction (decoder
+    mean at the posterior mean, as the reports' visualisations)."""
+    if not spec.recon_n:
+        return []
+    xs = x[:spec.recon_n]
+    panels = [("test images", xs.numpy())]
+    panels += [(c.label, decode(c.model, encode(c.model, xs))) for c in cfgs]
+    path = inp.plot_dir / "vae_report_reconstructions.png"
+    return [mosaic_panels(path, panels, spec.recon_cols,
+                          f"{inp.study}: the first {spec.recon_n} test images and their "
+                          "reconstructions (decoder mean at E[z|x])")]
+
+
+def report_samples(inp: PlotInput, spec: ReportFigures, cfgs: list[Config]) -> list[Path]:
+    """`samples` decoded prior draws per configuration (one fixed draw for all)."""
+    if not spec.samples:
+        return []
+    z = torch.randn(spec.samples, cfgs[0].latent_dim, generator=torch.Generator().manual_seed(0))
+    panels = [(c.label, decode(c.model, z)) for c in cfgs]
+    path = inp.plot_dir / "vae_report_samples.png"
+    return [mosaic_panels(path, panels, spec.sample_cols,
+                          f"{inp.study}: decoder mean at {spec.samples} draws z ~ N(0, I), "
+                          "the same draws for every configuration")]
+
+
+def report_tsne(inp: PlotInput, spec: ReportFigures, cfgs: list[Config], x: torch.Tensor,
+                y: torch.Tensor) -> list[Path]:
+    """t-SNE of one sampled z ~ q(z|x) per test image (as the report), per configuration;
+    a 2-D latent is also shown as it is."""
+    import seaborn as sns
+
+    from bench.plots import figure
+
+    if not spec.tsne:
+        return []
+    x, digits = x[:TSNE_POINTS], y[:TSNE_POINTS].numpy()
+    codes = [sampled_codes(c.model, x) for c in cfgs]
+    raw = codes[0].shape[1] == 2
+    path = inp.plot_dir / "vae_report_tsne.png"
+    with figure(path, 2 if raw else 1, len(cfgs), panel_in=(3.4, 3.2)) as (fig, axes):
+        for j, (c, z) in enumerate(zip(cfgs, codes, strict=True)):
+            views = [("t-SNE", tsne_2d(z))] + ([("z as is", z)] if raw else [])
+            for i, (how, xy) in enumerate(views):
+                ax = axes[i, j]
+                sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=digits, palette="tab10", s=6,
+                                linewidth=0, ax=ax, legend=j == len(cfgs) - 1 and i == 0)
+                ax.set_title(f"{c.label}: {how}", fontsize="small")
+                ax.set_xlabel("t-SNE 1" if how == "t-SNE" else "z1 (prior std units)")
+                ax.set_ylabel("t-SNE 2" if how == "t-SNE" else "z2 (prior std units)")
+        legend = axes[0, -1].get_legend()
+        if legend is not None:
+            legend.set_title("digit")
+            sns.move_legend(axes[0, -1], "center left", bbox_to_anchor=(1, 0.5))
+        fig.suptitle(f"{inp.study}: one z ~ q(z|x) for each of {len(x)} test images")
+    return [path]
+
+
+@torch.no_grad()
+def sampled_codes(model: V.VAE, x: torch.Tensor) -> np.ndarray:
+    """One z ~ q(z|x) per image from a fixed generator (an AE: its code)."""
+    mu, logvar = model.encode(x)
+    if logvar is None:
+        return mu.float().numpy()
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0))
+    return (mu + eps * torch.exp(0.5 * logvar)).float().numpy()
+
+
+def tsne_2d(codes: np.ndarray) -> np.ndarray:
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    perplexity = min(30.0, (len(codes) - 1) / 3)
+    with threadpool_limits(1):  # a busy CPU: OpenMP threads were slower (see plot_tsne)
+        return TSNE(perplexity=perplexity, init="pca", random_state=0,
+                    max_iter=500).fit_transform(codes)
+
+
+def report_pairs(inp: PlotInput, spec: ReportFigures, cfgs: list[Config], x: torch.Tensor,
+                 y: torch.Tensor) -> list[Path]:
+    """Per digit pair: the first test image of each digit, then decoded codes z_a + t (z_b -
+    z_a) at t = i / steps for i < steps (the report's loop), for every configuration."""
+    import numpy as np
+
+    from bench.plots import image_rows
+
+    if not spec.pairs:
+        return []
+    t = torch.arange(spec.interp_steps, dtype=torch.float32)[:, None] / spec.interp_steps
+    rows = []
+    for a, b in spec.pairs:
+        ia, ib = (int((y == d).nonzero()[0]) for d in (a, b))
+        ends = x[[ia, ib]]
+        for c in cfgs:
+            za, zb = encode(c.model, ends)
+            mids = decode(c.model, za + t * (zb - za))
+            strip = np.concatenate([ends[:1].numpy(), mids, ends[1:].numpy()])
+            rows.append((f"{a}→{b} {c.label}", strip))
+    labels = ["image a", *(f"t={v:.1f}" for v in t[:, 0].tolist()), "image b"]
+    path = inp.plot_dir / "vae_report_interpolations.png"
+    image_rows(path, rows, f"{inp.study}: decoded interpolations of posterior means between "
+               "the first test image of each digit", col_labels=labels)
+    return [path]
+
+
+def report_prior_interp(inp: PlotInput, spec: ReportFigures,
+                        cfgs: list[Config]) -> list[Path]:
+    """Two prior draws z0, z1: g(a z0 + (1 - a) z1) (latent space) beside a g(z0) + (1 - a)
+    g(z1) (data space), a = 0, 0.1, ..., 1, for every configuration."""
+    from bench.plots import image_rows
+
+    if not spec.prior_interp:
+        return []
+    d = cfgs[0].latent_dim
+    z0, z1 = torch.randn(2, d, generator=torch.Generator().manual_seed(1))
+    a = torch.linspace(0.0, 1.0, spec.prior_interp)[:, None]
+    rows = []
+    for c in cfgs:
+        g0, g1 = (torch.from_numpy(decode(c.model, z[None])) for z in (z0, z1))
+        rows.append((f"{c.label}: latent", decode(c.model, a * z0 + (1 - a) * z1)))
+        rows.append((f"{c.label}: data", (a[:, :, None, None] * g0
+                                          + (1 - a[:, :, None, None]) * g1).numpy()))
+    path = inp.plot_dir / "vae_report_prior_interpolation.png"
+    image_rows(path, rows, f"{inp.study}: interpolating two prior draws in latent space "
+               "(decoded) and in data space (blended decodings)",
+               col_labels=[f"α={v:.1f}" for v in a[:, 0].tolist()])
+    return [path]
+
+
+def report_perturb(inp: PlotInput, spec: ReportFigures, cfgs: list[Config]) -> list[Path]:
+    """8 prior draws decoded, then the same draws with `perturb_eps` added to one latent
+    dimension at a time."""
+    from bench.plots import image_rows
+
+    d = cfgs[0].latent_dim
+    dims = [i for i in spec.perturb_dims if i < d]  # the report's dimensions that exist here
+    if not dims:
+        return []
+    z = torch.randn(8, d, generator=torch.Generator().manual_seed(2))
+    rows = []
+    for c in cfgs:
+        rows.append((f"{c.label}: z", decode(c.model, z)))
+        for dim in dims:
+            shifted = z.clone()
+            shifted[:, dim] += spec.perturb_eps
+            rows.append((f"z{dim} + {spec.perturb_eps:g}", decode(c.model, shifted)))
+    path = inp.plot_dir / "vae_report_perturbations.png"
+    image_rows(path, rows, f"{inp.study}: 8 prior draws, and the same with one latent "
+               f"dimension shifted by ε = {spec.perturb_eps:g} (prior std units)")
+    return [path]
+
+
+def report_curves(inp: PlotInput, spec: ReportFigures) -> list[Path]:
+    """Each metric of `spec.curves` per epoch: a line per configuration, mean over its seeds,
+    band +-1 std."""
+    from bench.plots import axis_label, figure, integer_ticks
+
+    done = inp.complete()
+    pts = inp.curves(list(done["trial_uid"])) if spec.curves and len(done) else None
+    if pts is None or pts.empty:
+        return []
+    pts = pts.merge(done[["trial_uid", "config_hash"]], on="trial_uid")
+    metrics = [m for m in spec.curves if (pts["metric"] == m).any()]
+    if not metrics or pts["step"].nunique() < 2:
+        return []
+    names = config_labels(done)
+    labels = {h: names[h] for h in done.sort_values("trial_number")["config_hash"].unique()}
+    path = inp.plot_dir / "vae_report_curves.png"
+    with figure(path, 1, len(metrics), panel_in=(3.8, 3.0)) as (fig, axes):
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            for i, (h, label) in enumerate(labels.items()):
+                mine = pts[(pts["metric"] == metric) & (pts["config_hash"] == h)]
+                stats = mine.groupby("step")["value"].agg(["mean", "std"]).fillna(0.0)
+                x = stats.index + 1
+                ax.plot(x, stats["mean"], marker=".", color=f"C{i}", label=label)
+                ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                                color=f"C{i}", alpha=0.2)
+            ax.set(xlabel="epoch", ylabel=axis_label("vae", metric))
+            integer_ticks(ax.xaxis)
+        axes[0, 0].legend(fontsize="small")
+        n = int(done.groupby("config_hash").size().max())
+        fig.suptitle(f"{inp.study}: per epoch, mean over {n} seeds, band = ±1 std")
     return [path]

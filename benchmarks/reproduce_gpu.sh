@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Reproduce the original image studies (../shared/seeds/) at their full budgets on one GPU.
+#
+#   BENCH_DATA=/path/to/data bash benchmarks/reproduce_gpu.sh [OUT]
+#
+# Every variant runs its report's settings (search_spaces/*.yaml, `bench list` prints them)
+# over 3 seeds; WORKERS processes share each study (a journal file), so several small
+# trials share the device. Fashion-MNIST and CIFAR-10 are used when they are under
+# $BENCH_DATA, else MNIST stands in (the machines lent so far cannot download). Then the
+# boards (with the reports' numbers and findings), the paired comparisons, the figures and
+# one HTML report per task.
+#
+# Expected time on one H100/H200-class GPU with WORKERS=4 (estimates from the CPU
+# throughput in benchmarks/RESULTS.md, not yet measured): vae studies ~1 h, priors ~1 h,
+# simsiam ablation (12 ResNet-18 trials x 100 epochs) ~4 h. Each study resumes where it
+# stopped when the script is run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-leaderboards/reproduce}
+WORKERS=${WORKERS:-4}
+DEVICE=${DEVICE:-cuda}
+export BENCH_NO_DOWNLOAD=${BENCH_NO_DOWNLOAD:-1}
+
+have() {  # a torchvision data set folder under $BENCH_DATA
+  [ -n "${BENCH_DATA:-}" ] && [ -d "$BENCH_DATA/$1" ]
+}
+FASHION=mnist; have FashionMNIST && FASHION=fashion-mnist
+CIFAR=mnist; have cifar-10-batches-py && CIFAR=cifar10
+echo "priors on $FASHION, simsiam on $CIFAR (the reports: fashion-mnist, cifar10)"
+
+run() {  # bench run TASK --variant V [--set ...], timed
+  local t0=$SECONDS
+  bench run "$@" --device "$DEVICE" --workers "$WORKERS" --quiet --out "$OUT"
+  echo "$(date -u +%FT%TZ) $* : $((SECONDS - t0)) s"
+}
+
+# vae: report 000 (beta-VAE), 001 (AE vs VAE, beta study), 004 (MC vs analytic KL, the bar)
+run vae --variant beta-vae-000
+run vae --variant ae-vs-vae-001
+run vae --variant vae-beta-001
+run vae --variant kl-estimator-004
+run vae --variant elbo-bar
+# report 001's VAE at its own 20 epochs beside its AE's 10 (a second study of the variant)
+run vae --variant ae-vs-vae-001 --set epochs=20 --study vae.ae-vs-vae-001.e20
+
+# priors: report 002 (AD and VADs with Normal, Laplace and Uniform latents)
+run priors --variant decoders-002 --set dataset="$FASHION"
+
+# simsiam: report 004 (stop-gradient and predictor ablations, 100 epochs)
+if [ "$CIFAR" = cifar10 ]; then
+  run simsiam --variant ablation
+else  # MNIST stand-in: the CIFAR ResNet-18 takes 1-channel 28x28 images as they are
+  run simsiam --variant ablation --set dataset=mnist
+fi
+
+for task in vae priors simsiam; do
+  bench board "$task" --out "$OUT" --format markdown > "$OUT/$task.board.md"
+  bench compare "$task" --out "$OUT" > "$OUT/$task.compare.txt" || true
+  bench plot "$task" --out "$OUT" > /dev/null
+  bench report "$task" --out "$OUT"
+done
+echo "boards, comparisons, figures and reports under $OUT"
