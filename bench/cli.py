@@ -205,7 +205,8 @@ def cmd_board(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     rows = leaderboard.read_trials(args.out, task.name)
     if rows.empty:
-        print(f"no trials of {task.name!r} under {args.out}", file=sys.stderr)
+        print(f"no trials of {task.name!r} under {args.out}: "
+              f"`bench run {task.name} --out {args.out}` adds some", file=sys.stderr)
         return 1
     board.check_selection(rows, task.name, args.study, args.variant)
     secs = board.sections(board.filter_rows(rows, args.study, args.variant), task,
@@ -473,26 +474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except Exception as exc:
-        root = _storage_failure(exc)
+        from bench.errors import storage_failure
+
+        root = storage_failure(exc)
         if root is None:
             raise
         print(f"error: the study's storage failed: {root}. Finished trials keep their rows; "
               "free space or fix the permissions, then rerun: the next run repairs the study",
               file=sys.stderr)
         return 1
-
-
-def _storage_failure(exc: BaseException) -> str | None:
-    """The root message of a storage failure (Optuna wraps SQLAlchemy's), or None."""
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    if not any(type(x).__module__.startswith(("sqlalchemy", "optuna.exceptions", "sqlite3"))
-               for x in chain):
-        return None
-    return str(chain[-1]).splitlines()[0]
 
 
 if __name__ == "__main__":

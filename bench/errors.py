@@ -31,6 +31,25 @@ def check_rules(task: str, params: Mapping[str, Any],
         raise ConfigError(bad)
 
 
+class StorageFailure(BenchError):
+    """The study's storage failed under a run (a full disk, a lost database server)."""
+
+    exit_code = 1
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The root message of a storage failure (Optuna wraps SQLAlchemy's), or None."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(type(x).__module__.startswith(("sqlalchemy", "optuna.exceptions", "sqlite3"))
+               for x in chain):
+        return None
+    return str(chain[-1]).splitlines()[0]
+
+
 class UnknownTaskError(BenchError):
     """A task name that is not registered."""
 

@@ -169,17 +169,20 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
     assert all(r.returncode == 0 for r in formats.values())
     csv = pd.read_csv(StringIO(formats["csv"].stdout))
     best = rows["objective"].max()
-    assert csv["objective_mean"].iloc[0] == pytest.approx(best) and len(csv) == 3
+    assert csv["mean"].iloc[0] == pytest.approx(best) and len(csv) == 3
+    assert (csv["study"] == "vae").all() and (csv["metric"] == "val_elbo").all()
     records = json.loads(formats["json"].stdout)
     assert [r["rank"] for r in records] == [1, 2, 3]
-    assert formats["markdown"].stdout.startswith("|")
+    md = formats["markdown"].stdout
+    assert md.startswith("### study 'vae' (search; maximize val_elbo") and "\n| " in md
     top = bench_cli("board", "vae", "--out", str(out), "--top", "1", "--format", "csv")
     assert len(pd.read_csv(StringIO(top.stdout))) == 1
 
     plot = bench_cli("plot", "vae", "--out", str(out))
     assert plot.returncode == 0, plot.stderr
     pngs = [Path(p) for p in plot.stdout.split()]
-    assert pngs and all(p.suffix == ".png" and p.parent == out / "vae" / "plots" for p in pngs)
+    assert pngs and all(p.suffix == ".png" and p.parent == out / "vae" / "plots" / "vae"
+                        for p in pngs)  # one folder per study
     from PIL import Image
 
     for p in pngs:
@@ -190,4 +193,5 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
 
 def test_board_without_rows_says_so(tmp_path: Path) -> None:
     res = bench_cli("board", "vae", "--out", str(tmp_path))
-    assert res.returncode == 1 and "no COMPLETE trials" in res.stderr
+    assert res.returncode == 1 and "no trials of 'vae'" in res.stderr
+    assert "bench run vae --out" in res.stderr

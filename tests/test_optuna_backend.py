@@ -372,7 +372,8 @@ def test_storage_identity_a_replaced_study_file_is_refused(out: Path) -> None:
     assert res.returncode == 2 and "empty (0 bytes)" in res.stderr, res.stderr
     db.unlink()
     res = bench_cli("run", "synthetic", "--out", str(out), "--trials", "1")
-    assert res.returncode == 2 and "holds a different study of that name" in res.stderr
+    assert res.returncode == 2 and "does not hold it" in res.stderr, res.stderr
+    assert not db.exists(), "refused before an empty study was created in its place"
     assert len(rows(out)) == 1
     record = json.loads((out / "synthetic" / ".studies" / "synthetic.json").read_text())
     assert record["uid"] == rows(out)["study_uid"].iloc[0]

@@ -118,4 +118,6 @@ def test_killed_worker_trial_fails_is_retried_and_study_completes(
     retry = rows[rows["trial_number"] == retries[0].number].iloc[0]
     assert retry["state"] == "COMPLETE" and retry["trial_uid"] != fail["trial_uid"]
     # the study's 12 (the victim's FAIL among them), then the retry the late worker ran
-    assert len(trials) == 13 and (rows["state"] == "COMPLETE").sum() == 12
+    assert len(trials) == 13 and (rows["state"] == "COMPLETE").sum() == 12, (
+        [(t.number, t.state.name, t.system_attrs, sorted(t.user_attrs)) for t in trials],
+        late.stdout, late.stderr)

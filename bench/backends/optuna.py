@@ -27,9 +27,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -46,7 +48,11 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._heartbeat import (
+    BaseHeartbeat,
+    get_heartbeat_thread,
+    is_heartbeat_enabled,
+)
 from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.study import StudyDirection
@@ -54,7 +60,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench import faults, leaderboard, signals
 from bench.backends._base import Backend, RunResult, register_backend
-from bench.errors import BenchError, ConfigError
+from bench.errors import BenchError, ConfigError, StorageFailure, storage_failure
 from bench.lifecycle import (
     RESUME_FILE,
     Outcome,
@@ -64,7 +70,14 @@ from bench.lifecycle import (
     now,
     write_row,
 )
-from bench.plan import Plan, describe_storage, make_sampler
+from bench.plan import (
+    Plan,
+    describe_storage,
+    make_sampler,
+    storage_file,
+    study_in_journal,
+    study_in_sqlite,
+)
 from bench.space import Param
 from bench.train import placement, resolve_device
 from bench.trial import TrialContext
@@ -114,9 +127,10 @@ class Journal(JournalFileBackend):
                     fh.write(data.encode())
                     fh.flush()
                     os.fsync(fh.fileno())
-            except OSError:
-                os.truncate(self.path, size)  # leave no torn record behind
-                raise
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)  # leave no torn record behind
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
         try:
@@ -188,7 +202,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
     """Open (or create) the plan's study; check its direction and its identity."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    _refuse_a_lost_study(plan)
     storage = open_storage(plan.storage_url)
+    if storage_file(plan.storage_url) is None:
+        _refuse_a_lost_study(plan, storage)
     retry = getattr(storage, "heartbeat_stale_trial_callback", None)
     if retry is not None:  # a heartbeat-failed trial gets its FAIL row, then is retried
         storage.heartbeat_stale_trial_callback = _RowThenRetry(plan, retry)  # type: ignore
@@ -224,6 +241,47 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1)
     return optuna.pruners.NopPruner()
+
+
+def _recorded(plan: Plan) -> dict[str, Any] | None:
+    record = plan.task_dir / ".studies" / f"{plan.study_name}.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return known if isinstance(known, dict) else None
+
+
+def _refuse_a_lost_study(plan: Plan, storage: Any = None) -> None:
+    """Before anything is created: a study the leaderboard recorded that this storage does
+    not hold (its file deleted, truncated or replaced, or another storage named) is refused,
+    and no empty study of that name is created in its place. File storages are read
+    without opening them through Optuna (which would create the file); a server database
+    is asked once it is open (`storage`)."""
+    known = _recorded(plan)
+    if known is None:
+        return
+    path = storage_file(plan.storage_url)
+    if path is not None:
+        holds = (study_in_journal(path, plan.study_name)
+                 if plan.storage_url.startswith("journal:")
+                 else study_in_sqlite(path, plan.study_name))
+    elif storage is None:
+        return
+    else:
+        try:
+            storage.get_study_id_from_name(plan.study_name)
+            holds = True
+        except KeyError:
+            holds = False
+    if not holds:
+        raise ConfigError(
+            f"the leaderboard {plan.task_dir} recorded study {plan.study_name!r} (uid "
+            f"{known.get('uid')}) in {known.get('storage')}, but "
+            f"{describe_storage(plan.storage_url)} does not hold it: its file was deleted, "
+            "truncated or replaced, or --storage names another one. Restore it, point "
+            "--storage at the recorded one, or use --study NEW for a new study (the rows of "
+            "the old one stay)")
 
 
 def check_identity(plan: Plan, study: optuna.Study) -> str:
@@ -312,11 +370,22 @@ def identity(plan: Plan, number: int, uid: str, seed: int, study_uid: str) -> di
             "seed": seed}
 
 
+def _uid(study: optuna.Study, t: FrozenTrial) -> str:
+    """The trial's row id: its own, or for a trial killed before it got one (between ask and
+    its first attribute) one derived from the study and the trial number, so every repair
+    of that trial finds the same row."""
+    uid = _info(t).get("uid")
+    if uid:
+        return str(uid)
+    seed = f"{study.user_attrs.get(STUDY_UID, study.study_name)}:{t.number}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:16]
+
+
 def _record_row(plan: Plan, study: optuna.Study, t: FrozenTrial, state: str,
                 error: str | None = None) -> str | None:
     """A row built from the study's record of a trial (its params, result attributes)."""
     info = _info(t)
-    uid = info.get("uid") or new_trial_uid()
+    uid = _uid(study, t)
     if leaderboard.trial_exists(plan.out, plan.task.name, uid):
         return None
     result = t.user_attrs.get(RESULT) or {}
@@ -338,6 +407,36 @@ def _record_row(plan: Plan, study: optuna.Study, t: FrozenTrial, state: str,
 def _metrics(t: FrozenTrial) -> dict[str, float]:
     return {k.removeprefix(METRIC): float(v) for k, v in t.user_attrs.items()
             if k.startswith(METRIC) and isinstance(v, (int, float))}
+
+
+def adopt_stale_results(plan: Plan, study: optuna.Study) -> list[int]:
+    """Heartbeat storages: a stale RUNNING trial whose result is known (its row was written,
+    or its result attribute set, and the run died before it told the study) is told that
+    result, before Optuna's stale-trial pass would mark it FAIL and retry a finished point."""
+    storage = study._storage
+    stale = getattr(storage, "_get_stale_trial_ids", None)
+    if stale is None:
+        return []
+    adopted = []
+    for trial_id in stale(study._study_id):
+        t = storage.get_trial(trial_id)
+        uid = _info(t).get("uid")
+        row = leaderboard.read_trial(plan.out, plan.task.name, uid) if uid else None
+        known = row or t.user_attrs.get(RESULT)
+        if not isinstance(known, dict) or known.get("state") not in ("COMPLETE", "PRUNED",
+                                                                     "FAIL"):
+            continue
+        value = known.get("objective")
+        try:
+            storage.set_trial_state_values(
+                trial_id, TrialState[known["state"]],
+                [value] if known["state"] == "COMPLETE" and value is not None else None)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process adopted or failed it first
+        if row is None:
+            _record_row(plan, study, storage.get_trial(trial_id), known["state"])
+        adopted.append(t.number)
+    return adopted
 
 
 def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str, list[int]]:
@@ -370,13 +469,14 @@ def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str
             elif info.get("uid") and (plan.artifact_dir(info["uid"]) / RESUME_FILE).exists() \
                     or t.user_attrs.get("suspended"):
                 done["resumable"].append(t.number)
-            elif storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                _record_row(plan, study, storage.get_trial(t._trial_id), "FAIL",
+            else:  # the row first, then the state: a kill between the two loses nothing
+                _record_row(plan, study, t, "FAIL",
                             "the run died while the trial was RUNNING (killed?), before it saved "
                             "a state to resume from; marked FAIL by the next run")
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 done["failed"].append(t.number)
-        elif t.state in FINISHED and info.get("uid") and not leaderboard.trial_exists(
-                plan.out, plan.task.name, info["uid"]):
+        elif t.state in FINISHED and not leaderboard.trial_exists(
+                plan.out, plan.task.name, _uid(study, t)):
             if _record_row(plan, study, t, t.state.name) is None:
                 done["repaired"].append(t.number)
     return done
@@ -473,6 +573,11 @@ class Worker:
         """Tell the study how a trial ended (its metrics as user attributes first)."""
         if outcome.state == "SUSPENDED":
             trial.set_user_attr("suspended", True)
+            if is_heartbeat_enabled(self.study._storage):
+                # a heartbeat storage runs no repair pass (other hosts may be live): the
+                # trial goes back to WAITING, the next ask() anywhere claims it atomically
+                # and resumes it from its saved state (same number, uid and parameters)
+                self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             return "SUSPENDED"
         for name, value in outcome.metrics.items():  # what optuna-dashboard shows
             trial.set_user_attr(f"{METRIC}{name}", value)
@@ -544,9 +649,9 @@ class Worker:
             if self.row_errors:
                 return 1
         for _ in range(n_new):
-            if self._should_stop(deadline) or self._target_reached():
+            if self._should_stop(deadline):
                 break
-            trial = _pop_waiting(self.study) if self.plan.enumerated else self._ask()
+            trial = self._ask()
             if trial is None:
                 break
             if self.run_one(trial) == "SUSPENDED":
@@ -555,9 +660,22 @@ class Worker:
                 return 1
         return signals.exit_code() if signals.stop_requested() else 0
 
-    def _ask(self) -> optuna.Trial:
-        if is_heartbeat_enabled(self.study._storage):  # as study.optimize does, per trial
+    def _ask(self) -> optuna.Trial | None:
+        """The next trial: a waiting one (enqueued, or suspended on a heartbeat storage)
+        first; None when an enumerated variant has none left."""
+        storage = self.study._storage
+        if is_heartbeat_enabled(storage):  # as study.optimize does, per trial
+            assert isinstance(storage, BaseHeartbeat)
+            adopt_stale_results(self.plan, self.study)
             optuna.storages.fail_stale_trials(self.study)
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                if t.user_attrs.get("suspended"):  # a fresh heartbeat before it can be
+                    storage.record_heartbeat(t._trial_id)  # claimed: its old one is
+                    # stale, and another host's stale pass would fail it at once
+        if self.plan.enumerated:
+            return _pop_waiting(self.study)
+        if self._target_reached():  # checked last, just before ask(): other runs add too
+            return None
         trial = self.study.ask()
         if self.slot is not None:
             trial.set_user_attr("worker_id", self.slot)
@@ -594,11 +712,12 @@ def split(n: int, k: int) -> list[int]:
 
 def _counts(study: optuna.Study) -> dict[str, int]:
     c = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    suspended = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                    if t.user_attrs.get("suspended"))
+    susp = Counter(t.state.name for t in study.get_trials(
+        deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        if t.user_attrs.get("suspended"))  # WAITING on heartbeat storages
     return {"COMPLETE": c["COMPLETE"], "PRUNED": c["PRUNED"], "FAIL": c["FAIL"],
-            "RUNNING": c["RUNNING"] - suspended, "SUSPENDED": suspended,
-            "WAITING": c["WAITING"]}
+            "RUNNING": c["RUNNING"] - susp["RUNNING"], "SUSPENDED": sum(susp.values()),
+            "WAITING": c["WAITING"] - susp["WAITING"]}
 
 
 def _finished(study: optuna.Study, slot: str | None = None) -> int:
@@ -639,6 +758,20 @@ class OptunaBackend(Backend):
         return min(opts.trials, default) if plan.enumerated else opts.trials
 
     def run(self, plan: Plan, progress: Callable[..., Any] | None = None) -> RunResult:
+        try:
+            return self._run(plan, progress)
+        except BenchError:
+            raise
+        except Exception as exc:
+            root = storage_failure(exc)
+            if root is None:
+                raise
+            raise StorageFailure(
+                f"the study's storage failed: {root} ({describe_storage(plan.storage_url)}). "
+                "Finished trials keep their rows; free space or fix the permissions, then "
+                "rerun: the next run repairs the study") from exc
+
+    def _run(self, plan: Plan, progress: Callable[..., Any] | None = None) -> RunResult:
         signals.install(quiet=not plan.opts.progress)
         slot = plan.opts.extra.get("worker_id")
         if slot is not None:
@@ -731,6 +864,11 @@ def _worker_main(plan: Plan, resume: list[int], n_new: int, index: int,
     os.setpgrp()  # the terminal's Ctrl-C reaches the parent only; it forwards one signal
     signals.install(quiet=True)
     signals.die_with_parent()
+    # a worker holds the study's lock shared for its whole life, as its parent does: if the
+    # parent is killed and a run starts while this worker finishes its trial, that run sees
+    # the study in use and does not repair (fail) the trial from under it
+    lock = open(plan.lock_path(), "a")  # noqa: SIM115 (held until the process exits)
+    fcntl.flock(lock, fcntl.LOCK_SH)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = placement(plan.opts.device, plan.opts.workers, gpus)[index]
     plan = dataclasses.replace(plan, opts=dataclasses.replace(plan.opts, device=device))
