@@ -69,13 +69,17 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _write_atomic(table: pa.Table, path: Path, durable: bool = True) -> None:
+    """Write to a temporary name, then rename: readers never see half a file. `durable`:
+    fsync before the rename, so the file also survives a power loss (rows); a curve or a
+    cache, which can be rebuilt, skips it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         faults.pause("row-write")
         os.replace(tmp, path)
     finally:
@@ -105,7 +109,7 @@ def write_trial(out: str | Path, row: Mapping[str, Any],
         steps, names, values = zip(*curve, strict=True)
         ctab = pa.table({"trial_uid": [uid] * len(curve), "step": pa.array(steps, pa.int64()),
                          "metric": list(names), "value": pa.array(values, pa.float64())})
-        _write_atomic(ctab, base / "curves" / f"{uid}.parquet")
+        _write_atomic(ctab, base / "curves" / f"{uid}.parquet", durable=False)
     path = base / "trials" / f"{uid}.parquet"
     _write_atomic(_table(row, schema), path)
     return path
@@ -245,7 +249,7 @@ def _keyed(table: pa.Table, name: str, listing: dict[str, tuple[int, int]]) -> p
 
 def _write_cache(table: pa.Table, cache: Path) -> None:
     try:
-        _write_atomic(table, cache)
+        _write_atomic(table, cache, durable=False)
     except OSError:
         pass  # a read-only leaderboard is still readable, only slower
 
