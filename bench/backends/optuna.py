@@ -73,6 +73,7 @@ from bench.lifecycle import (
 from bench.plan import (
     Plan,
     describe_storage,
+    fused_class,
     make_sampler,
     storage_file,
     study_in_journal,
@@ -243,10 +244,14 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _record_path(plan: Plan) -> Path:
+    """Where the leaderboard records its study's uid and storage."""
+    return plan.task_dir / ".studies" / f"{plan.study_name}.json"
+
+
 def _recorded(plan: Plan) -> dict[str, Any] | None:
-    record = plan.task_dir / ".studies" / f"{plan.study_name}.json"
     try:
-        known = json.loads(record.read_text())
+        known = json.loads(_record_path(plan).read_text())
     except (OSError, ValueError):
         return None
     return known if isinstance(known, dict) else None
@@ -291,11 +296,8 @@ def check_identity(plan: Plan, study: optuna.Study) -> str:
     if uid is None:
         uid = uuid.uuid4().hex[:16]
         study.set_user_attr(STUDY_UID, uid)
-    record = plan.task_dir / ".studies" / f"{plan.study_name}.json"
-    try:
-        known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        known = None
+    record = _record_path(plan)
+    known = _recorded(plan)
     if known is not None and known.get("uid") != uid:
         raise ConfigError(
             f"the leaderboard {plan.task_dir} recorded study {plan.study_name!r} with uid "
@@ -666,10 +668,10 @@ class Worker:
     def work(self, resume: list[int], n_new: int, deadline: float | None) -> int:
         """Resume `resume` (trial numbers), then run up to `n_new` new trials. Exit code."""
         if self.plan.opts.fuse is not None:
-            from bench.backends.optuna_fused import FusedRunner, auto_k, check_fusable
+            from bench.backends.optuna_fused import FusedRunner, auto_k
 
             fuse = self.plan.opts.fuse
-            k = auto_k(self.plan, check_fusable(self.plan), self.device) if fuse == "auto" \
+            k = auto_k(self.plan, fused_class(self.plan), self.device) if fuse == "auto" \
                 else int(fuse)
             return FusedRunner(self, k, resume, n_new, deadline).run()
         for number in resume:

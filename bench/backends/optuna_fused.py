@@ -26,16 +26,9 @@ from optuna.trial import TrialState
 from bench import signals
 from bench.fused import FusedGroup, Member, run_group
 from bench.lifecycle import Outcome
-from bench.plan import Plan
+from bench.plan import Plan, fused_class
 
 MAX_AUTO = 64  # --fuse auto never stacks more members than this
-
-
-def check_fusable(plan: Plan) -> type[FusedGroup]:
-    """The task's fused implementation (bench.plan.fused_class checks it at planning)."""
-    from bench.plan import fused_class
-
-    return fused_class(plan)
 
 
 def latent_cap(plan: Plan) -> int:
@@ -81,7 +74,7 @@ class FusedRunner:
                  deadline: float | None):
         self.w, self.k = worker, k
         self.plan: Plan = worker.plan
-        self.cls = check_fusable(self.plan)
+        self.cls = fused_class(self.plan)
         self.resume, self.left, self.deadline = list(resume), n_new, deadline
         self.pending: optuna.Trial | None = None  # the next group's first member
         self.taken = 0  # members the current group has had

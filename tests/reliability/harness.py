@@ -183,7 +183,7 @@ def run(st: Storage, *args: str, env: dict[str, str] | None = None,
 HOT_JOURNAL = "attempt to write a readonly database"
 
 
-def xfail_if_hot_journal(res: Run) -> None:
+def fail_on_hot_journal(res: Run) -> None:
     """A kill -9 inside an SQLite commit leaves a hot journal; the next run must roll it back
     (test_windows.py reproduces the window). Fails, naming the window, if a run refused it."""
     if HOT_JOURNAL in res.stderr:
@@ -202,7 +202,7 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str,
     while not ready():
         if proc.poll() is not None:
             res = finish(proc)
-            xfail_if_hot_journal(res)
+            fail_on_hot_journal(res)
             pytest.fail(f"the run ended (exit {res.returncode}) before {what}: "
                         f"{res.stderr[-2000:]}")
         if time.time() > deadline:

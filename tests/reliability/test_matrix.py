@@ -33,6 +33,7 @@ from .harness import (
     Storage,
     Tally,
     check_invariant,
+    fail_on_hot_journal,
     finish,
     inject,
     pause_env,
@@ -43,7 +44,6 @@ from .harness import (
     spawn,
     trial_args,
     wait_until,
-    xfail_if_hot_journal,
 )
 
 MID_EPOCH_S = SLEEP_S * 1.5  # after a trial starts: halfway through its second epoch
@@ -150,7 +150,7 @@ def test_fault(storage: str, fault: str, moment: str, make_store: Callable[..., 
     inject(proc, fault)
     tally.faults += 1
     faulted = finish(proc)
-    xfail_if_hot_journal(faulted)
+    fail_on_hot_journal(faulted)
     assert faulted.returncode == EXIT[fault], faulted.stderr[-3000:]
     assert "Traceback" not in faulted.stderr, faulted.stderr[-3000:]
     if storage == "postgres" and fault == "SIGKILL":
@@ -159,7 +159,7 @@ def test_fault(storage: str, fault: str, moment: str, make_store: Callable[..., 
     rerun = run(st, *trial_args())
     c = check_invariant(st)
     tally.record(c)
-    xfail_if_hot_journal(rerun)
+    fail_on_hot_journal(rerun)
     require(c, TRIALS)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
