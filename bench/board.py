@@ -75,7 +75,14 @@ def varying(done: pd.DataFrame, all_params: bool = False) -> list[str]:
     cols = [c for c in done.columns if c.startswith("param_")]
     if all_params:
         return cols
-    return [c for c in cols if done[c].astype(str).nunique(dropna=False) > 1]
+    return [c for c in cols if _distinct(done[c]) > 1]
+
+
+def _distinct(col: pd.Series) -> int:
+    try:
+        return int(col.nunique(dropna=False))
+    except TypeError:  # unhashable cells: compare their text
+        return int(col.astype(str).nunique(dropna=False))
 
 
 def sections(rows: pd.DataFrame, task: Task, all_params: bool = False) -> list[Section]:
@@ -107,13 +114,14 @@ def _section(study: str, uid: str, g: pd.DataFrame, task: Task, all_params: bool
 def budget(g: pd.DataFrame) -> dict[str, Any]:
     """Trials, epochs and device time a study cost."""
     hours = float(g["duration_s"].fillna(0).sum()) / 3600
-    gpu = g["device"].fillna("").str.startswith("cuda")
+    gpu = g["device"].isin([d for d in g["device"].dropna().unique()
+                            if str(d).startswith("cuda")])
     epochs = g.loc[g["state"] == "COMPLETE", "epochs_done"].dropna()
     return {"trials": int(len(g)), "epochs": int(epochs.max()) if len(epochs) else None,
             "hours": round(hours, 3),
             "gpu_hours": round(float(g.loc[gpu, "duration_s"].fillna(0).sum()) / 3600, 3),
-            "devices": sorted(set(g["gpu_name"].dropna()) | set(g["device"].dropna())),
-            "git_shas": sorted(set(g["git_sha"].dropna()))}
+            "devices": sorted({*g["gpu_name"].dropna().unique(), *g["device"].dropna().unique()}),
+            "git_shas": sorted(g["git_sha"].dropna().unique())}
 
 
 # ---------------------------------------------------------------- references

@@ -211,7 +211,8 @@ def cmd_board(args: argparse.Namespace) -> int:
     board.check_selection(rows, task.name, args.study, args.variant)
     secs = board.sections(board.filter_rows(rows, args.study, args.variant), task,
                           args.all_params)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else []
+    metrics = list(dict.fromkeys(m.strip() for given in args.metrics or []
+                                 for m in given.split(",") if m.strip()))
     unknown = [m for m in metrics if m not in task.metrics]
     if unknown:
         raise ConfigError(f"--metrics: {', '.join(unknown)} not metrics of {task.name!r}; "
@@ -252,7 +253,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     res = compare.compare(sel, metric, direction, params)
     title = f"{task.name}: " + (" vs ".join(studies) if studies else f"variant {args.variant}")
     print(compare.render(res, args.format, title))
-    name = "-".join(studies) if studies else args.variant
+    name = "-".join(studies) if studies else str(sel["study"].iloc[0])  # the study's folder
     png = compare.cd_diagram(res, args.out / task.name / "plots" / name /
                              "critical_difference.png", title)
     if png is not None and args.format != "json":
@@ -408,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="the best N configurations of each study")
     p.add_argument("--study")
     p.add_argument("--variant")
-    p.add_argument("--metrics", help="comma-separated metrics to show beside the objective, "
-                   "e.g. test_elbo,test_iwae_ll")
+    p.add_argument("--metrics", action="append",
+                   help="comma-separated metrics to show beside the objective, e.g. "
+                        "test_elbo,test_iwae_ll (repeatable)")
     p.add_argument("--all-params", action="store_true",
                    help="every parameter as a column, not only those that vary")
     _add_common(p)

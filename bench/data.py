@@ -16,29 +16,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.datasets import DATASETS, DatasetSpec
 from bench.errors import DataError
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    torchvision_class: str
-    folder: str  # where torchvision keeps it under the root
-    classes: int
-
-
-DATASETS = {
-    "mnist": DatasetSpec("mnist", "MNIST", "MNIST/raw", 10),
-    "fashion-mnist": DatasetSpec("fashion-mnist", "FashionMNIST", "FashionMNIST/raw", 10),
-    "cifar10": DatasetSpec("cifar10", "CIFAR10", "cifar-10-batches-py", 10),
-}
 
 _CPU: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 _DEVICE: dict[tuple[str, str, bool, str], tuple[torch.Tensor, torch.Tensor]] = {}

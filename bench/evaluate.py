@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import Mapping
@@ -111,12 +112,20 @@ def rerun(out: Path, uid: str, device: str = "cpu", data_dir: Path | None = None
     params = params_of(task, row)
     seed = int(row["seed"])
     seed_everything(seed)
-    art = Path(tempfile.mkdtemp(prefix=f"bench-rerun-{uid}-"))
-    ctx = local_context(seed, str(resolve_device(device)), art, str(row["metric"]), data_dir)
     new_uid = new_trial_uid()
     ident = {**{k: row.get(k) for k in leaderboard.IDENTITY}, "trial_uid": new_uid,
              "study": f"{row['study']}.rerun", "backend": "rerun"}
-    target = out if record else art / "lb"
-    outcome = execute_trial(task, params, ctx, ident, Path(target), str(row["direction"]))
+    with contextlib.ExitStack() as stack:
+        if record:  # a recorded rerun is a trial of the leaderboard: its artifacts stay there
+            art = leaderboard.task_dir(out, name) / "artifacts" / new_uid
+            target = out
+        else:  # nothing of an unrecorded rerun outlives it
+            art = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix=f"bench-rerun-{uid}-")))
+            target = art / "lb"
+        art.mkdir(parents=True, exist_ok=True)
+        ctx = local_context(seed, str(resolve_device(device)), art, str(row["metric"]),
+                            data_dir)
+        outcome = execute_trial(task, params, ctx, ident, Path(target), str(row["direction"]))
     return Rerun(name, uid, row.get("objective"), outcome.objective, outcome.state,
                  outcome.error)

@@ -35,7 +35,6 @@ from bench.errors import TrialPruned
 from bench.lifecycle import (
     CHECKPOINT_FILE,
     RESUME_FILE,
-    THROUGHPUT,
     Outcome,
     TaskSpec,
     TrialProgress,
@@ -48,6 +47,7 @@ from bench.lifecycle import (
     save_state,
     write_row,
 )
+from bench.params import THROUGHPUT
 from bench.train import peak_mem_gb, seed_everything
 from bench.trial import TrialContext
 

@@ -47,13 +47,12 @@ import torch
 import bench
 from bench import leaderboard, signals
 from bench.errors import DataError, TrialPruned, TrialSuspended
-from bench.params import Decl, Metric
+from bench.params import THROUGHPUT, Decl, Metric
 from bench.train import peak_mem_gb, reset_peak_memory, seed_everything
 from bench.trial import TrialContext
 
 RESUME_FILE = "resume.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
-THROUGHPUT = "train_examples_per_s"
 
 
 class EpochTrial:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+THROUGHPUT = "train_examples_per_s"  # the metric every task gets from the harness
+
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # YAML 1.1 reads 1e-3 as a str
 KINDS = ("int", "float", "bool", "str", "choice")
 
@@ -46,6 +48,9 @@ class Decl:
     choices: tuple[Any, ...] = ()
     nullable: bool = False
     help: str = ""
+    # how the trial runs (speed, memory, evaluation-only settings), not what it trains: a
+    # study's later runs may change it (bench.backends.optuna.check_overrides)
+    execution: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -143,17 +148,21 @@ def _fmt(x: float) -> str:
 
 # ------------------------------------------------------------ constructors
 def Int(default: int | None, low: int | None = None, high: int | None = None, *,  # noqa: N802
-        nullable: bool = False, help: str = "") -> Decl:
-    return Decl("int", default, low, high, nullable=nullable or default is None, help=help)
+        nullable: bool = False, help: str = "", execution: bool = False) -> Decl:
+    return Decl("int", default, low, high, nullable=nullable or default is None, help=help,
+                execution=execution)
 
 
 def Float(default: float, low: float | None = None, high: float | None = None, *,  # noqa: N802
-          above: float | None = None, nullable: bool = False, help: str = "") -> Decl:
-    return Decl("float", default, low, high, above, nullable=nullable, help=help)
+          above: float | None = None, nullable: bool = False, help: str = "",
+          execution: bool = False) -> Decl:
+    return Decl("float", default, low, high, above, nullable=nullable, help=help,
+                execution=execution)
 
 
-def Choice(default: Any, choices: Iterable[Any], *, help: str = "") -> Decl:  # noqa: N802
-    return Decl("choice", default, choices=tuple(choices), help=help)
+def Choice(default: Any, choices: Iterable[Any], *, help: str = "",  # noqa: N802
+           execution: bool = False) -> Decl:
+    return Decl("choice", default, choices=tuple(choices), help=help, execution=execution)
 
 
 def Bool(default: bool, *, help: str = "") -> Decl:  # noqa: N802

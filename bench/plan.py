@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -271,7 +272,35 @@ def _option_problems(opts: RunOptions) -> list[str]:
                     "trial per actor)")
     if not opts.checkpoint_every_s >= 0:
         errs.append(f"--checkpoint-every: must be >= 0 seconds, got {opts.checkpoint_every_s}")
+    # The Optuna backend trains here, so the device must exist here; Ray and Slurm plan on a
+    # head or login node whose workers run elsewhere, so only the spelling is checked there.
+    problem = device_problem(opts.device, here=opts.backend == "optuna")
+    if problem:
+        errs.append(f"--device: {problem}")
     return errs
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def device_problem(name: str, here: bool = True) -> str | None:
+    """Why `name` is not a device to train on (None when it is): one of auto, cpu, mps,
+    cuda, cuda:N; with `here`, CUDA (and GPU N) or MPS must also exist on this machine."""
+    if not _DEVICE.match(name):
+        return f"must be auto, cpu, cuda, cuda:N or mps, got {name!r}"
+    if not here or name in ("auto", "cpu"):
+        return None
+    import torch
+
+    if name == "mps":
+        return None if torch.backends.mps.is_available() else (
+            "mps: Apple's MPS is not available on this machine (use cpu)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return f"{name}: CUDA is not available on this machine (use auto or cpu)"
+    if ":" in name and int(name.split(":")[1]) >= count:
+        return f"{name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
 
 
 def fused_class(plan: Plan) -> type[FusedGroup]:

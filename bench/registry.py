@@ -1,8 +1,15 @@
-"""Task registry: `@register_task` fills one dict; `get_task(name)` fails with the known names.
+"""Task registry: `declare_task` / `@register_task` fill one dict; `get_task(name)` fails
+with the known names.
 
 A task is an `EpochTrial` subclass registered with its typed parameter declarations
 (`bench.params`), the metrics it reports (with units), its objective, a seconds-long CPU
 budget (`smoke`), cross-parameter rules, a data check and the optional packages it needs.
+
+The built-in tasks are declared in `bench.specs`, which imports neither torch nor the task's
+implementation: the declaration names its `EpochTrial` class as "module:Class" and the
+modules that register its figures and fused implementation, imported only when a trial,
+a figure or a fused group is wanted. So `bench list`, `bench board`, `bench validate` and the
+checks of `bench run` answer without loading torch (about a second on 2 cores).
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, ConfigError, UnknownTaskError
-from bench.lifecycle import THROUGHPUT, EpochTrial
-from bench.params import Decl, Metric, defaults, problems
+from bench.params import THROUGHPUT, Decl, Metric, defaults, problems
+
+if TYPE_CHECKING:
+    from bench.lifecycle import EpochTrial
 
 PlotHook = Callable[..., list]
 Rules = Callable[[Mapping[str, Any]], list[str]]  # cross-parameter rules -> problems
@@ -34,7 +43,7 @@ class MissingExtraError(BenchError):
 @dataclass(frozen=True)
 class Task:
     name: str
-    trial: type[EpochTrial]
+    impl: type[EpochTrial] | str  # the class, or "module:Class" imported on first use
     metric: str
     direction: str
     params: Mapping[str, Decl]
@@ -44,6 +53,21 @@ class Task:
     rules: Rules | None = None
     data: DataCheck | None = None
     requires: tuple[str, Sequence[str]] | None = None  # (extra, modules)
+    modules: tuple[str, ...] = ()  # imported before the task's figures or fused class are used
+
+    @property
+    def trial(self) -> type[EpochTrial]:
+        """The task's `EpochTrial` class (its module imported on first use)."""
+        if isinstance(self.impl, str):
+            module, _, attr = self.impl.partition(":")
+            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        return self.impl
+
+    def load(self) -> None:
+        """Import the task's implementation modules (they register its figures and fused
+        implementation)."""
+        for module in self.modules:
+            importlib.import_module(module)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -81,18 +105,22 @@ _PLOTS: dict[str, list[PlotHook]] = {}
 _FUSED: dict[str, type] = {}
 
 
-def register_task(
-    name: str, *, metric: str, direction: str, params: Mapping[str, Decl],
-    metrics: Mapping[str, Metric], smoke: Mapping[str, Any] | None = None,
-    rules: Rules | None = None, data: DataCheck | None = None,
-    requires: tuple[str, Sequence[str]] | None = None,
-) -> Callable[[type[EpochTrial]], type[EpochTrial]]:
-    """Register an `EpochTrial` subclass as the task `name`.
+def declare_task(
+    name: str, impl: type[EpochTrial] | str, *, metric: str, direction: str,
+    params: Mapping[str, Decl], metrics: Mapping[str, Metric], doc: str = "",
+    smoke: Mapping[str, Any] | None = None, rules: Rules | None = None,
+    data: DataCheck | None = None, requires: tuple[str, Sequence[str]] | None = None,
+    modules: Sequence[str] = (),
+) -> Task:
+    """Declare the task `name`, trained by `impl` (an `EpochTrial` subclass or its
+    "module:Class", imported on first use).
 
     `params` declares every parameter the task reads (type, range or choices, default);
     `metrics` every metric it returns (unit, meaning); `smoke` overrides parameters for a
     seconds-long CPU run (`bench run TASK --smoke`, the contract tests); `rules` checks
-    combinations of values, `data` the presence of the data, both before anything runs.
+    combinations of values, `data` the presence of the data, both before anything runs;
+    `modules` are imported before the task's figures or fused implementation are looked up
+    (default: the module of a "module:Class" `impl`).
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
@@ -100,17 +128,33 @@ def register_task(
         raise ValueError(f"task {name!r}: objective {metric!r} is not a declared metric")
     if "epochs" not in params:
         raise ValueError(f"task {name!r}: every task declares `epochs`")
+    if name in _TASKS and _TASKS[name].impl != impl:
+        raise ValueError(f"task {name!r} is registered twice")
+    bad = problems(name, params, smoke or {}, "smoke")
+    if bad:
+        raise ValueError("; ".join(bad))
+    if not modules and isinstance(impl, str):
+        modules = (impl.partition(":")[0],)
+    task = Task(name, impl, metric, direction, dict(params), {**metrics, **HARNESS_METRICS},
+                doc, dict(smoke or {}), rules, data, requires, tuple(modules))
+    _TASKS[name] = task
+    return task
+
+
+def register_task(
+    name: str, *, metric: str, direction: str, params: Mapping[str, Decl],
+    metrics: Mapping[str, Metric], smoke: Mapping[str, Any] | None = None,
+    rules: Rules | None = None, data: DataCheck | None = None,
+    requires: tuple[str, Sequence[str]] | None = None,
+) -> Callable[[type[EpochTrial]], type[EpochTrial]]:
+    """Register an `EpochTrial` subclass as the task `name` (the class decorator form of
+    `declare_task`, for tasks outside `bench.specs`; the docstring's first line is the doc)."""
 
     def wrap(cls: type[EpochTrial]) -> type[EpochTrial]:
-        if name in _TASKS and _TASKS[name].trial is not cls:
-            raise ValueError(f"task {name!r} is registered twice")
-        bad = problems(name, params, smoke or {}, "smoke")
-        if bad:
-            raise ValueError("; ".join(bad))
         doc = (cls.__doc__ or "").strip().splitlines()
-        _TASKS[name] = Task(name, cls, metric, direction, dict(params),
-                            {**metrics, **HARNESS_METRICS}, doc[0] if doc else "",
-                            dict(smoke or {}), rules, data, requires)
+        declare_task(name, cls, metric=metric, direction=direction, params=params,
+                     metrics=metrics, doc=doc[0] if doc else "", smoke=smoke, rules=rules,
+                     data=data, requires=requires)
         return cls
 
     return wrap
@@ -142,25 +186,25 @@ def register_fused(name: str) -> Callable[[type], type]:
 
 def get_fused(name: str) -> type | None:
     """The task's FusedGroup class, or None when the task trains one trial at a time."""
-    get_task(name)
+    get_task(name).load()
     return _FUSED.get(name)
 
 
 def get_plots(name: str) -> list[PlotHook]:
-    get_task(name)
+    get_task(name).load()
     return list(_PLOTS.get(name, []))
 
 
 def _load_builtin_tasks() -> None:
-    import bench.tasks
+    import bench.specs
 
-    for mod in pkgutil.iter_modules(bench.tasks.__path__):
+    for mod in pkgutil.iter_modules(bench.specs.__path__):
         if mod.name.startswith("_"):
             continue
         try:
-            importlib.import_module(f"bench.tasks.{mod.name}")
+            importlib.import_module(f"bench.specs.{mod.name}")
         except Exception as exc:  # one broken module must not take every task down with it
-            warnings.warn(f"bench.tasks.{mod.name} failed to import, its tasks are unavailable: "
+            warnings.warn(f"bench.specs.{mod.name} failed to import, its tasks are unavailable: "
                           f"{type(exc).__name__}: {exc}", stacklevel=2)
 
 

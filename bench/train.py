@@ -15,18 +15,22 @@ import torch
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)  # seeds every device's generator, CUDA's lazily
+    else:  # the same for the CPU alone, without torch's lazy-seed stack captures (0.6 ms)
+        torch.default_generator.manual_seed(seed)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from bench.errors import ConfigError
+    from bench.errors import ConfigError
+    from bench.plan import device_problem
 
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(f"--device: {problem}")
+    return torch.device(name)
 
 
 def placement(device: str, workers: int, gpus: int) -> list[str]:

@@ -33,11 +33,11 @@ def test_help_is_a_users_summary_and_loads_no_search_stack() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from bench.cli import main; main(['list']); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'optuna', 'ray'}))")
+    code = ("import sys; from bench.cli import main; main(['list']); main(['validate']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'optuna', 'ray', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[]", "task declarations import no torch"
 
 
 def test_validate_shipped_spaces() -> None:
@@ -69,6 +69,9 @@ def test_validate_lists_every_error_and_exits_2(tmp_path: Path) -> None:
     (["run", "synthetic", "--trials", "-1"], "--trials: must be in [0, 100000], got -1"),
     (["run", "synthetic", "--sampler", "tpee"], "--sampler: must be one of tpe, random"),
     (["run", "synthetic", "--study", "../x"], "--study: must be 1-100 characters"),
+    (["run", "synthetic", "--device", "tpu"],
+     "--device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    (["run", "synthetic", "--device", "cuda:99"], "--device: cuda:99: "),
 ])
 def test_bad_run_input_exits_2_and_writes_nothing(tmp_path: Path, args, message) -> None:
     out = tmp_path / "lb"

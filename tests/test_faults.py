@@ -116,7 +116,8 @@ def test_a_full_disk_loses_no_row_and_says_so(tmp_path: Path) -> None:
         shutil.copytree(out, saved)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
-    res = bench_cli("run", "synthetic", "--out", str(saved), "--quiet", "--trials", "0")
+    res = bench_cli("run", "synthetic", "--out", str(saved), "--quiet", "--trials", "0",
+                    "--set", "epochs=30")
     assert res.returncode == 0, res.stderr
     assert_invariant(saved, sqlite_trials(saved))
 

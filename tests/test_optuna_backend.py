@@ -100,6 +100,30 @@ def test_a_rerun_continues_to_the_same_total_and_add_asks_for_more(out: Path,
     assert "(target 7)" in capsys.readouterr().out
 
 
+def test_a_rerun_with_other_set_values_is_refused_not_mixed_into_the_study(out: Path,
+                                                                          capsys) -> None:
+    assert run(out, "--trials", "2", "--set", "epochs=2") == 0
+    capsys.readouterr()
+    for args in (["--set", "epochs=3"], [], ["--set", "epochs=2", "--set", "noise=0.1"]):
+        assert run(out, "--add", "1", *args) == 2
+        err = capsys.readouterr().err
+        assert "runs with --set epochs=2; this run has" in err and "--study NEW" in err, err
+    assert len(study_trials(out)) == 2 and len(rows(out)) == 2
+    assert run(out, "--add", "1", "--set", "epochs=2") == 0  # the study's values continue it
+    assert run(out, "--study", "e3", "--trials", "1", "--set", "epochs=3") == 0
+    assert sorted(rows(out)["study"]) == ["e3", "synthetic", "synthetic", "synthetic"]
+
+
+def test_a_recorded_rerun_is_a_row_whose_artifacts_live_in_the_leaderboard(out: Path) -> None:
+    assert run(out, "--trials", "1") == 0
+    [uid] = rows(out)["trial_uid"]
+    assert main(["rerun", uid, "--out", str(out), "--record"]) == 0
+    again = rows(out, study="synthetic.rerun")
+    assert len(again) == 1 and again["objective"].iloc[0] == rows(out, study="synthetic")[
+        "objective"].iloc[0]
+    assert (out / "synthetic" / "artifacts" / again["trial_uid"].iloc[0]).is_dir()
+
+
 def test_a_resumed_search_does_not_replay_its_first_points(out: Path) -> None:
     assert run(out, "--trials", "2", "--sampler", "random") == 0
     assert run(out, "--add", "2", "--sampler", "random") == 0
@@ -151,7 +175,7 @@ def test_kill_9_before_any_saved_state_marks_the_trial_fail(out: Path) -> None:
     killed = [t.number for t in study_trials(out) if t.state.name == "RUNNING"]
     assert len(killed) == 1
     res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
-                    "--set", "epochs=2")
+                    "--set", "epochs=10", "--set", "sleep_s=0")  # the study's epochs
     assert res.returncode == 0, res.stderr
     assert f"marked FAIL (left RUNNING by a killed run, nothing saved to resume from): " \
            f"trials {killed}" in res.stderr
@@ -188,7 +212,8 @@ def test_a_trial_killed_after_writing_its_row_keeps_that_row(out: Path) -> None:
         conn.exec_driver_sql(f"UPDATE trials SET state='RUNNING' WHERE trial_id={trial_id}")
         conn.exec_driver_sql(f"DELETE FROM trial_values WHERE trial_id={trial_id}")
     assert study_trials(out)[0].state.name == "RUNNING"
-    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2")
+    res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "2",
+                    "--set", "epochs=2")
     assert res.returncode == 0, res.stderr
     assert "repaired the record of trials [0]" in res.stderr
     again = study_trials(out)[0]

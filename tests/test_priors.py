@@ -166,7 +166,7 @@ def test_pair_without_analytic_kl_uses_monte_carlo() -> None:
 # ---------------------------------------------------------------- the task
 def test_bad_values_are_all_listed_and_missing_data_named(tmp_path: Path) -> None:
     from bench.registry import check_values
-    from bench.tasks.priors import data_check
+    from bench.specs.priors import data_check
 
     task = get_task("priors")
     params = {**task.defaults, "model": "ae", "prior": "gumbel", "beta": -1.0}

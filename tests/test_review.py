@@ -76,6 +76,11 @@ def test_board_formats_and_typos(two_studies: Path) -> None:
     assert set(csv["study"]) == {"synthetic", "synthetic.grid", "far"}
     md = bench_cli("board", "synthetic", "--out", out, "--format", "markdown").stdout
     assert md.count("### study") == 3
+    both = bench_cli("board", "synthetic", "--out", out, "--study", "synthetic", "--metrics",
+                     "distance", "--metrics", "loss")  # repeated: both are shown
+    one = bench_cli("board", "synthetic", "--out", out, "--study", "synthetic", "--metrics",
+                    "distance,loss")
+    assert both.returncode == 0 and "distance" in both.stdout and both.stdout == one.stdout
     for args, known in ((["--study", "nope"], "known: far, synthetic, synthetic.grid"),
                         (["--variant", "nope"], "known: default, grid")):
         bad = bench_cli("board", "synthetic", "--out", out, *args)
@@ -100,7 +105,7 @@ def test_compare_a_variant_and_draw_its_critical_differences(two_studies: Path) 
     assert res.returncode == 0, res.stderr
     assert "paired t" in res.stdout and "p (Holm)" in res.stdout
     assert "Friedman over 2 shared seeds" in res.stdout
-    png = two_studies / "synthetic" / "plots" / "grid" / "critical_difference.png"
+    png = two_studies / "synthetic" / "plots" / "synthetic.grid" / "critical_difference.png"
     assert png.exists()
     from PIL import Image
 
@@ -147,19 +152,24 @@ def test_optuna_dashboard_sees_metrics_overrides_uids_and_fail_reasons(tmp_path:
     serializer = pytest.importorskip("optuna_dashboard._serializer")
     out = tmp_path / "lb"
     assert run(out, "--trials", "2", "--set", "noise=0.5") == 0
-    assert run(out, "--add", "1", "--set", "fail=exception") == 1
+    assert run(out, "--study", "failing", "--trials", "1", "--set", "fail=exception") == 1
     storage = optuna.storages.RDBStorage(f"sqlite:///{out}/synthetic/optuna.db")
-    [study] = storage.get_all_studies()  # as the dashboard lists studies
-    trials = storage.get_all_trials(study._study_id)
-    shown = [{a["key"]: a["value"] for a in serializer.serialize_frozen_trial(
-        study._study_id, t, {})["user_attrs"]} for t in trials]
-    rows = leaderboard.read_trials(out, "synthetic").set_index("trial_number")
-    for t, attrs in zip(trials, shown, strict=True):
-        ident = json.loads(attrs["bench"])
-        assert ident["uid"] == rows.loc[t.number, "trial_uid"]
-        assert ident["overrides"]["noise" if t.number < 2 else "fail"] in (0.5, "exception")
-    assert float(shown[0]["metric_loss"]) == pytest.approx(rows.loc[0, "metric_loss"])
-    assert "injected failure" in json.loads(shown[2]["bench_result"])["error"]
+    rows = leaderboard.read_trials(out, "synthetic").set_index(["study", "trial_number"])
+    shown = {}
+    for study in storage.get_all_studies():  # as the dashboard lists studies
+        trials = storage.get_all_trials(study._study_id)
+        for t in trials:
+            attrs = {a["key"]: a["value"] for a in serializer.serialize_frozen_trial(
+                study._study_id, t, {})["user_attrs"]}
+            ident = json.loads(attrs["bench"])
+            assert ident["uid"] == rows.loc[(study.study_name, t.number), "trial_uid"]
+            shown[study.study_name, t.number] = attrs, ident["overrides"]
+    assert sorted(shown) == [("failing", 0), ("synthetic", 0), ("synthetic", 1)]
+    assert shown["synthetic", 0][1] == {"noise": 0.5}
+    assert shown["failing", 0][1] == {"fail": "exception"}
+    assert float(shown["synthetic", 0][0]["metric_loss"]) == pytest.approx(
+        rows.loc[("synthetic", 0), "metric_loss"])
+    assert "injected failure" in json.loads(shown["failing", 0][0]["bench_result"])["error"]
 
 
 def test_plot_draws_one_study_per_folder_and_refuses_typos(two_studies: Path) -> None:

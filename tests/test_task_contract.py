@@ -18,12 +18,31 @@ import torch
 from conftest import bench_cli
 
 from bench import leaderboard
-from bench.lifecycle import CHECKPOINT_FILE, RESUME_FILE, execute_trial, new_trial_uid
+from bench.lifecycle import (
+    CHECKPOINT_FILE,
+    RESUME_FILE,
+    EpochTrial,
+    execute_trial,
+    new_trial_uid,
+)
 from bench.registry import MissingExtraError, get_task, list_tasks
 from bench.space import merge_params, space_for
 from bench.trial import local_context
 
 TASKS = [t.name for t in list_tasks()]
+
+
+def test_declarations_agree_with_their_implementations() -> None:
+    """The torch-free declarations (bench.specs) name choices the implementations build."""
+    from bench import distributions, nets
+    from bench.specs import priors, vae
+
+    assert list(vae.ARCH_NAMES) == list(nets.ARCHS)
+    assert vae.FIXED_SIZE_ARCHS == nets.FIXED_SIZE_ARCHS
+    assert list(priors.FAMILIES) == distributions.family_names()
+    for task in list_tasks():
+        assert issubclass(task.trial, EpochTrial), task.name
+        assert task.doc and task.doc == (task.trial.__doc__ or "").strip().splitlines()[0]
 
 
 def usable(name: str):
@@ -127,11 +146,15 @@ def test_rerun_reproduces_a_trial_from_its_row(name: str, tmp_path: Path) -> Non
                   "--seed", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     uid = leaderboard.read_trials(out, name)["trial_uid"].iloc[0]
-    r = bench_cli("rerun", uid, "--out", str(out), cwd=tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = bench_cli("rerun", uid, "--out", str(out), cwd=tmp_path, env={"TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stderr[-2000:]
     original, again = re.search(r"original objective (\S+), rerun (\S+)", r.stdout).groups()
     assert float(original) == float(again)
     assert "equal" in r.stdout
+    assert list(tmp.iterdir()) == [], "an unrecorded rerun leaves nothing behind"
+    assert len(leaderboard.read_trials(out, name)) == 1
 
 
 @pytest.mark.gpu

@@ -88,6 +88,7 @@ ATTR = "bench"  # the trial's identity: uid, seed, overrides (set when it starts
 RESULT = "bench_result"  # its outcome: state, objective, error (set before it is told)
 METRIC = "metric_"  # one user attribute per final metric, as optuna-dashboard shows them
 STUDY_UID = "bench_study_uid"
+STUDY_SET = "bench_study_set"  # the --set values (and --smoke budget) the study runs with
 
 
 # ---------------------------------------------------------------- storage
@@ -220,6 +221,7 @@ def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
             f"{study.direction.name.lower()} but this run would {plan.direction}; use "
             "--study NEW")
     check_identity(plan, study)
+    check_overrides(plan, study)
     n_existing = len(study.get_trials(deepcopy=False))
     if n_existing:  # workers must not propose the same points, nor a rerun replay its first
         study.sampler = _sampler(plan, worker, n_existing)
@@ -311,6 +313,52 @@ def check_identity(plan: Plan, study: optuna.Study) -> str:
         tmp.write_text(json.dumps({"uid": uid, "storage": describe_storage(plan.storage_url)}))
         tmp.replace(record)
     return uid
+
+
+def check_overrides(plan: Plan, study: optuna.Study) -> None:
+    """A study is one configuration: its `--set` values are stored in it when it is created,
+    and a run with other values is refused (its trials would be mixed with the study's
+    under one name, and TPE would model them as one objective). Execution parameters (how
+    a trial runs, not what it trains: evaluation batch sizes, a simulated step time) may
+    change between runs."""
+    decls = plan.task.params
+    mine = json.loads(json.dumps({k: v for k, v in plan.overrides.items()
+                                  if not (k in decls and decls[k].execution)},
+                                 sort_keys=True, default=str))
+    stored = study.user_attrs.get(STUDY_SET)
+    if stored is None:
+        study.set_user_attr(STUDY_SET, mine)
+        return
+    if stored == mine:
+        return
+
+    def show(values: dict[str, Any]) -> str:
+        return " ".join(f"--set {k}={v}" for k, v in sorted(values.items())) or "no --set"
+
+    changed = sorted(k for k in {*stored, *mine} if stored.get(k, STUDY_SET) != mine.get(
+        k, STUDY_SET))  # the attribute's name stands for "absent"
+    raise ConfigError(
+        f"study {plan.study_name!r} in {describe_storage(plan.storage_url)} runs with "
+        f"{show(stored)}; this run has {show(mine)} (differs in: {', '.join(changed)}). "
+        "Rerun with the study's values to continue it, or give --study NEW for a study of "
+        "the new configuration")
+
+
+try:  # what study.optimize calls; Study.tell adds a re-read of the trial to return a copy
+    from optuna.study._tell import _tell_with_warning
+except ImportError:  # pragma: no cover - another Optuna layout: the public call
+    _tell_with_warning = None  # type: ignore[assignment]
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None,
+          state: TrialState) -> None:
+    """`study.tell` without its read-back of the finished trial (one storage read, 2 ms per
+    trial on SQLite), as `study.optimize` tells its trials."""
+    if _tell_with_warning is None:
+        study.tell(trial, value, state=state)
+        return
+    _tell_with_warning(study=study, trial=trial, value_or_values=value, state=state,
+                       suppress_warning=True)
 
 
 class _RowThenRetry:
@@ -625,8 +673,8 @@ class Worker:
                                    f"{outcome.row_error}")
         state = TrialState[outcome.state]
         faults.pause("tell")
-        self.study.tell(trial, outcome.objective if state == TrialState.COMPLETE else None,
-                        state=state)
+        _tell(self.study, trial, outcome.objective if state == TrialState.COMPLETE else None,
+              state)
         self.ran[outcome.state] += 1
         if self.progress:
             self.progress.end_trial(trial.number, outcome, worker=trial.number)

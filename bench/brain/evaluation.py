@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-CONCEPTS = ("csfv", "gmv", "wmv")  # per-concept metrics are declared for these names
-BUCKETS = tuple(range(0, 100, 10))  # MAE by 10-year age bucket
+from bench.specs.brain_age import BUCKETS, CONCEPTS
 
 
 def age_bucket(age: np.ndarray) -> np.ndarray:

@@ -28,25 +28,12 @@ import torch
 from torch import nn
 
 from bench.errors import ConfigError
-
-HEADS = ("flatten", "mean")
-NORMS = ("none", "batch")  # instance/group norm would remove each subject's own mean: the count
-
-
-def conv_channels(params: Mapping[str, Any]) -> list[int]:
-    """The conv channels per layer: `channels` ("2,16,64") or `depth` layers of width*2**i."""
-    text = str(params.get("channels") or "").strip()
-    if text:
-        return [int(c) for c in text.split(",") if c.strip()]
-    return [int(params["width"]) * 2**i for i in range(int(params["depth"]))]
-
-
-def feature_size(shape: int, layers: int, kernel: int, padding: str) -> int:
-    """Edge of the last feature map: each block loses kernel-1 voxels (valid), then halves."""
-    size = shape
-    for _ in range(layers):
-        size = (size - (kernel - 1 if padding == "valid" else 0)) // 2
-    return size
+from bench.specs.brain_age import (  # noqa: F401  (the declarations are the source)
+    HEADS,
+    NORMS,
+    conv_channels,
+    feature_size,
+)
 
 
 class CNN3d(nn.Module):

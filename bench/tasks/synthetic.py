@@ -19,33 +19,15 @@ import torch
 
 from bench.fused import FusedGroup, Member
 from bench.lifecycle import EpochTrial, TaskSpec
-from bench.params import Choice, Float, Int, Metric
-from bench.registry import register_fused, register_task
+from bench.registry import register_fused
+from bench.specs.synthetic import METRICS, PARAMS  # noqa: F401
 from bench.trial import TrialContext
-
-PARAMS = {
-    "x": Float(0.0, -10.0, 10.0),
-    "y": Float(0.0, -10.0, 10.0),
-    "epochs": Int(5, 1, 100_000),
-    "noise": Float(0.0, 0.0, help="std of Gaussian noise added to every curve point (seeded "
-                                   "by the seed and the point)"),
-    "sleep_s": Float(0.0, 0.0, 3600.0, help="per step: stands in for training time"),
-    "fail": Choice("none", ["none", "exception", "nan", "crash"],
-                   help="crash: os._exit, a killed worker"),
-    "fail_at": Int(0, 0, help="the step at which the fault happens"),
-}
-METRICS = {
-    "loss": Metric("", "Rosenbrock's function, reached at the last step", "val"),
-    "distance": Metric("", "distance of (x, y) from the optimum (1, 1)", "val"),
-}
 
 
 def rosenbrock(x: float, y: float) -> float:
     return (1.0 - x) ** 2 + 100.0 * (y - x * x) ** 2
 
 
-@register_task("synthetic", metric="loss", direction="minimize", params=PARAMS,
-               metrics=METRICS, smoke={"epochs": 3, "noise": 0.1})
 class Synthetic(EpochTrial):
     """Rosenbrock with a simulated learning curve and fault injection, for harness tests."""
 

@@ -30,70 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.data import DATASETS, require_dataset, subsets
+from bench.data import subsets
 from bench.lifecycle import CHECKPOINT_FILE, EpochTrial, load_state
-from bench.nets import ARCHS, FIXED_SIZE_ARCHS, bernoulli_log_px, binarize
-from bench.params import Choice, Float, Int, Metric
-from bench.registry import register_task
+from bench.nets import ARCHS, bernoulli_log_px, binarize
+from bench.specs.vae import DEFAULTS, METRICS, NATS, PARAMS, PIXEL, SMOKE  # noqa: F401
 from bench.train import autocast, batches, generator
 from bench.trial import TrialContext
 
-PARAMS = {
-    "dataset": Choice("mnist", DATASETS),
-    "model": Choice("vae", ["vae", "ae"], help="ae: deterministic encoder, no KL (the "
-                                               "baseline)"),
-    "arch": Choice("conv", list(ARCHS),
-                   help="conv: width x depth SiLU net; lrelu16: report 000's 16-32-32-32 "
-                        "LeakyReLU net; bn256: report 001's 32-64-128-256 BatchNorm net"),
-    "likelihood": Choice("bernoulli", ["bernoulli", "gaussian", "mse"],
-                         help="bernoulli: binarized pixels; gaussian: intensities in [0,1], "
-                              "learned sigma; mse: per-pixel mean squared error of a sigmoid "
-                              "output on intensities (report 001; no log-likelihood)"),
-    "kl": Choice("analytic", ["analytic", "mc"],
-                 help="KL term of the training loss: analytic, or one-sample Monte Carlo "
-                      "log q(z|x) - log p(z) at the reparameterised z (report 004)"),
-    "binarize": Choice("static", ["static", "dynamic"],
-                       help="static: pixel > 127; dynamic: resampled every batch"),
-    "latent_dim": Int(16, 1, 4096),
-    "depth": Int(2, 1, 8, help="arch=conv: conv layers; the first two halve the resolution"),
-    "width": Int(32, 1, 1024, help="arch=conv: channels of the first conv, doubled when "
-                                   "downsampling"),
-    "beta": Float(1.0, 0.0, help="weight of the KL term in training (0 allowed)"),
-    "kl_warmup_epochs": Float(0.0, 0.0, help="beta ramps linearly from 0 over these epochs"),
-    "lr": Float(1e-3, high=10.0, above=0.0),
-    "batch_size": Int(128, 1),
-    "epochs": Int(10, 1, 100_000),
-    "train_size": Int(None, 1, help="cap on training examples (default: all 50,000)"),
-    "val_size": Int(10_000, 1, 59_999, help="carved from the training set, fixed seed"),
-    "test_size": Int(None, 1, help="cap on test examples (default: all 10,000)"),
-    "iwae_k": Int(200, 1, help="importance samples of test_iwae_ll (bench eval)"),
-    "eval_batch_size": Int(1000, 1),
-}
-DEFAULTS = {k: d.default for k, d in PARAMS.items()}
-NATS = "nats"
-PIXEL = "per pixel"
-METRICS = {
-    "train_loss": Metric(NATS, "training loss per image (the beta-weighted bound; "
-                         "likelihood=mse: mse + beta x KL)", "train"),
-    "train_mse": Metric(PIXEL, "squared error of the decoder mean, per pixel, at the training "
-                        "z (train mode), epoch mean", "train"),
-    "train_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image (analytic), epoch mean", "train"),
-    "val_elbo": Metric(NATS, "beta=1 ELBO per image, validation split", "val"),
-    "val_recon": Metric(NATS, "-log p(x|z) per image, one sample, validation split", "val"),
-    "val_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image, validation split", "val"),
-    "val_mse": Metric(PIXEL, "squared error of the decoder mean at one z ~ q(z|x) (AE: the "
-                      "code), per pixel on [0,1] targets, validation split", "val"),
-    "val_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (validation)",
-                               "val"),
-    "test_elbo": Metric(NATS, "beta=1 ELBO per image, test split", "test"),
-    "test_recon": Metric(NATS, "-log p(x|z) per image, test split", "test"),
-    "test_kl": Metric(NATS, "KL(q(z|x) || p(z)) per image, test split", "test"),
-    "test_mse": Metric(PIXEL, "squared error of the decoder mean at one z ~ q(z|x) (AE: the "
-                       "code), per pixel on [0,1] targets, test split", "test"),
-    "test_iwae_ll": Metric(NATS, "importance-weighted log p(x), iwae_k samples, test split",
-                           "test"),
-    "test_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (test)", "test"),
-}
 LOG_2PI = math.log(2 * math.pi)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
@@ -298,20 +241,6 @@ def build_model(params: Mapping[str, Any], shape: tuple[int, ...], device: torch
     return model
 
 
-def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
-    """Before a run: the data set is present (DataError saying where it was looked for)."""
-    require_dataset(params["dataset"], data_dir)
-
-
-def rules(params: Mapping[str, Any]) -> list[str]:
-    """Combinations that cannot run, found before anything starts."""
-    found = []
-    if params["arch"] in FIXED_SIZE_ARCHS and params["dataset"] == "cifar10":
-        found.append(f"arch: {params['arch']} is built for 28x28 single-channel images "
-                     f"(mnist, fashion-mnist), got dataset={params['dataset']}")
-    return found
-
-
 def load_model(params: Mapping[str, Any], folder: str | Path,
                device: str | torch.device = "cpu") -> VAE:
     """A finished trial's model, from its checkpoint and its parameters."""
@@ -327,12 +256,6 @@ def _means(terms: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {f"{prefix}_{k}": v.mean() for k, v in terms.items() if k != "mu"}
 
 
-SMOKE = {"epochs": 2, "train_size": 512, "val_size": 256, "test_size": 64, "iwae_k": 8,
-         "latent_dim": 4, "width": 8, "batch_size": 64}
-
-
-@register_task("vae", metric="val_elbo", direction="maximize", params=PARAMS, metrics=METRICS,
-               smoke=SMOKE, rules=rules, data=data_check)
 class VaeTrial(EpochTrial):
     """Convolutional VAE/AE on binarized MNIST; ELBO and IWAE log-likelihood in nats."""
 

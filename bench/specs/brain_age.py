@@ -1,0 +1,188 @@
+"""The brain-age task's declaration: parameters, metrics, budget, rules (torch-free).
+
+The implementation is bench.tasks.brain_age (BrainAgeTrial), its networks bench.brain.models,
+its figures bench.brain.plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.params import Choice, Float, Int, Metric, Text
+from bench.registry import declare_task
+
+CONCEPTS = ("csfv", "gmv", "wmv")  # per-concept metrics are declared for these names
+BUCKETS = tuple(range(0, 100, 10))  # MAE by 10-year age bucket
+HEADS = ("flatten", "mean")
+NORMS = ("none", "batch")  # instance/group norm would remove each subject's own mean: the count
+
+
+def conv_channels(params: Mapping[str, Any]) -> list[int]:
+    """The conv channels per layer: `channels` ("2,16,64") or `depth` layers of width*2**i."""
+    text = str(params.get("channels") or "").strip()
+    if text:
+        return [int(c) for c in text.split(",") if c.strip()]
+    return [int(params["width"]) * 2**i for i in range(int(params["depth"]))]
+
+
+def feature_size(shape: int, layers: int, kernel: int, padding: str) -> int:
+    """Edge of the last feature map: each block loses kernel-1 voxels (valid), then halves."""
+    size = shape
+    for _ in range(layers):
+        size = (size - (kernel - 1 if padding == "valid" else 0)) // 2
+    return size
+
+
+PARAMS = {
+    "cohort": Text(None, help="cohort folder; null: the simulated cohort (generated once)"),
+    "metadata": Text("metadata.csv"),
+    "file_pattern": Text("{id}.nii.gz"),
+    "id_column": Text("id"),
+    "age_column": Text("age"),
+    "concepts": Text("csfv,gmv,wmv", help="metadata columns the CNN predicts"),
+    "split_column": Text("split", help='rows whose value is "test" form the test split'),
+    "shape": Int(96, 8, 512, help="edge of the cube the volumes are brought to"),
+    "resize": Choice("resample", ["resample", "crop"]),
+    "normalize": Choice("percentile", ["percentile", "zscore", "none"]),
+    "on_bad_file": Choice("error", ["error", "skip"]),
+    # 622 subjects: 466 in train+val after the 25% test split, the report's training set
+    "sim_n": Int(622, 10, 100_000, help="simulated cohort: subjects"),
+    "sim_seed": Int(0, 0),
+    "sim_shape": Int(None, 8, 512, help="edge the simulated cohort is generated at (the "
+                     "loader then brings it to `shape`); null: `shape`"),
+    "model": Choice("bottleneck", ["bottleneck", "direct"], help="direct: CNN -> age"),
+    "mode": Choice("independent", ["independent", "sequential", "joint"]),
+    "regressor": Choice("mlp", ["mlp", "kernel_ridge", "ridge"]),
+    "depth": Int(1, 1, 8, help="conv blocks (conv - [norm] - ReLU - 2x pool)"),
+    "width": Int(2, 1, 512, help="channels of the first block, doubled at each next one"),
+    "channels": Text("", help="conv channels per block, e.g. '2,16,64' (the report's H1); "
+                     "empty: depth blocks of width * 2**i. Given, depth and width must agree"),
+    "kernel": Int(3, 1, 11),
+    "padding": Choice("valid", ["valid", "same"], help="valid: none, as the report's"),
+    "pooling": Choice("max", ["max", "avg"]),
+    "norm": Choice("none", list(NORMS), help="after each conv"),
+    "head": Choice("flatten", list(HEADS),
+                   help="flatten: every voxel into a linear layer (the report's); mean: a "
+                        "per-voxel classifier averaged over space (a volume is a count)"),
+    "hidden": Int(0, 0, 4096, help="hidden units before the head's output (the report's H1: "
+                                   "16); for head=mean a 1x1x1 conv, per voxel"),
+    "dropout": Float(0.0, 0.0, 0.99),
+    "augment": Choice("none", ["none", "flip"],
+                      help="flip: each training volume mirrored left-right with p=0.5 (a "
+                           "mirrored brain has the same tissue volumes)"),
+    "concept_scaling": Choice("minmax", ["minmax", "zscore"],
+                              help="targets of the CNN and inputs of the regressor"),
+    "lr": Float(1e-3, high=10.0, above=0.0),
+    "lr_schedule": Choice("constant", ["constant", "cosine"],
+                          help="cosine: to 0 over `epochs`, stepped per epoch"),
+    "weight_decay": Float(0.0, 0.0),
+    "batch_size": Int(16, 1, help="the report does not give it"),
+    "epochs": Int(30, 1, 100_000),
+    "concept_weight": Float(1.0, 0.0, help="joint: weight of the concept MSE"),
+    "mlp_hidden": Int(64, 1),
+    "mlp_layers": Int(1, 0, 16),
+    "mlp_epochs": Int(30, 1, 100_000),
+    "mlp_batch_size": Int(16, 1, nullable=True, help="null: full batch; the report does not "
+                                                      "give it"),
+    "mlp_lr": Float(1e-3, high=10.0, above=0.0),
+    "mlp_weight_decay": Float(0.0, 0.0),
+    "kr_alpha": Float(0.01, above=0.0, help="the report's H2: 0.01; its H3 search: 0.001"),
+    "kr_gamma": Float(0.1, above=0.0, help="the report's H2: 0.1; its H3 search: 0.02"),
+    "ridge_alpha": Float(1.0, 0.0),
+    "train_size": Int(None, 1),
+    "test_size": Int(None, 1),
+    "test_fraction": Float(0.25, high=0.9, above=0.0),
+    "val_fraction": Float(0.15, high=0.9, above=0.0),
+    "split_seed": Int(0, 0),
+    "eval_batch_size": Int(32, 1, execution=True),
+}
+DEFAULTS = {k: d.default for k, d in PARAMS.items()}
+SMOKE = {"shape": 24, "sim_n": 40, "sim_shape": None, "epochs": 2, "batch_size": 8,
+         "mlp_epochs": 5}  # sim_shape None: generated at 24^3, not at the YAML's 96^3
+YEARS, ML, SCALED = "years", "mL", "MSE (scaled)"
+METRICS = {
+    "train_loss": Metric(SCALED, "training loss on scaled targets, mean over the epoch",
+                         "train"),
+    "val_loss": Metric(SCALED, "the training loss on the validation split, after the epoch",
+                       "val"),
+    "val_mae": Metric(YEARS, "mean absolute error of the predicted age, validation", "val"),
+    "val_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, "
+                                     "validation", "val"),
+    "val_mae_true_concepts": Metric(YEARS, "MAE of the regressor fed the TRUE volumes, "
+                                    "validation (the bottleneck's ceiling)", "val"),
+    "test_mae": Metric(YEARS, "mean absolute error of the predicted age, test", "test"),
+    "test_bias": Metric(YEARS, "mean signed error (predicted - true), test", "test"),
+    "test_r2": Metric("", "coefficient of determination of the age, test", "test"),
+    "test_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, test",
+                                      "test"),
+    **{f"test_mae_{b}_{b + 9}": Metric(YEARS, f"test MAE of subjects aged {b}-{b + 9}", "test")
+       for b in BUCKETS},
+    **{f"concept_mae_{c}": Metric(ML, f"MAE of the predicted {c}, test", "test")
+       for c in CONCEPTS},
+    **{f"concept_r_{c}": Metric("", f"Pearson r of the predicted and true {c}, test", "test")
+       for c in CONCEPTS},
+    **{f"val_concept_r_{c}": Metric("", f"Pearson r of the predicted and true {c}, "
+                                    "validation", "val") for c in CONCEPTS},
+}
+
+
+def rules(params: Mapping[str, Any]) -> list[str]:
+    """Combinations of values that cannot run."""
+    return [*_architecture_rules(params), *_mode_rules(params)]
+
+
+def _architecture_rules(params: Mapping[str, Any]) -> list[str]:
+    text = str(params["channels"]).strip()
+    try:
+        chans = conv_channels(params)
+    except ValueError:
+        chans = []
+    if text and not chans:
+        return [f"channels: must be comma-separated positive integers, got {text!r}"]
+    bad = []
+    if text and (len(chans) != int(params["depth"]) or chans[0] != int(params["width"])):
+        bad.append(f"channels: {text!r} has {len(chans)} block(s) starting at {chans[0]} "
+                   f"channels: depth must be {len(chans)} and width {chans[0]}, got depth "
+                   f"{params['depth']}, width {params['width']}")
+    if any(c < 1 for c in chans):
+        bad.append(f"channels: every block needs >= 1 channel, got {text!r}")
+    size = feature_size(int(params["shape"]), len(chans), int(params["kernel"]),
+                        params["padding"])
+    if size < 1:
+        bad.append(f"depth: {len(chans)} blocks of kernel {params['kernel']} "
+                   f"({params['padding']} padding) shrink shape {params['shape']} below 1 voxel")
+    return bad
+
+
+def _mode_rules(params: Mapping[str, Any]) -> list[str]:
+    bad = []
+    if params["model"] == "bottleneck" and params["mode"] == "joint" \
+            and params["regressor"] == "kernel_ridge":
+        bad.append("regressor: mode=joint trains the regressor by gradient descent: regressor "
+                   "must be mlp or ridge, got 'kernel_ridge'")
+    if not concept_names(params):
+        bad.append(f"concepts: must name at least one metadata column, got "
+                   f"{params['concepts']!r}")
+    return bad
+
+
+def concept_names(params: Mapping[str, Any]) -> list[str]:
+    """The `concepts` parameter ("csfv,gmv,wmv") as column names."""
+    return [c.strip() for c in str(params["concepts"]).split(",") if c.strip()]
+
+
+def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
+    """Before a run: every image of the cohort read in full (and cached), so a broken cohort
+    exits 2 listing every bad file instead of failing each trial."""
+    from bench.tasks.brain_age import load_data  # torch: only when a run is checked
+
+    load_data(params, data_dir)
+
+
+TASK = declare_task(
+    "brain-age", "bench.tasks.brain_age:BrainAgeTrial", metric="val_mae", direction="minimize",
+    params=PARAMS, metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check,
+    requires=("brain", ("nibabel", "nilearn")),
+    doc="Brain age from T1 MRI via a CNN -> tissue-volume bottleneck -> regressor (years MAE).")
