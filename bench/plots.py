@@ -66,7 +66,8 @@ class PlotInput:
 def _rc() -> Any:
     import seaborn as sns
 
-    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.8)}
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.8),
+            "axes.formatter.useoffset": False}  # 9.5, 10, 10.5 on an axis, not "+1e1"
 
 
 @contextmanager

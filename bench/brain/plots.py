@@ -180,6 +180,10 @@ def training_curves(path: Path, row: Any, curves: pd.DataFrame,
             ax.axhline(float(row["metric_val_mae_mean_predictor"]), color="tab:red", lw=1,
                        label="mean-age predictor")
         ax.set(xlabel="epoch", ylabel="MAE (years)", title="validation age MAE")
+        low, high = ax.get_ylim()
+        if high - low < 0.5:  # a flat curve: half a year of axis, not nanoyears of ticks
+            mid = (low + high) / 2
+            ax.set_ylim(mid - 0.25, mid + 0.25)
         ax.legend(fontsize=7)
         if not reg.empty:
             ax = axes[0][2]
@@ -193,6 +197,10 @@ def training_curves(path: Path, row: Any, curves: pd.DataFrame,
             twin.grid(False)
             ax.legend(fontsize=7, loc="upper left")
             twin.legend(fontsize=7, loc="upper right")
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in axes[0]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs 1, 2, not 1.2
         fig.suptitle(f"training, best {_label(row)}")
     return [path]
 

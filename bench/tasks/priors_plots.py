@@ -78,9 +78,14 @@ def comparison(inp: PlotInput, done: pd.DataFrame, families: list[str],
         if i == 0:
             ax.legend(handles=[Line2D([], [], marker="o", ls="", color=colors[f], label=f)
                                for f in families], title="prior", fontsize=8)
-    n = done.groupby(["param_prior", "param_model"]).size()
-    seeds = str(n.min()) if n.min() == n.max() else f"{n.min()}-{n.max()}"
-    fig.suptitle(f"priors: {len(done)} trials, {seeds} seeds per family x model")
+    cells = done.groupby(["param_prior", "param_model"])
+    n = cells.size()
+    count = str(n.min()) if n.min() == n.max() else f"{n.min()}-{n.max()}"
+    # seeds when a cell's trials share one configuration; a search's cells hold several
+    seeds = "config_hash" in done and int(cells["config_hash"].nunique().max()) == 1
+    what = "seeds" if seeds else "trials (configurations x seeds)"
+    fig.suptitle(f"{inp.study}: {len(done)} trials, {count} {what} per family x model; "
+                 "box = quartiles, dots = trials")
     path = inp.plot_dir / "priors_comparison.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

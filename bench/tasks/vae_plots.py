@@ -132,8 +132,9 @@ def _sweep(ax: Any, rows: pd.DataFrame, x: str, y: str, legend: bool) -> None:
         n = int(stats["size"].max())
         ax.errorbar(stats[x], stats["mean"], yerr=stats["std"].fillna(0.0), color="C3",
                     capsize=2, lw=1.2, label=f"mean ± std over {n} seeds")
-    if legend:
-        ax.legend(fontsize="small")
+    if legend:  # below the panels, where it covers no data
+        ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
+                         ncols=2, fontsize="small")
 
 
 def _grid_keys(variant: str) -> set[str]:
