@@ -167,7 +167,8 @@ def _evaluate(task_name: str, out: Path, study: str | None, variant: str | None,
                          "evaluate")
     print(f"evaluating {len(chosen)} trial(s) of the top {top} configuration(s) on the test "
           "set")
-    evaluate_rows(task, chosen, out, overrides, device, data_dir, echo=print)
+    evaluate_rows(task, chosen, out, overrides, device, data_dir,
+                  echo=lambda text: print(text, flush=True))
     return 0
 
 

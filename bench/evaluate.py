@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,14 @@ def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[
     dev = resolve_device(device)
     schema = leaderboard.task_schema(task)
     done = []
-    for row in rows.to_dict("records"):
+    records = rows.to_dict("records")
+    for i, row in enumerate(records, 1):
         uid = str(row["trial_uid"])
         full = leaderboard.read_trial(out, task.name, uid) or row
+        if echo is not None:  # the test set can take minutes a trial on a CPU: say so first
+            echo(f"[{i}/{len(records)}] evaluating trial {uid} (seed {full['seed']}) on "
+                 f"{dev} ...")
+        started = time.perf_counter()
         params = {**params_of(task, full), **overrides}
         ctx = local_context(int(full["seed"]), str(dev),
                             leaderboard.task_dir(out, task.name) / "artifacts" / uid,
@@ -85,7 +91,7 @@ def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[
             "eval_params": json.dumps(dict(overrides), sort_keys=True, default=str)}, schema)
         done.append(Evaluated(uid, str(full["config_hash"]), int(full["seed"]), metrics))
         if echo is not None:
-            echo(f"evaluated trial {uid} (seed {full['seed']}): "
+            echo(f"[{i}/{len(records)}] trial {uid} in {time.perf_counter() - started:.0f} s: "
                  + ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
     return done
 

@@ -158,6 +158,9 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
 
     ev = bench_cli("eval", "vae", "--out", str(out), "--top", "2", "--set", "iwae_k=4")
     assert ev.returncode == 0, ev.stderr
+    said = ev.stdout.splitlines()  # each trial announced before its (long) test pass
+    assert said.index(next(x for x in said if x.startswith("[1/2] evaluating trial"))) < \
+        said.index(next(x for x in said if x.startswith("[1/2] trial")))
     rows = leaderboard.read_trials(out, "vae")
     done = rows.dropna(subset=["metric_test_iwae_ll"])
     assert len(done) == 2 and done["evaluated_at"].notna().all()
