@@ -35,7 +35,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from bench.registry import list_tasks
     from bench.space import space_for
 
-    for task in list_tasks():
+    from bench.registry import get_task
+
+    tasks = [get_task(args.task)] if args.task else list_tasks()
+    for task in tasks:
         try:
             space = space_for(task.name)
         except ConfigError as exc:
@@ -55,6 +58,15 @@ def cmd_list(args: argparse.Namespace) -> int:
             data = {**space.fixed, **v.fixed}.get("dataset") or task.defaults.get("dataset")
             print(f"  variant {v.name}: {v.description or what}")
             print(f"    {what}, seeds={v.seeds}" + (f", data: {data}" if data else ""))
+        if args.task:  # one task: everything `--set` takes, with its default and rule
+            print("  parameters (--set NAME=VALUE; * = execution only, may change within a "
+                  "study):")
+            for name, d in task.params.items():
+                star = "*" if d.execution else ""
+                print(f"    {name}{star} = {d.default!r}: {d.rule()}"
+                      + (f"; {d.help}" if d.help else ""))
+    if not args.task:
+        print("\n`bench list TASK` adds every parameter `--set` takes.")
     return 0
 
 
@@ -372,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description=SUMMARY,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("list", help="tasks, their variants and search spaces")
+    p = sub.add_parser("list", help="tasks, their variants and search spaces; with TASK, "
+                                    "every parameter --set takes")
+    p.add_argument("task", nargs="?", help="one task: also its parameters, defaults and rules")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("validate", help="check search-space files; exit 2 listing every error")
     p.add_argument("paths", nargs="*", help="YAML files (default: every shipped space)")

@@ -25,6 +25,11 @@ def test_list_shows_tasks_spaces_and_variants() -> None:
     assert "grid {'beta': [0.0, 0.0001" in res.stdout and "data: mnist" in res.stdout
     assert "objective: maximize val_elbo" in res.stdout
     assert "param depth: int [1, 3]" in res.stdout, "integer ranges print as integers"
+    one = bench_cli("list", "vae")  # one task: every parameter --set takes
+    assert one.returncode == 0 and "brain-age" not in one.stdout
+    assert "latent_dim = 16: an integer >= 1 and <= 4096" in one.stdout
+    assert "iwae_k* = 200: an integer >= 1" in one.stdout
+    assert bench_cli("list", "vea").returncode == 2
 
 
 def test_help_is_a_users_summary_and_loads_no_search_stack() -> None:
