@@ -181,6 +181,7 @@ def test_plots_from_leaderboard(tmp_path: Path) -> None:
         knn = 0.9 if sg and pred == "mlp" else 0.1
         row = {"task": "simsiam", "study": "t", "variant": "ablation", "trial_uid": f"u{i}",
                "trial_number": i, "seed": seed, "direction": "maximize", "state": "COMPLETE",
+               "metric": "val_knn_acc",
                "objective": knn, "metric_val_knn_acc": knn,
                "config_hash": f"{sg}-{pred}", **{f"param_{k}": v for k, v in params.items()}}
         curve = [(e, m, v + 0.01 * seed) for e in range(3)

@@ -228,7 +228,8 @@ def plot_rate_distortion(inp: PlotInput) -> list[Path]:
         _iso_elbo(ax, rows["metric_val_kl"] + rows["metric_val_recon"])
         ax.set_xlabel("rate: val KL (nats)")
         ax.set_ylabel("distortion: val −log p(x|z) (nats)")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                  ncols=2)  # below the plane, where it covers no trial
         ax.set_title("VAE: rate-distortion plane")
     return [path]
 
@@ -246,6 +247,10 @@ def _rd_points(fig: Any, ax: Any, rows: pd.DataFrame) -> None:
                         edgecolors="k", linewidths=0.3)
         bar = fig.colorbar(sc, ax=ax, label="β (log colour)")
         _plain_ticks(bar.ax.yaxis)
+        values = sorted(set(beta[pos].tolist()))
+        if len(values) <= 8:  # a grid: every beta of the study labelled
+            bar.set_ticks(values, labels=[f"{v:g}" for v in values])
+            bar.ax.minorticks_off()
     if (~pos).any():  # log colour has no place for 0
         ax.scatter(kl[~pos], recon[~pos], marker="X", s=48, color="C3", label="β = 0")
 
