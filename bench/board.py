@@ -71,11 +71,16 @@ def configurations(done: pd.DataFrame, params: list[str], metric_cols: list[str]
     return table.reset_index(drop=True)
 
 
-def varying(done: pd.DataFrame, all_params: bool = False) -> list[str]:
+def varying(done: pd.DataFrame, all_params: bool = False, task: Task | None = None
+            ) -> list[str]:
+    """The parameter columns that vary among `done` (every one with `all_params`); with
+    `task`, execution parameters (not part of a configuration) are left out."""
     cols = [c for c in done.columns if c.startswith("param_")]
     if all_params:
         return cols
-    return [c for c in cols if _distinct(done[c]) > 1]
+    decls = task.params if task is not None else {}
+    return [c for c in cols if _distinct(done[c]) > 1
+            and not getattr(decls.get(c.removeprefix("param_")), "execution", False)]
 
 
 def _distinct(col: pd.Series) -> int:
@@ -100,7 +105,7 @@ def _section(study: str, uid: str, g: pd.DataFrame, task: Task, all_params: bool
     metric = str(g["metric"].dropna().iloc[0]) if g["metric"].notna().any() else task.metric
     direction = str(g["direction"].dropna().iloc[0])
     done = g[g["state"] == "COMPLETE"]
-    params = varying(done if len(done) > 1 else g, all_params)
+    params = varying(done if len(done) > 1 else g, all_params, task)
     metric_cols = [c for c in g.columns if c.startswith("metric_") and g[c].notna().any()]
     table = configurations(done, params, metric_cols, direction)
     counts = {s: int((g["state"] == s).sum()) for s in STATES}

@@ -32,10 +32,8 @@ def default_out() -> Path:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.registry import list_tasks
+    from bench.registry import get_task, list_tasks
     from bench.space import space_for
-
-    from bench.registry import get_task
 
     tasks = [get_task(args.task)] if args.task else list_tasks()
     for task in tasks:
@@ -149,8 +147,8 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
     if result.ran:
         print("this run: " + ", ".join(f"{v} {k}" for k, v in sorted(result.ran.items())))
     if result.exit_code in (130, 143):
-        print("stopped: the interrupted trial was saved at its last finished epoch; run the "
-              "same command again to resume it", file=sys.stderr)
+        print("stopped: interrupted trials were saved at their last finished epoch; run the "
+              "same command again to resume them", file=sys.stderr)
     rows = leaderboard.read_trials(args.out, plan.task.name, study=plan.study_name)
     secs = board.sections(rows, plan.task)
     if not secs or secs[-1].table.empty:
@@ -158,7 +156,8 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
         return
     print(f"top configurations ({plan.direction} {plan.metric}):")
     print(board.display_table(secs[-1], plan.task).head(10).to_string(index=False))
-    if not plan.evaluates_every_trial() and not args.eval_top:
+    has_test = any(m.split == "test" for m in plan.task.metrics.values())
+    if has_test and not plan.evaluates_every_trial() and not args.eval_top:
         print(f"\ntest-set metrics for the finalists: bench eval {plan.task.name} --study "
               f"{plan.study_name} --top 3" + (f" --out {args.out}"
                                                if str(args.out) != "leaderboards" else ""))
@@ -259,7 +258,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.metric and metric != sel["metric"].iloc[0] and args.minimize is None:
         raise ConfigError(f"--metric {metric}: not the study's objective; say which way is "
                           "better with --minimize or --maximize")
-    params = board.varying(sel[sel["state"] == "COMPLETE"])
+    params = board.varying(sel[sel["state"] == "COMPLETE"], task=task)
     if len(studies) == 2:
         sel = sel.assign(param_study=sel["study"])
         params = ["param_study", *params]

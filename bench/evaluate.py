@@ -63,13 +63,26 @@ class Evaluated:
 def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[str, Any],
                   device: str = "auto", data_dir: Path | None = None,
                   echo: Any = None) -> list[Evaluated]:
-    """Test metrics for each row's trial from its checkpoint, written into its row."""
+    """Test metrics for each row's trial from its checkpoint, written into its row. A trial
+    that cannot be evaluated (its checkpoint deleted, ...) is reported and the others go
+    on; the error lists every such trial at the end (exit 1)."""
+    if not any(m.split == "test" for m in task.metrics.values()):
+        raise ConfigError(f"task {task.name!r} has no test-set metrics to evaluate (its "
+                          f"metrics: {', '.join(sorted(task.metrics))})")
     problems = task.problems(overrides, "--set") if overrides else []
+    trained = sorted(k for k in overrides if k in task.params and not task.params[k].execution)
+    if trained:
+        allowed = sorted(k for k, d in task.params.items() if d.execution)
+        problems.append(f"--set {', '.join(trained)}: bench eval takes evaluation parameters "
+                        f"only ({', '.join(allowed)}; marked * by `bench list "
+                        f"{task.name}`); the others change the trained model: run a study "
+                        "with them")
     if problems:
         raise ConfigError(problems)
     dev = resolve_device(device)
     schema = leaderboard.task_schema(task)
-    done = []
+    done: list[Evaluated] = []
+    failed: list[str] = []
     records = rows.to_dict("records")
     for i, row in enumerate(records, 1):
         uid = str(row["trial_uid"])
@@ -82,7 +95,13 @@ def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[
         ctx = local_context(int(full["seed"]), str(dev),
                             leaderboard.task_dir(out, task.name) / "artifacts" / uid,
                             str(full["metric"]), data_dir)
-        metrics = evaluate_checkpoint(task, params, ctx)
+        try:
+            metrics = evaluate_checkpoint(task, params, ctx)
+        except BenchError as exc:
+            failed.append(f"trial {uid}: {exc}")
+            if echo is not None:
+                echo(f"[{i}/{len(records)}] trial {uid} not evaluated: {exc}")
+            continue
         unknown = sorted(set(metrics) - set(task.metrics))
         if unknown:
             raise BenchError(f"task {task.name!r} returned undeclared metric(s) {unknown}")
@@ -93,7 +112,16 @@ def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[
         if echo is not None:
             echo(f"[{i}/{len(records)}] trial {uid} in {time.perf_counter() - started:.0f} s: "
                  + ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
+    if failed:
+        raise EvaluationFailed(f"{len(failed)} of {len(records)} trial(s) not evaluated "
+                               f"({len(done)} were):\n" + "\n".join(failed))
     return done
+
+
+class EvaluationFailed(BenchError):
+    """Some finalists could not be evaluated; the others were."""
+
+    exit_code = 1
 
 
 @dataclass

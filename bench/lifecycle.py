@@ -298,7 +298,8 @@ def evaluate_checkpoint(spec: TaskSpec, params: Mapping[str, Any],
     path = ctx.artifact_dir / CHECKPOINT_FILE
     if not path.exists():
         raise DataError(f"{path}: no checkpoint (the trial did not finish, or its artifacts "
-                        "were deleted); rerun it with `bench rerun`")
+                        f"were deleted); `bench rerun {ctx.artifact_dir.name} --record` trains "
+                        "it again as a new row with its checkpoint")
     seed_everything(ctx.seed)
     trial = spec.trial(params, ctx)
     trial.load_state_dict(load_state(path, ctx.device)["trial"])
@@ -323,9 +324,13 @@ def new_trial_uid() -> str:
 
 
 def config_hash(task: str, params: Mapping[str, Any]) -> str:
-    """Hash of the task and its merged parameters; the seed is not a parameter."""
-    blob = json.dumps({"task": task, "params": {k: params[k] for k in sorted(params)}},
-                      sort_keys=True, default=str)
+    """Hash of the task and its merged parameters: the seed is not a parameter, and neither
+    are execution parameters (how a trial runs, not what it trains: `Decl.execution`)."""
+    from bench.registry import get_task
+
+    decls = get_task(task).params
+    kept = {k: params[k] for k in sorted(params) if not (k in decls and decls[k].execution)}
+    blob = json.dumps({"task": task, "params": kept}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -165,6 +165,18 @@ class Plan:
         """The merged parameters of one sampled or enumerated point."""
         return merge_params(self.task, self.space, self.variant, point, self.overrides)
 
+    def fixed_config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What every trial of the study shares: the merged parameters (task defaults, the
+        space's and the variant's fixed values, `--set` and `--smoke`) except those the
+        study varies (searched or enumerated) and execution parameters. `overrides`: in
+        place of this run's (a study's earlier run, read from its trials)."""
+        given = self.overrides if overrides is None else overrides
+        merged = merge_params(self.task, self.space, self.variant, {}, given)
+        varied = set(self.searched()) | (set(self.variant.grid) if self.variant else set())
+        decls = self.task.params
+        return {k: v for k, v in merged.items()
+                if (k not in varied or k in given) and not (k in decls and decls[k].execution)}
+
     def default_total(self) -> int:
         if self.enumerated:
             assert self.variant is not None
@@ -191,6 +203,8 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     smoke = {k: v for k, v in task.smoke.items() if k not in grid_keys} if opts.smoke else {}
     overrides = {**smoke, **opts.overrides}  # --smoke keeps a variant's grid axes
     errs += value_problems(task.name, task.params, overrides, "--set")
+    if opts.eval_top and not any(m.split == "test" for m in task.metrics.values()):
+        errs.append(f"--eval-top: task {task.name!r} has no test-set metrics to evaluate")
     pruner = opts.pruner or ("none" if variant and variant.enumerated else "median")
     if pruner not in PRUNERS:
         errs.append(f"--pruner: must be one of {', '.join(PRUNERS)}, got {pruner!r}")
@@ -294,7 +308,7 @@ def device_problem(name: str, here: bool = True) -> str | None:
 
     if name == "mps":
         return None if torch.backends.mps.is_available() else (
-            "mps: Apple's MPS is not available on this machine (use cpu)")
+            "mps: Apple's MPS is not available on this machine (use auto or cpu)")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         return f"{name}: CUDA is not available on this machine (use auto or cpu)"

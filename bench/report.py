@@ -66,7 +66,7 @@ def _comparison(rows: pd.DataFrame, sec: board.Section, plot_dir: Path) -> str:
     seeds = done.groupby("config_hash")["seed"].nunique()
     if len(seeds) < 2 or seeds.max() < 2:  # nothing to pair
         return ""
-    res = compare.compare(done, sec.metric, sec.direction, board.varying(done))
+    res = compare.compare(done, sec.metric, sec.direction, sec.params)
     png = compare.cd_diagram(res, plot_dir / "critical_difference.png",
                              f"{sec.study}: {sec.metric}")
     text = "" if res.friedman_p is None else (

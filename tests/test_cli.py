@@ -174,6 +174,13 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
     assert json.loads(done["eval_params"].iloc[0]) == {"iwae_k": 4}
     bad = bench_cli("eval", "vae", "--out", str(out), "--study", "nosuch")
     assert bad.returncode == 2 and "known: vae" in bad.stderr
+    bad = bench_cli("eval", "vae", "--out", str(out), "--set", "latent_dim=5")
+    assert bad.returncode == 2 and "evaluation parameters only" in bad.stderr, bad.stderr
+    lost = done["trial_uid"].iloc[0]  # a finalist whose checkpoint is gone: the other goes on
+    (out / "vae" / "artifacts" / lost / "checkpoint.pt").unlink()
+    ev = bench_cli("eval", "vae", "--out", str(out), "--top", "2", "--set", "iwae_k=4")
+    assert ev.returncode == 1 and f"trial {lost} not evaluated" in ev.stdout, ev.stdout
+    assert "1 of 2 trial(s) not evaluated (1 were)" in ev.stderr
 
     formats = {f: bench_cli("board", "vae", "--out", str(out), "--format", f)
                for f in ("table", "csv", "markdown", "json")}
@@ -200,6 +207,17 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
         with Image.open(p) as im:
             lo, hi = im.convert("L").getextrema()
             assert im.size[0] > 200 and hi - lo > 50, f"{p} is blank"
+
+
+def test_a_task_without_test_metrics_is_not_offered_an_evaluation(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli("run", "synthetic", "--trials", "1", "--eval-top", "1", "--out", str(out))
+    assert res.returncode == 2 and "has no test-set metrics" in res.stderr
+    assert not out.exists()
+    res = bench_cli("run", "synthetic", "--trials", "1", "--out", str(out))
+    assert res.returncode == 0 and "bench eval" not in res.stdout
+    res = bench_cli("eval", "synthetic", "--out", str(out))
+    assert res.returncode == 2 and "has no test-set metrics" in res.stderr
 
 
 def test_board_without_rows_says_so(tmp_path: Path) -> None:

@@ -107,11 +107,46 @@ def test_a_rerun_with_other_set_values_is_refused_not_mixed_into_the_study(out: 
     for args in (["--set", "epochs=3"], [], ["--set", "epochs=2", "--set", "noise=0.1"]):
         assert run(out, "--add", "1", *args) == 2
         err = capsys.readouterr().err
-        assert "runs with --set epochs=2; this run has" in err and "--study NEW" in err, err
+        assert "is one configuration, and this run would train another" in err, err
+        assert "--study NEW" in err
+    assert "epochs: the study's 2, this run's 5" in run_err(out, capsys, "--add", "1")
     assert len(study_trials(out)) == 2 and len(rows(out)) == 2
-    assert run(out, "--add", "1", "--set", "epochs=2") == 0  # the study's values continue it
+    # the study's values continue it, whatever the spelling; execution parameters may change
+    assert run(out, "--add", "1", "--set", "epochs=2.0", "--set", "sleep_s=0.01") == 0
+    assert run(out, "--add", "1", "--set", "epochs=2", "--set", "noise=0") == 0  # the default
     assert run(out, "--study", "e3", "--trials", "1", "--set", "epochs=3") == 0
-    assert sorted(rows(out)["study"]) == ["e3", "synthetic", "synthetic", "synthetic"]
+    assert sorted(rows(out)["study"]) == ["e3", *["synthetic"] * 4]
+    done = rows(out, study="synthetic")
+    assert done["config_hash"].nunique() == 4, "x and y vary; sleep_s is not configuration"
+
+
+def run_err(out: Path, capsys, *args: str) -> str:
+    assert run(out, *args) == 2
+    return capsys.readouterr().err
+
+
+def test_a_study_from_before_the_record_takes_it_from_its_trials(out: Path, capsys) -> None:
+    assert run(out, "--trials", "2", "--set", "epochs=2") == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'synthetic' / 'optuna.db'}")
+    study_id = storage.get_study_id_from_name("synthetic")
+    with storage.engine.begin() as conn:  # as a study written by an earlier bench
+        conn.exec_driver_sql("DELETE FROM study_user_attributes WHERE study_id = ? AND "
+                             "key = 'bench_study_config'", (study_id,))
+    capsys.readouterr()
+    assert "epochs: the study's 2, this run's 5" in run_err(out, capsys, "--add", "1")
+    assert run(out, "--add", "1", "--set", "epochs=2") == 0
+
+
+def test_same_configuration_different_execution_parameters_is_one_board_row(
+        out: Path, capsys) -> None:
+    assert run(out, "--variant", "grid", "--set", "sleep_s=0.01", "--trials", "3") == 0
+    assert run(out, "--variant", "grid", "--set", "sleep_s=0") == 0
+    df = rows(out, study="synthetic.grid")
+    assert len(df) == 12 and df.groupby("config_hash")["seed"].nunique().eq(2).all()
+    capsys.readouterr()
+    assert main(["board", "synthetic", "--out", str(out), "--study", "synthetic.grid"]) == 0
+    shown = capsys.readouterr().out
+    assert "sleep_s" not in shown and shown.count(" 2 ") >= 6, shown
 
 
 def test_a_recorded_rerun_is_a_row_whose_artifacts_live_in_the_leaderboard(out: Path) -> None:
@@ -231,7 +266,7 @@ def test_a_signal_saves_the_running_trial_and_the_rerun_resumes_it(out: Path, si
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert "run the same command again to resume it" in err
+    assert "run the same command again to resume them" in err
     assert rows(out).empty, "an interrupted trial is not finished: no row"
     [t] = study_trials(out)
     assert t.state.name == "RUNNING" and t.user_attrs["suspended"]

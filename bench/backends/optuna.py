@@ -40,7 +40,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +88,7 @@ ATTR = "bench"  # the trial's identity: uid, seed, overrides (set when it starts
 RESULT = "bench_result"  # its outcome: state, objective, error (set before it is told)
 METRIC = "metric_"  # one user attribute per final metric, as optuna-dashboard shows them
 STUDY_UID = "bench_study_uid"
-STUDY_SET = "bench_study_set"  # the --set values (and --smoke budget) the study runs with
+STUDY_SET = "bench_study_config"  # the values every trial of the study shares
 
 
 # ---------------------------------------------------------------- storage
@@ -316,32 +316,33 @@ def check_identity(plan: Plan, study: optuna.Study) -> str:
 
 
 def check_overrides(plan: Plan, study: optuna.Study) -> None:
-    """A study is one configuration: its `--set` values are stored in it when it is created,
-    and a run with other values is refused (its trials would be mixed with the study's
-    under one name, and TPE would model them as one objective). Execution parameters (how
-    a trial runs, not what it trains: evaluation batch sizes, a simulated step time) may
-    change between runs."""
-    decls = plan.task.params
-    mine = json.loads(json.dumps({k: v for k, v in plan.overrides.items()
-                                  if not (k in decls and decls[k].execution)},
-                                 sort_keys=True, default=str))
+    """A study is one configuration: the values its trials share (`Plan.fixed_config`: the
+    task's defaults, the space's and variant's fixed values, `--set`, `--smoke`) are stored
+    in it when it is created, and a run with other values is refused: its trials would be
+    mixed with the study's under one name, and TPE would model them as one objective.
+    Execution parameters (evaluation batch sizes, a simulated step time) may change. A
+    study from before this record takes it from its latest trial's `--set` values."""
+    def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(dict(values), sort_keys=True, default=str))
+
+    mine = canonical(plan.fixed_config())
     stored = study.user_attrs.get(STUDY_SET)
     if stored is None:
-        study.set_user_attr(STUDY_SET, mine)
-        return
+        earlier = [_info(t) for t in study.get_trials(deepcopy=False)]
+        earlier = [i for i in earlier if isinstance(i.get("overrides"), dict)]
+        stored = canonical(plan.fixed_config(earlier[-1]["overrides"])) if earlier else mine
+        study.set_user_attr(STUDY_SET, stored)
     if stored == mine:
         return
-
-    def show(values: dict[str, Any]) -> str:
-        return " ".join(f"--set {k}={v}" for k, v in sorted(values.items())) or "no --set"
-
-    changed = sorted(k for k in {*stored, *mine} if stored.get(k, STUDY_SET) != mine.get(
-        k, STUDY_SET))  # the attribute's name stands for "absent"
+    missing = object()
+    changed = sorted(k for k in {*stored, *mine} if stored.get(k, missing) != mine.get(k, missing))
+    shown = ", ".join(f"{k}: the study's {stored.get(k, '(unset)')!r}, this run's "
+                      f"{mine.get(k, '(unset)')!r}" for k in changed)
     raise ConfigError(
-        f"study {plan.study_name!r} in {describe_storage(plan.storage_url)} runs with "
-        f"{show(stored)}; this run has {show(mine)} (differs in: {', '.join(changed)}). "
-        "Rerun with the study's values to continue it, or give --study NEW for a study of "
-        "the new configuration")
+        f"study {plan.study_name!r} in {describe_storage(plan.storage_url)} is one "
+        f"configuration, and this run would train another ({shown}; from --set, --smoke, "
+        "the search space or the variant). Rerun with the study's values to continue it, or "
+        "give --study NEW for a study of this configuration")
 
 
 try:  # what study.optimize calls; Study.tell adds a re-read of the trial to return a copy

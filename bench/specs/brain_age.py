@@ -92,7 +92,7 @@ PARAMS = {
     "kr_gamma": Float(0.1, above=0.0, help="the report's H2: 0.1; its H3 search: 0.02"),
     "ridge_alpha": Float(1.0, 0.0),
     "train_size": Int(None, 1),
-    "test_size": Int(None, 1),
+    "test_size": Int(None, 1, help="cap on test subjects (evaluation only)", execution=True),
     "test_fraction": Float(0.25, high=0.9, above=0.0),
     "val_fraction": Float(0.15, high=0.9, above=0.0),
     "split_seed": Int(0, 0),

@@ -33,7 +33,8 @@ PARAMS = {
     "train_size": Int(None, 1, help="cap on training images (a fixed random subset)"),
     "val_size": Int(5000, 1, 49_999, help="held-out training images: kNN queries of the "
                                           "search"),
-    "test_size": Int(None, 1, help="cap on test images (kNN queries of bench eval)"),
+    "test_size": Int(None, 1, help="cap on test images (kNN queries of bench eval)",
+                      execution=True),
     "min_scale": Float(0.2, high=1.0, above=0.0, help="RandomResizedCrop scale lower bound"),
     "knn_every": Int(1, 1, help="monitor interval in epochs (the last epoch always)"),
     "knn_k": Int(200, 1),
