@@ -8,6 +8,7 @@ in the test's temporary folder, which the local node shares.
 from __future__ import annotations
 
 import shutil
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -65,7 +66,11 @@ def test_dry_run_ray_mode_per_job_ports(tmp_path: Path) -> None:
     script = slurm.submit(o)
     assert "#SBATCH --nodes=2" in script and "--backend ray" in script
     assert "--gpus-per-trial 0.5" in script and "--num-gpus=2" in script
-    assert "SLURM_JOB_ID % 200" in script and "--resume" in script
+    assert "--resume" in script
+    start, mod, block = map(int, re.search(
+        r"base=\$\(\( (\d+) \+ \(SLURM_JOB_ID % (\d+)\) \* (\d+) \)\)", script).groups())
+    ports = {start + (job % mod) * block + k for job in range(5000) for k in (0, block - 1)}
+    assert 1024 <= min(ports) and max(ports) < 32768, "every job's ports under the ephemeral range"
     path = tmp_path / "ray.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
