@@ -83,6 +83,21 @@ def varying(done: pd.DataFrame, all_params: bool = False, task: Task | None = No
             and not getattr(decls.get(c.removeprefix("param_")), "execution", False)]
 
 
+def _non_default(row: pd.Series, task: Task, most: int = 8) -> list[str]:
+    """The parameter columns whose value in `row` differs from the task's default."""
+    out = []
+    for name, decl in task.params.items():
+        col = f"param_{name}"
+        if col not in row.index or decl.execution:
+            continue
+        value = row[col]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            value = None
+        if value != decl.default:
+            out.append(col)
+    return out[:most]
+
+
 def _distinct(col: pd.Series) -> int:
     try:
         return int(col.nunique(dropna=False))
@@ -106,6 +121,8 @@ def _section(study: str, uid: str, g: pd.DataFrame, task: Task, all_params: bool
     direction = str(g["direction"].dropna().iloc[0])
     done = g[g["state"] == "COMPLETE"]
     params = varying(done if len(done) > 1 else g, all_params, task)
+    if not params and len(done):  # one configuration: say which (its non-default values)
+        params = _non_default(done.iloc[0], task)
     metric_cols = [c for c in g.columns if c.startswith("metric_") and g[c].notna().any()]
     table = configurations(done, params, metric_cols, direction)
     counts = {s: int((g["state"] == s).sum()) for s in STATES}

@@ -123,6 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = run_options(args)
     backend = get_backend(opts.backend)
     plan = make_plan(opts)
+    grid = plan.variant.grid if plan.variant else {}
+    for key in sorted(set(grid) & set(opts.overrides)):  # allowed (a slice), but say so
+        print(f"note: --set {key} fixes the variant's grid axis {key!r} (its values "
+              f"{grid[key]}): this study runs one of them", file=sys.stderr)
     result = backend.run(plan, Progress)
     _summary(result, args)
     if args.eval_top and result.exit_code == 0:

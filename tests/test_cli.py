@@ -209,6 +209,13 @@ def test_run_board_plot_end_to_end(tmp_path: Path) -> None:
             assert im.size[0] > 200 and hi - lo > 50, f"{p} is blank"
 
 
+def test_fixing_a_grid_axis_with_set_is_said(tmp_path: Path) -> None:
+    res = bench_cli("run", "synthetic", "--variant", "grid", "--set", "x=0.5", "--quiet",
+                    "--out", str(tmp_path / "lb"))
+    assert res.returncode == 0, res.stderr
+    assert "note: --set x fixes the variant's grid axis 'x'" in res.stderr
+
+
 def test_a_task_without_test_metrics_is_not_offered_an_evaluation(tmp_path: Path) -> None:
     out = tmp_path / "lb"
     res = bench_cli("run", "synthetic", "--trials", "1", "--eval-top", "1", "--out", str(out))

@@ -211,3 +211,12 @@ def test_the_report_renders_in_a_headless_browser(two_studies: Path, tmp_path: P
         grey = np.asarray(im.convert("L"), dtype=float)
     assert grey.shape == (1600, 1200)
     assert (grey < 128).mean() > 0.01, "the screenshot shows text and figures, not a blank"
+
+
+def test_a_one_configuration_study_says_which_configuration_it_is(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    assert run(out, "--trials", "1", "--set", "noise=0.25") == 0
+    shown = bench_cli("board", "synthetic", "--out", str(out)).stdout.splitlines()
+    header = shown[1].split()
+    assert header[:3] == ["rank", "loss", "n"] and {"x", "y", "noise"} <= set(header), shown
+    assert "epochs" not in header, "a default value is not shown"

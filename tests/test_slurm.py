@@ -7,8 +7,8 @@ in the test's temporary folder, which the local node shares.
 
 from __future__ import annotations
 
-import shutil
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
