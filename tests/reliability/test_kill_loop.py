@@ -38,8 +38,11 @@ from .harness import (
 KILLS = 20
 PER_ROUND = 3  # the study's total grows by this much each round
 SEED = 20261130
-# (storage, workers, kill delay window in seconds: startup is ~3 s, ~6 s with workers)
-SETUPS = {1: ("sqlite", (2.0, 5.5)), 2: ("journal", (3.0, 9.0))}
+# (storage, workers, kill delay window in seconds): a round's run of 3 trials of 4 x 0.4 s
+# epochs lasts 7-8 s on a quiet 2-core machine, with 1 worker as with 2 (longer when
+# loaded), so the window falls inside a live run, in its startup or its trials
+SETUPS = {1: ("sqlite", (2.0, 5.5)), 2: ("journal", (2.0, 6.5))}
+EPOCH_S = 0.4
 
 
 def kill_9(proc: subprocess.Popen, tree: bool) -> None:
@@ -61,7 +64,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_doubles_nothing(
     log = []
     for i in range(KILLS):
         target = PER_ROUND * (i + 1)
-        args = [*trial_args(trials=target, epochs=4, sleep_s=0.1), "--workers", str(workers)]
+        args = [*trial_args(trials=target, epochs=4, sleep_s=EPOCH_S), "--workers",
+                str(workers)]
         if i % 2:
             args += ["--checkpoint-every", "0"]
         proc = spawn(st, *args)
