@@ -78,9 +78,8 @@ def varying(done: pd.DataFrame, all_params: bool = False, task: Task | None = No
     cols = [c for c in done.columns if c.startswith("param_")]
     if all_params:
         return cols
-    decls = task.params if task is not None else {}
-    return [c for c in cols if _distinct(done[c]) > 1
-            and not getattr(decls.get(c.removeprefix("param_")), "execution", False)]
+    skip = task.execution if task is not None else frozenset()
+    return [c for c in cols if c.removeprefix("param_") not in skip and _distinct(done[c]) > 1]
 
 
 def _non_default(row: pd.Series, task: Task, most: int = 8) -> list[str]:

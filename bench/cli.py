@@ -160,8 +160,7 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
         return
     print(f"top configurations ({plan.direction} {plan.metric}):")
     print(board.display_table(secs[-1], plan.task).head(10).to_string(index=False))
-    has_test = any(m.split == "test" for m in plan.task.metrics.values())
-    if has_test and not plan.evaluates_every_trial() and not args.eval_top:
+    if plan.task.has_test_metrics and not plan.evaluates_every_trial() and not args.eval_top:
         print(f"\ntest-set metrics for the finalists: bench eval {plan.task.name} --study "
               f"{plan.study_name} --top 3" + (f" --out {args.out}"
                                                if str(args.out) != "leaderboards" else ""))

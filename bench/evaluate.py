@@ -66,15 +66,14 @@ def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[
     """Test metrics for each row's trial from its checkpoint, written into its row. A trial
     that cannot be evaluated (its checkpoint deleted, ...) is reported and the others go
     on; the error lists every such trial at the end (exit 1)."""
-    if not any(m.split == "test" for m in task.metrics.values()):
+    if not task.has_test_metrics:
         raise ConfigError(f"task {task.name!r} has no test-set metrics to evaluate (its "
                           f"metrics: {', '.join(sorted(task.metrics))})")
     problems = task.problems(overrides, "--set") if overrides else []
-    trained = sorted(k for k in overrides if k in task.params and not task.params[k].execution)
+    trained = sorted(k for k in overrides if k in task.params and k not in task.execution)
     if trained:
-        allowed = sorted(k for k, d in task.params.items() if d.execution)
         problems.append(f"--set {', '.join(trained)}: bench eval takes evaluation parameters "
-                        f"only ({', '.join(allowed)}; marked * by `bench list "
+                        f"only ({', '.join(sorted(task.execution))}; marked * by `bench list "
                         f"{task.name}`); the others change the trained model: run a study "
                         "with them")
     if problems:

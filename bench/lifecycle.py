@@ -328,8 +328,8 @@ def config_hash(task: str, params: Mapping[str, Any]) -> str:
     are execution parameters (how a trial runs, not what it trains: `Decl.execution`)."""
     from bench.registry import get_task
 
-    decls = get_task(task).params
-    kept = {k: params[k] for k in sorted(params) if not (k in decls and decls[k].execution)}
+    execution = get_task(task).execution
+    kept = {k: params[k] for k in sorted(params) if k not in execution}
     blob = json.dumps({"task": task, "params": kept}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

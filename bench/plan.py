@@ -173,9 +173,8 @@ class Plan:
         given = self.overrides if overrides is None else overrides
         merged = merge_params(self.task, self.space, self.variant, {}, given)
         varied = set(self.searched()) | (set(self.variant.grid) if self.variant else set())
-        decls = self.task.params
         return {k: v for k, v in merged.items()
-                if (k not in varied or k in given) and not (k in decls and decls[k].execution)}
+                if (k not in varied or k in given) and k not in self.task.execution}
 
     def default_total(self) -> int:
         if self.enumerated:
@@ -203,7 +202,7 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     smoke = {k: v for k, v in task.smoke.items() if k not in grid_keys} if opts.smoke else {}
     overrides = {**smoke, **opts.overrides}  # --smoke keeps a variant's grid axes
     errs += value_problems(task.name, task.params, overrides, "--set")
-    if opts.eval_top and not any(m.split == "test" for m in task.metrics.values()):
+    if opts.eval_top and not task.has_test_metrics:
         errs.append(f"--eval-top: task {task.name!r} has no test-set metrics to evaluate")
     pruner = opts.pruner or ("none" if variant and variant.enumerated else "median")
     if pruner not in PRUNERS:

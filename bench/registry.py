@@ -70,6 +70,16 @@ class Task:
             importlib.import_module(module)
 
     @property
+    def execution(self) -> frozenset[str]:
+        """Execution parameters: how a trial runs, not what it trains (`Decl.execution`)."""
+        return frozenset(k for k, d in self.params.items() if d.execution)
+
+    @property
+    def has_test_metrics(self) -> bool:
+        """Whether `bench eval` has anything to compute for this task."""
+        return any(m.split == "test" for m in self.metrics.values())
+
+    @property
     def defaults(self) -> dict[str, Any]:
         return defaults(self.params)
 
