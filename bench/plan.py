@@ -384,7 +384,8 @@ def resolve_storage(opts: RunOptions, task: str, study: str) -> str:
                     "processes; use a journal file (--storage path/to/study.journal) or "
                     "postgresql://...")
             return opts.storage
-        return f"journal:{Path(opts.storage).expanduser().resolve()}"
+        path = opts.storage.removeprefix("journal:")  # the form the study's URL takes
+        return f"journal:{Path(path).expanduser().resolve()}"
     folder = (Path(opts.out) / task).resolve()
     db, journal = folder / "optuna.db", folder / "optuna.journal"
     in_db, in_journal = study_in_sqlite(db, study), study_in_journal(journal, study)

@@ -39,6 +39,7 @@ class TrialContext:
     on_step: Callable[[int, dict[str, float]], None] | None = None  # progress display
     stop_check: Callable[[], bool] = signals.stop_requested
     checkpoint_every_s: float = 60.0  # resume state saved at epoch ends at most this often
+    before_save: Callable[[], None] | None = None  # called before each resume state is saved
     curve: list[tuple[int, str, float]] = field(default_factory=list)
     steps_done: int = 0
     resumed_from: int | None = None  # the epoch a resumed attempt started at

@@ -3,7 +3,8 @@
 Both run N trials of the same trivial workload (one epoch that sleeps `--sleep-ms`, one
 intermediate report and a pruning check, TPE, median pruner) on a fresh storage of the same
 kind (SQLite file, journal file); configurations are interleaved over `--repeats` rounds.
-Overhead per trial = (wall time - time inside the workload) / N. Raw Optuna is
+Overhead per trial = (wall time - time inside the workload) / N, after one untimed warm-up
+run of each (the first run in a process pays its imports: ~1 s of torch). Raw Optuna is
 `study.optimize` with a plain objective; bench is `bench run synthetic` in-process (the
 trial lifecycle, typed rows in Parquet, the curve, the final checkpoint, the `bench`
 user attributes, the study's repair pass at start).
@@ -77,6 +78,10 @@ def main() -> None:
     sleep_s = args.sleep_ms / 1000
     runners = {"raw optuna": raw_optuna, "bench": bench_run}
     per_trial: dict[str, list[float]] = {}
+    for storage in STORAGES:  # warm-up, not timed: imports (torch, the task) and caches
+        for fn in runners.values():
+            with tempfile.TemporaryDirectory() as tmp:
+                fn(3, 0.0, storage, tmp)
     for _ in range(args.repeats):
         for storage in STORAGES:
             for name, fn in runners.items():

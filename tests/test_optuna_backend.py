@@ -225,12 +225,18 @@ def test_kill_9_after_a_saved_epoch_resumes_the_trial_there(out: Path) -> None:
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # the trial's identity reached the study before its first state was saved: the state
+    # lies in the folder its record names
+    [killed] = study_trials(out)
+    [state] = _resume_files(out)
+    assert state.parent.name == killed.user_attrs["bench"]["uid"]
     res = bench_cli("run", "synthetic", "--out", str(out), "--quiet", "--trials", "1",
                     "--set", "sleep_s=0.3", "--set", "epochs=10")
     assert res.returncode == 0, res.stderr
     assert "resuming trials [0]" in res.stderr
     df = rows(out)
     assert len(df) == 1 and df["state"].iloc[0] == "COMPLETE" and df["attempts"].iloc[0] == 2
+    assert df["trial_uid"].iloc[0] == state.parent.name
     curve = leaderboard.read_curves(out, "synthetic")
     assert sorted(curve["step"]) == list(range(10)), "each epoch once, none lost or doubled"
     assert [t.state.name for t in study_trials(out)] == ["COMPLETE"]
@@ -497,3 +503,36 @@ def test_user_attributes_written_at_once_read_back_in_any_optuna(tmp_path: Path,
     done = study.get_trials()[0]
     with pytest.raises(Exception, match="finished|Cannot"):  # a finished trial is not updated
         set_user_attrs(optuna.Trial(study, done._trial_id), {"metric_loss": 9.0})
+
+
+def test_a_trial_that_saves_no_state_writes_its_identity_with_its_result(out: Path) -> None:
+    """One storage write fewer per trial: a trial that finishes without saving a resume
+    state records its identity (uid, seed) in the same journal append as its result."""
+    journal = out / "synthetic" / "optuna.journal"
+    assert run(out, "--trials", "3", "--storage", str(journal), "--set",
+               "epochs=2") == 0
+    lines = [json.loads(x) for x in
+             journal.read_text().splitlines()]
+    attrs = [(i, x["trial_id"], next(iter(x["user_attr"]))) for i, x in enumerate(lines)
+             if "user_attr" in x and "trial_id" in x]
+    df = rows(out).set_index("trial_number")
+    for t in study_trials(out, journal=True):
+        mine = [(i, key) for i, tid, key in attrs if tid == t._trial_id]
+        assert [key for _, key in mine].count("bench") == 1
+        block = [i for i, _ in mine]
+        assert block == list(range(block[0], block[0] + len(block))), "one contiguous append"
+        assert {"bench", "bench_result"} <= {key for _, key in mine}
+        assert df.loc[t.number, "trial_uid"] == t.user_attrs["bench"]["uid"]
+        assert df.loc[t.number, "seed"] == t.user_attrs["bench"]["seed"] == t.number
+
+
+def test_a_journal_url_given_to_storage_names_the_same_file(out: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """`--storage journal:PATH` (the URL form) and `--storage PATH` are one journal file;
+    the prefix never becomes a folder named `journal:` in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "s.journal"
+    assert run(out, "--trials", "1", "--storage", f"journal:{target}") == 0
+    assert run(out, "--trials", "2", "--storage", str(target)) == 0
+    assert target.exists() and not (tmp_path / "journal:").exists()
+    assert len(rows(out)) == 2

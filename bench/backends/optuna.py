@@ -22,7 +22,11 @@
   slot has finished in total; on SIGUSR2 the slot suspends its trial and exits with
   EXIT_SUSPENDED (75) so its job requeues it; the restarted slot resumes it first.
 - Each trial's `bench` user attributes carry its row uid, seed, `--set` overrides, final
-  metrics and FAIL reason, so optuna-dashboard shows what the leaderboard shows.
+  metrics and FAIL reason, so optuna-dashboard shows what the leaderboard shows. They are
+  written with the trial's first saved state or its result (one storage write, not one
+  more at its start); the uid is derived from the study's uid and the trial number.
+- Rows are written by a `RowWriter` thread while the next trial runs (the result reaches
+  the study right after the row is queued); the run waits for them before it exits.
 """
 
 from __future__ import annotations
@@ -64,9 +68,9 @@ from bench.errors import BenchError, ConfigError, StorageFailure, storage_failur
 from bench.lifecycle import (
     RESUME_FILE,
     Outcome,
+    RowWriter,
     build_row,
     execute_trial,
-    new_trial_uid,
     now,
     write_row,
 )
@@ -442,9 +446,12 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
-def _info(t: FrozenTrial) -> dict[str, Any]:
+def _info(t: FrozenTrial | optuna.Trial) -> dict[str, Any]:
+    """The trial's own identity record (uid, seed, number, overrides), or {}: a retry
+    (RetryFailedTrialCallback) copies its failed trial's attributes, whose record names
+    the failed trial's number and is not the retry's."""
     info = t.user_attrs.get(ATTR)
-    return info if isinstance(info, dict) else {}
+    return info if isinstance(info, dict) and info.get("number", t.number) == t.number else {}
 
 
 def identity(plan: Plan, number: int, uid: str, seed: int, study_uid: str) -> dict[str, Any]:
@@ -454,10 +461,11 @@ def identity(plan: Plan, number: int, uid: str, seed: int, study_uid: str) -> di
             "seed": seed}
 
 
-def _uid(study: optuna.Study, t: FrozenTrial) -> str:
-    """The trial's row id: its own, or for a trial killed before it got one (between ask and
-    its first attribute) one derived from the study and the trial number, so every repair
-    of that trial finds the same row."""
+def _uid(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> str:
+    """The trial's row id: the one its identity record names (trials of earlier versions
+    drew a random one), else derived from the study's uid and the trial number, so the
+    trial, its repair and its resume all find the same row and artifact folder without a
+    storage write at the trial's start."""
     uid = _info(t).get("uid")
     if uid:
         return str(uid)
@@ -478,7 +486,7 @@ def _record_row(plan: Plan, study: optuna.Study, t: FrozenTrial, state: str,
     finished = (t.datetime_complete.astimezone(dt.timezone.utc) if t.datetime_complete
                 else now())
     value = t.value if state == "COMPLETE" else result.get("objective")
-    row = build_row(identity(plan, t.number, uid, int(info.get("seed", plan.opts.seed)),
+    row = build_row(identity(plan, t.number, uid, int(info.get("seed", _seed(plan, t))),
                              study.user_attrs.get(STUDY_UID, "")),
                     params, state=state, objective=value, metric=plan.metric,
                     direction=plan.direction, metrics=_metrics(t),
@@ -486,6 +494,14 @@ def _record_row(plan: Plan, study: optuna.Study, t: FrozenTrial, state: str,
                     finished_at=finished, epochs_done=max(t.intermediate_values, default=-1) + 1,
                     device=resolve_device(plan.opts.device))
     return write_row(plan.out, plan.task, row)
+
+
+def _seed(plan: Plan, t: FrozenTrial | optuna.Trial) -> int:
+    """A trial's seed where its identity record does not name it: an enumerated point's
+    (stored when it was enqueued), else the run's base seed plus the trial number."""
+    if "seed" in t.user_attrs:
+        return int(t.user_attrs["seed"])
+    return plan.opts.seed + t.number
 
 
 def _metrics(t: FrozenTrial) -> dict[str, float]:
@@ -504,8 +520,7 @@ def adopt_stale_results(plan: Plan, study: optuna.Study) -> list[int]:
     adopted = []
     for trial_id in stale(study._study_id):
         t = storage.get_trial(trial_id)
-        uid = _info(t).get("uid")
-        row = leaderboard.read_trial(plan.out, plan.task.name, uid) if uid else None
+        row = leaderboard.read_trial(plan.out, plan.task.name, _uid(study, t))
         known = row or t.user_attrs.get(RESULT)
         if not isinstance(known, dict) or known.get("state") not in ("COMPLETE", "PRUNED",
                                                                      "FAIL"):
@@ -535,11 +550,10 @@ def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str
             continue  # another slot's trial: its slot resumes it
         if slot is not None and owner is None:
             continue
-        info = _info(t)
         if t.state == TrialState.RUNNING:
+            uid = _uid(study, t)
             result = t.user_attrs.get(RESULT)
-            row = leaderboard.read_trial(plan.out, plan.task.name, info["uid"]) if info.get(
-                "uid") else None
+            row = leaderboard.read_trial(plan.out, plan.task.name, uid)
             known = row or result
             if isinstance(known, dict):  # finished, but the study was not told
                 state = known["state"]
@@ -550,8 +564,8 @@ def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str
                 if row is None:
                     _record_row(plan, study, storage.get_trial(t._trial_id), state)
                 done["repaired"].append(t.number)
-            elif info.get("uid") and (plan.artifact_dir(info["uid"]) / RESUME_FILE).exists() \
-                    or t.user_attrs.get("suspended"):
+            elif (plan.artifact_dir(uid) / RESUME_FILE).exists() or t.user_attrs.get(
+                    "suspended"):
                 done["resumable"].append(t.number)
             else:  # the row first, then the state: a kill between the two loses nothing
                 _record_row(plan, study, t, "FAIL",
@@ -626,6 +640,8 @@ class Worker:
     ran: Counter = field(default_factory=Counter)
     row_errors: list[str] = field(default_factory=list)
     target: int | None = None  # the study's total: stop asking once it has that many
+    rows: RowWriter = field(default_factory=RowWriter)  # rows written while the next trial runs
+    identity_due: dict[int, dict[str, Any]] = field(default_factory=dict)  # number -> record
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.plan.opts.device)
@@ -636,16 +652,14 @@ class Worker:
         self.study._thread_local.in_optimize_loop = True
 
     def params_for(self, trial: optuna.Trial) -> tuple[dict[str, Any], int]:
-        plan, info = self.plan, trial.user_attrs.get(ATTR) or {}
+        plan = self.plan
         if "bench_point" in trial.user_attrs:
             assert plan.variant is not None
             point = {k: trial.suggest_categorical(k, vals) for k, vals in plan.variant.grid.items()
                      if k not in plan.overrides}
-            seed = int(trial.user_attrs["seed"])
         else:
             point = {k: suggest(trial, p) for k, p in plan.searched().items()}
-            seed = plan.opts.seed + trial.number
-        return plan.params(point), int(info.get("seed", seed))
+        return plan.params(point), int(_info(trial).get("seed", _seed(plan, trial)))
 
     def run_one(self, trial: optuna.Trial) -> str:
         """Run (or resume) one trial and tell the study; its state, or SUSPENDED."""
@@ -656,14 +670,15 @@ class Worker:
     def record(self, trial: optuna.Trial, outcome: Outcome) -> str:
         """Tell the study how a trial ended (its metrics as user attributes first)."""
         if outcome.state == "SUSPENDED":
-            trial.set_user_attr("suspended", True)
+            set_user_attrs(trial, {**self._identity_due(trial), "suspended": True})
             if is_heartbeat_enabled(self.study._storage):
                 # a heartbeat storage runs no repair pass (other hosts may be live): the
                 # trial goes back to WAITING, the next ask() anywhere claims it atomically
                 # and resumes it from its saved state (same number, uid and parameters)
                 self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             return "SUSPENDED"
-        attrs: dict[str, Any] = {f"{METRIC}{k}": v for k, v in outcome.metrics.items()}
+        attrs: dict[str, Any] = self._identity_due(trial)
+        attrs.update({f"{METRIC}{k}": v for k, v in outcome.metrics.items()})
         attrs[RESULT] = {"state": outcome.state, "objective": outcome.objective,
                          "error": outcome.error}  # last: repair reads it as "finished"
         if trial.user_attrs.get("suspended"):
@@ -681,26 +696,41 @@ class Worker:
             self.progress.end_trial(trial.number, outcome, worker=trial.number)
         return outcome.state
 
-    def prepare(self, trial: optuna.Trial) -> tuple[dict[str, Any], TrialContext,
-                                                    dict[str, Any], list[str]]:
-        """(params, context, row identity, rule problems) of a trial about to run."""
+    def _identity_due(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's identity record as attributes to write, if not written yet."""
+        info = self.identity_due.pop(trial.number, None)
+        return {ATTR: info} if info is not None else {}
+
+    def _write_identity(self, trial: optuna.Trial) -> None:
+        """Before the trial's first resume state is saved: the state then names its trial."""
+        due = self._identity_due(trial)
+        if due:
+            set_user_attrs(trial, due)
+
+    def prepare(self, trial: optuna.Trial, eager: bool = True,
+                ) -> tuple[dict[str, Any], TrialContext, dict[str, Any], list[str]]:
+        """(params, context, row identity, rule problems) of a trial about to run. Its
+        identity record goes to the study now (`eager`), or with its first saved state or
+        its result (the one-trial-at-a-time path: one storage write less per trial)."""
         plan = self.plan
         faults.pause("trial-start")
         params, seed = self.params_for(trial)
-        info = trial.user_attrs.get(ATTR)
-        if not isinstance(info, dict) or info.get("number") != trial.number:
-            # a new trial (a retry copies its failed trial's attributes, not its identity)
-            info = {"uid": new_trial_uid(), "seed": seed, "number": trial.number,
-                    "overrides": {k: v for k, v in plan.overrides.items()}}
-            trial.set_user_attr(ATTR, info)
-        uid = info["uid"]
+        uid = _uid(self.study, trial)
+        if not _info(trial):  # a new trial: its identity is written with its first state
+            # (`_identity_due`), not in a storage write of its own (benchmarks/harness_overhead)
+            self.identity_due[trial.number] = {
+                "uid": uid, "seed": seed, "number": trial.number,
+                "overrides": {k: v for k, v in plan.overrides.items()}}
+            if eager:
+                set_user_attrs(trial, self._identity_due(trial))
         number = trial.number
         on_step = ((lambda s, v: self.progress.on_step(s, v, worker=number))
                    if self.progress else None)
         ctx = TrialContext(seed, self.device, plan.artifact_dir(uid), plan.metric,
                            plan.opts.data_dir, on_report=lambda s, v: trial.report(v, s),
                            prune_check=trial.should_prune, on_step=on_step,
-                           checkpoint_every_s=plan.opts.checkpoint_every_s)
+                           checkpoint_every_s=plan.opts.checkpoint_every_s,
+                           before_save=lambda: self._write_identity(trial))
         ident = identity(plan, trial.number, uid, seed, self.study_uid)
         if self.progress:
             self.progress.start_trial(trial.number, params.get("epochs"), worker=number)
@@ -708,14 +738,27 @@ class Worker:
         return params, ctx, ident, plan.task.problems(params)
 
     def _execute(self, trial: optuna.Trial) -> Outcome:
-        params, ctx, ident, bad = self.prepare(trial)
+        params, ctx, ident, bad = self.prepare(trial, eager=False)
         if bad:  # a sampled combination that breaks a cross-parameter rule
             return _config_failure(self.plan, ident, params, "; ".join(bad), ctx)
         return execute_trial(self.plan.task, params, ctx, ident, self.plan.out,
-                             self.plan.direction, evaluate=self.evaluate)
+                             self.plan.direction, evaluate=self.evaluate, rows=self.rows)
 
     def work(self, resume: list[int], n_new: int, deadline: float | None) -> int:
         """Resume `resume` (trial numbers), then run up to `n_new` new trials. Exit code."""
+        try:
+            code = self._work(resume, n_new, deadline)
+        finally:
+            self.row_errors += self.rows.flush()  # every queued row is on disk, or said not
+        if code == 0 and signals.stop_requested():  # a signal while the last rows were
+            code = signals.exit_code()  # written: the status says so, as anywhere else
+        return 1 if self.row_errors and code == 0 else code
+
+    def _rows_lost(self) -> bool:
+        self.row_errors += self.rows.errors()
+        return bool(self.row_errors)
+
+    def _work(self, resume: list[int], n_new: int, deadline: float | None) -> int:
         if self.plan.opts.fuse is not None:
             from bench.backends.optuna_fused import FusedRunner, auto_k
 
@@ -730,7 +773,7 @@ class Worker:
                 self.study._study_id, number)
             if self.run_one(optuna.Trial(self.study, trial_id)) == "SUSPENDED":
                 return signals.exit_code()
-            if self.row_errors:
+            if self._rows_lost():
                 return 1
         for _ in range(n_new):
             if self._should_stop(deadline):
@@ -740,7 +783,7 @@ class Worker:
                 break
             if self.run_one(trial) == "SUSPENDED":
                 return signals.exit_code()
-            if self.row_errors:
+            if self._rows_lost():
                 return 1
         return signals.exit_code() if signals.stop_requested() else 0
 

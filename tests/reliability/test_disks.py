@@ -65,14 +65,16 @@ def test_a_read_only_rows_folder_is_reported_and_the_next_run_repairs(
         tally.faults += 1
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    [said] = [line for line in res.stderr.splitlines() if "could not write its row" in line]
-    assert said.startswith("trial 0: ") and "Read-only file system" in said
-    assert str(trials_dir) in said
-    [t] = st.trials()  # the run stopped at the first row it could not write
-    assert t.state.name == "COMPLETE"
+    # the run stopped at the first row it learnt it could not write: rows are written on a
+    # thread of their own, so the next trial may have run meanwhile (and lost its row too)
+    lost = st.trials()
+    assert len(lost) in (1, 2) and all(t.state.name == "COMPLETE" for t in lost)
+    said = [line for line in res.stderr.splitlines() if "could not write its row" in line]
+    assert [line.split(":")[0] for line in said] == [f"trial {t.number}" for t in lost]
+    assert all("Read-only file system" in line and str(trials_dir) in line for line in said)
     rerun = run(st, *quick_args())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "repaired the record of trials [0]" in rerun.stderr
+    assert f"repaired the record of trials {[t.number for t in lost]}" in rerun.stderr
     c = check_invariant(st)
     tally.record(c)
     require(c, TRIALS)

@@ -6,9 +6,10 @@ reruns the same command and checks the invariant (harness.py): the study reaches
 every finished trial has exactly one row that agrees with the study, nothing is doubled.
 
 Moments: `trial-start` (a trial asked, nothing run), `mid-epoch` (inside training code),
-`row-write` (the row's temporary file written, not yet moved into place), `repair` (the
-next run's stale-trial pass, after a kill -9 left a trial RUNNING), `tell` (the row
-written, the study not yet told).
+`row-write` (the row's temporary file written, not yet moved into place: on the row
+writer's thread, while the main thread tells the study and goes on), `repair` (the next
+run's stale-trial pass, after a kill -9 left a trial RUNNING), `tell` (the row queued and
+the result recorded, the study not yet told).
 
 Eight cells run by default (about a minute); `-m slow` runs the other 52.
 """
@@ -131,8 +132,9 @@ def first_trial_state(fault: str, moment: str) -> str:
     """What trial 0 must end as once the rerun is done."""
     if moment == "repair":
         return "FAIL"  # the kill -9 before the repair left nothing to resume from
-    if fault == "SIGKILL":
-        return "COMPLETE" if moment == "tell" else "FAIL"  # its row and result were recorded
+    if fault == "SIGKILL":  # at the tell, its result was recorded; at its row's write (on
+        # the row writer's thread) it had been told already: the rerun writes its row
+        return "COMPLETE" if moment in ("tell", "row-write") else "FAIL"
     return "COMPLETE"  # a signal suspends the trial (or lets it finish); the rerun resumes it
 
 
