@@ -75,24 +75,28 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
+        """torch.optim.Adam's update (its foreach arithmetic: lerp for the first moment,
+        addcmul for the second, addcdiv for the parameter), in place, with each member's
+        step size; an inactive member's coefficients make it an identity (weight 0 in the
+        lerp, 1 on the second moment, step 0), so no masked copies are needed."""
         self.steps += self.active.double()
         steps = self.steps.clamp(min=1)
-        bc1 = 1 - self.b1 ** steps
-        bc2 = 1 - self.b2 ** steps
-        step_size = (self.lr.double() / bc1).float()
-        bc2_sqrt = bc2.sqrt().float()
+        act = self.active
+        w1 = torch.where(act, 1 - self.b1, 0.0).float()  # lerp weight: 0 keeps m
+        keep2 = torch.where(act, self.b2, 1.0).float()
+        new2 = torch.where(act, 1 - self.b2, 0.0).float()  # 1 - b2 in double, as torch's
+        step_size = torch.where(act, self.lr.double() / (1 - self.b1 ** steps), 0.0).float()
+        bc2_sqrt = (1 - self.b2 ** steps).sqrt().float()
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            dev = p.device
-            act = self.active.to(dev).view(-1, *[1] * (p.dim() - 1))
             g = p.grad
-            m.copy_(torch.where(act, torch.lerp(m, g, 1 - self.b1), m))
-            v.copy_(torch.where(act, v * self.b2 + (1 - self.b2) * g * g, v))
+            if g is None:
+                continue
             shape = (-1, *[1] * (p.dim() - 1))
-            denom = v.sqrt() / bc2_sqrt.to(dev).view(shape) + self.eps
-            update = step_size.to(dev).view(shape) * (m / denom)
-            p.sub_(torch.where(act, update, torch.zeros_like(update)))
+            dev = p.device
+            m.lerp_(g, w1.to(dev).view(shape))
+            v.mul_(keep2.to(dev).view(shape)).addcmul_(g, g * new2.to(dev).view(shape))
+            denom = v.sqrt().div_(bc2_sqrt.to(dev).view(shape)).add_(self.eps)
+            p.addcdiv_(m * -step_size.to(dev).view(shape), denom)
 
     def member_state(self, k: int) -> dict[str, Any]:
         """Member k's moments and step, as slices of the stacked state."""

@@ -52,11 +52,13 @@ def test_stacked_adam_is_torch_adam_per_member() -> None:
 
 
 @needs_mnist
-def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("binarize", ["static", "dynamic"])  # one gather / member draws
+def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path, binarize: str) -> None:
     """Latent sizes 8, 4, 6 in one group of cap 8; different lr, beta, warm-up, seed."""
     task = get_task("vae")
     base = merge_params(task, space_for("vae"), None, {},
-                        {**task.smoke, "epochs": 2, "train_size": 256, "latent_dim": 8})
+                        {**task.smoke, "epochs": 2, "train_size": 256, "latent_dim": 8,
+                         "binarize": binarize})
     members = [dict(base, lr=1e-3, beta=1.0, latent_dim=8),
                dict(base, lr=3e-3, beta=0.5, latent_dim=4),
                dict(base, lr=5e-4, beta=2.0, latent_dim=6, kl_warmup_epochs=2.0)]

@@ -145,6 +145,14 @@ class FusedVae(FusedGroup):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _stacked_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """[K, B] indices -> [K, B, C, H, W] inputs (a deterministic binarisation)."""
+        x = binarize(self.data["train"][idx], self.template["binarize"],
+                     self.template["likelihood"])
+        if self.device.type == "cuda":  # each member's slice channels_last, as `_batch`
+            x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return x
+
     def _noise(self, i: int, b: int) -> torch.Tensor:
         eps = torch.zeros(b, self.cap, device=self.device)
         s = self.slots[i]
@@ -172,9 +180,14 @@ class FusedVae(FusedGroup):
                               device=self.device)
         total = torch.zeros(self.k, device=self.device)
         step = torch.vmap(self._loss)
+        drawn = self.template["binarize"] == "dynamic" and \
+            self.template["likelihood"] == "bernoulli"  # from each member's own generator
         for start in range(0, n, bs):
             idx = [perms.get(i, idle)[start: start + bs] for i in range(self.k)]
-            x = torch.stack([self._batch(j, i) for i, j in enumerate(idx)])
+            if drawn:
+                x = torch.stack([self._batch(j, i) for i, j in enumerate(idx)])
+            else:  # one gather and one binarisation for the whole group
+                x = self._stacked_batch(torch.stack(idx))
             eps = torch.stack([self._noise(i, len(idx[0])) for i in range(self.k)])
             with autocast(self.device):
                 losses = step(self.params, x, eps, self.mask, beta)
