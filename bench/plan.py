@@ -176,6 +176,10 @@ class Plan:
         return {k: v for k, v in merged.items()
                 if (k not in varied or k in given) and k not in self.task.execution}
 
+    def canonical_config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """`fixed_config` as the study stores it (JSON values)."""
+        return canonical(self.fixed_config(overrides))
+
     def default_total(self) -> int:
         if self.enumerated:
             assert self.variant is not None
@@ -482,3 +486,25 @@ def require_backend(name: str) -> None:
     if name == "ray" and importlib.util.find_spec("ray") is None:
         raise BenchError("--backend ray needs Ray Tune, which is not installed: "
                          "pip install -e '.[ray]'")
+
+
+def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(values), sort_keys=True, default=str))
+
+
+def config_change(stored: Mapping[str, Any], mine: Mapping[str, Any]) -> str | None:
+    """How this run's configuration differs from its study's, value by value; None if not."""
+    if dict(stored) == dict(mine):
+        return None
+    missing = object()
+    changed = sorted(k for k in {*stored, *mine} if stored.get(k, missing) != mine.get(k, missing))
+    return ", ".join(f"{k}: the study's {stored.get(k, '(unset)')!r}, this run's "
+                     f"{mine.get(k, '(unset)')!r}" for k in changed)
+
+
+def refuse_other_config(study: str, where: str, change: str) -> ConfigError:
+    return ConfigError(
+        f"study {study!r} in {where} is one configuration, and this run would train another "
+        f"({change}; from --set, --smoke, the search space or the variant). Rerun with the "
+        "study's values to continue it, or give --study NEW for a study of this "
+        "configuration")

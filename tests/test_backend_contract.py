@@ -70,3 +70,20 @@ def test_a_rerun_continues_to_the_same_total(backend: str, out: Path) -> None:
     assert again.exit_code == 0
     rows = leaderboard.read_trials(out, "synthetic")
     assert len(rows) == 3 and rows["trial_uid"].is_unique
+
+
+def test_a_study_is_one_configuration(backend: str, out: Path) -> None:
+    """A rerun with another fixed value is refused, naming it; nothing is run or written;
+    an execution parameter (synthetic's step time) may change."""
+    from bench.errors import ConfigError
+
+    run(backend, out, trials=2, pruner="none", overrides={"sleep_s": 0.01, "epochs": 2})
+    before = sorted(p.name for p in (out / "synthetic" / "trials").iterdir())
+    with pytest.raises(ConfigError) as err:
+        run(backend, out, trials=3, pruner="none", overrides={"sleep_s": 0.01, "epochs": 3})
+    assert err.value.exit_code == 2
+    assert "epochs: the study's 2, this run's 3" in str(err.value)
+    assert sorted(p.name for p in (out / "synthetic" / "trials").iterdir()) == before
+    again = run(backend, out, trials=2, pruner="none", overrides={"sleep_s": 0.0, "epochs": 2})
+    assert again.exit_code == 0  # continued (a Ray experiment is restored to its total)
+    assert len(leaderboard.read_trials(out, "synthetic")) == 2

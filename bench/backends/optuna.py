@@ -44,7 +44,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +76,11 @@ from bench.lifecycle import (
 )
 from bench.plan import (
     Plan,
+    config_change,
     describe_storage,
     fused_class,
     make_sampler,
+    refuse_other_config,
     storage_file,
     study_in_journal,
     study_in_sqlite,
@@ -326,27 +328,16 @@ def check_overrides(plan: Plan, study: optuna.Study) -> None:
     mixed with the study's under one name, and TPE would model them as one objective.
     Execution parameters (evaluation batch sizes, a simulated step time) may change. A
     study from before this record takes it from its latest trial's `--set` values."""
-    def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
-        return json.loads(json.dumps(dict(values), sort_keys=True, default=str))
-
-    mine = canonical(plan.fixed_config())
+    mine = plan.canonical_config()
     stored = study.user_attrs.get(STUDY_SET)
     if stored is None:
         earlier = [_info(t) for t in study.get_trials(deepcopy=False)]
         earlier = [i for i in earlier if isinstance(i.get("overrides"), dict)]
-        stored = canonical(plan.fixed_config(earlier[-1]["overrides"])) if earlier else mine
+        stored = plan.canonical_config(earlier[-1]["overrides"]) if earlier else mine
         study.set_user_attr(STUDY_SET, stored)
-    if stored == mine:
-        return
-    missing = object()
-    changed = sorted(k for k in {*stored, *mine} if stored.get(k, missing) != mine.get(k, missing))
-    shown = ", ".join(f"{k}: the study's {stored.get(k, '(unset)')!r}, this run's "
-                      f"{mine.get(k, '(unset)')!r}" for k in changed)
-    raise ConfigError(
-        f"study {plan.study_name!r} in {describe_storage(plan.storage_url)} is one "
-        f"configuration, and this run would train another ({shown}; from --set, --smoke, "
-        "the search space or the variant). Rerun with the study's values to continue it, or "
-        "give --study NEW for a study of this configuration")
+    change = config_change(stored, mine)
+    if change is not None:
+        raise refuse_other_config(plan.study_name, describe_storage(plan.storage_url), change)
 
 
 try:  # what study.optimize calls; Study.tell adds a re-read of the trial to return a copy

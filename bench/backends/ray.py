@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -45,7 +46,14 @@ from bench import leaderboard
 from bench.backends._base import Backend, RunResult, register_backend
 from bench.errors import ConfigError, TrialFailed
 from bench.lifecycle import execute_trial
-from bench.plan import Plan, RunOptions, describe_storage, make_sampler
+from bench.plan import (
+    Plan,
+    RunOptions,
+    config_change,
+    describe_storage,
+    make_sampler,
+    refuse_other_config,
+)
 from bench.train import resolve_device
 from bench.trial import TrialContext
 
@@ -326,16 +334,58 @@ def check_resources(ropts: RayOptions, device: str) -> None:
         raise ConfigError(errs)
 
 
+CONFIG_FILE = "bench_study_config.json"  # in the experiment folder: its configuration
+
+
+def _config_file(experiment: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs  # Ray's own storage layer: local paths and cloud URIs alike
+
+    fs, root = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (
+        pafs.LocalFileSystem(), experiment)
+    return fs, f"{root.rstrip('/')}/{CONFIG_FILE}"
+
+
+def _write_config(experiment: str, config: Mapping[str, Any]) -> None:
+    fs, path = _config_file(experiment)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as fh:
+        fh.write(json.dumps(dict(config), sort_keys=True).encode())
+
+
+def check_config(plan: Plan, experiment: str) -> None:
+    """A restored experiment is one configuration, as an Optuna study is
+    (`bench.backends.optuna.check_overrides`): its trials would otherwise be continued, and
+    new ones started, with other fixed values under the same name. An experiment from
+    before this record gets this run's."""
+    fs, path = _config_file(experiment)
+    mine = plan.canonical_config()
+    try:
+        with fs.open_input_stream(path) as fh:
+            stored = json.loads(fh.read().decode())
+    except FileNotFoundError:
+        _write_config(experiment, mine)
+        return
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); it records the configuration of "
+                          f"the Ray experiment {plan.study_name!r}. Restore it from a copy, "
+                          "or give --study NEW") from exc
+    change = config_change(stored, mine)
+    if change is not None:
+        raise refuse_other_config(plan.study_name, describe_storage(experiment), change)
+
+
 def make_tuner(plan: Plan, ropts: RayOptions, path: str, name: str) -> tune.Tuner:
     experiment = str(Path(path) / name) if "://" not in path else f"{path}/{name}"
     trainable = tune.with_resources(
         tune.with_parameters(BenchTrainable, plan=plan, experiment_path=experiment),
         {"cpu": ropts.cpus_per_trial, "gpu": ropts.gpus_per_trial})
     if tune.Tuner.can_restore(experiment):  # the same command again: continue it
+        check_config(plan, experiment)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                   resume_errored=ropts.max_failures != 0)
     if ropts.resume:
         raise ConfigError(f"--resume: no Ray experiment to restore at {experiment}")
+    _write_config(experiment, plan.canonical_config())
     space, n = param_space(plan)
     cfg = tune.TuneConfig(metric=plan.metric, mode=plan.direction[:3], num_samples=n,
                           search_alg=_searcher(plan), scheduler=_scheduler(plan),
