@@ -411,3 +411,24 @@ def test_the_counting_cnn_predicts_volumes_that_correlate_with_the_truth(
     for name in ("gmv", "wmv"):  # the metric is the correlation of what predictions.csv holds
         r = np.corrcoef(test[name], test[f"{name}_pred"])[0, 1]
         assert r == pytest.approx(metrics[f"concept_r_{name}"], abs=1e-4)
+
+
+def test_an_unguarded_script_gets_an_error_not_a_hang(tmp_path: Path) -> None:
+    """The cohort is simulated by spawned processes, which import the caller's main module
+    again: a script without `if __name__ == "__main__":` used to wait forever on the lock
+    its own parent held. It now fails at once, saying what to add."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "os.cpu_count = lambda: 2  # two simulation processes, on any machine\n"
+        "from bench.brain.sim import ensure_sim_cohort\n"
+        "ensure_sim_cohort(Path(sys.argv[1]), 64, 48, 0)\n")
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert 'if __name__ == "__main__":' in res.stderr
+    assert not list((tmp_path / "cache" / "brain-sim").glob("n64-*"))

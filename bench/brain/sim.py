@@ -320,9 +320,18 @@ def write_cohort(out: str | Path, n: int, shape: int = 96, seed: int = 0,
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(_write_subjects, [out] * workers, [shape] * workers,
-                                    [seed] * workers, parts))
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                results = list(pool.map(_write_subjects, [out] * workers, [shape] * workers,
+                                        [seed] * workers, parts))
+        except BrokenProcessPool as exc:
+            raise DataError(
+                f"brain-sim: the {workers} processes simulating the cohort died before "
+                f"finishing ({exc}). If this runs from a script, guard its entry point with "
+                "`if __name__ == \"__main__\":` (the processes are spawned and import it "
+                "again)") from exc
     rows = sorted((r for part in results for r in part), key=lambda r: r["id"])
     pd.DataFrame(rows, columns=COLUMNS).to_csv(out / "metadata.csv", index=False,
                                                float_format="%.6f")
@@ -335,6 +344,14 @@ def ensure_sim_cohort(root: Path, n: int, shape: int, seed: int) -> Path:
     final = base / f"n{n}-s{shape}-seed{seed}-v{VERSION}"  # a new version: a new folder
     if (final / "metadata.csv").exists():
         return final
+    import multiprocessing as mp
+
+    if getattr(mp.current_process(), "_inheriting", False):
+        # a spawned simulation process importing an unguarded script's main module, which
+        # asks for the cohort again: waiting for the lock its parent holds would hang both
+        raise DataError("brain-sim: the simulated cohort was requested while a spawned "
+                        "process was starting; guard the script's entry point with "
+                        "`if __name__ == \"__main__\":`")
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent workers wait for one writer
