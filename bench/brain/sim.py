@@ -319,7 +319,6 @@ def write_cohort(out: str | Path, n: int, shape: int = 96, seed: int = 0,
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
-
         from concurrent.futures.process import BrokenProcessPool
 
         try:
