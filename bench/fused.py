@@ -45,7 +45,7 @@ from bench.lifecycle import (
     load_state,
     now,
     save_state,
-    write_row,
+    write_then_forget,
 )
 from bench.params import THROUGHPUT
 from bench.train import peak_mem_gb, seed_everything
@@ -202,9 +202,8 @@ def _end(spec: TaskSpec, m: Member, out: Path, direction: str, state: str,
                     attempts=m.prog.attempts, peak_mem=peak_mem_gb(m.ctx.device),
                     device=m.ctx.device)
     outcome = Outcome(state, value, metrics if state == "COMPLETE" else {}, error, row)
-    outcome.row_error = write_row(out, spec, row, m.ctx.curve)
-    if outcome.row_error is None:
-        (m.ctx.artifact_dir / RESUME_FILE).unlink(missing_ok=True)
+    outcome.row_error = write_then_forget(out, spec, row, m.ctx.curve,
+                                          m.ctx.artifact_dir / RESUME_FILE)
     return outcome
 
 

@@ -252,7 +252,8 @@ def _restore(trial: EpochTrial, ctx: TrialContext, prog: TrialProgress) -> None:
 
 
 def train(spec: TaskSpec, params: Mapping[str, Any], ctx: TrialContext,
-          evaluate: bool = False, prog: TrialProgress | None = None) -> dict[str, float]:
+          evaluate: bool = False, prog: TrialProgress | None = None,
+          rows: RowWriter | None = None) -> dict[str, float]:
     """Run (or resume) the trial to its end; returns its final metrics.
 
     Raises TrialPruned (the backend's decision after a report), TrialSuspended (a stop was
@@ -265,6 +266,8 @@ def train(spec: TaskSpec, params: Mapping[str, Any], ctx: TrialContext,
     saved_at = time.perf_counter()
     for epoch in range(prog.next_epoch, trial.epochs):
         with signals.interruptible():
+            if rows is not None:
+                rows.open()  # earlier trials' rows are written while this one trains
             t0 = time.perf_counter()
             values = _floats(trial.train_epoch(epoch))  # the epoch's one host sync
             prog.train_s += time.perf_counter() - t0
@@ -415,7 +418,7 @@ def execute_trial(spec: TaskSpec, params: Mapping[str, Any], ctx: TrialContext,
     try:
         seed_everything(ctx.seed)
         reset_peak_memory(ctx.device)
-        final = train(spec, params, ctx, evaluate, prog)
+        final = train(spec, params, ctx, evaluate, prog, rows)
         metrics, value = check_metrics(spec, final, ctx.metric)
         state = "COMPLETE"
     except TrialPruned as exc:
@@ -441,11 +444,11 @@ def execute_trial(spec: TaskSpec, params: Mapping[str, Any], ctx: TrialContext,
     if rows is not None:
         rows.submit(out, spec, row, ctx.curve, resume_file)
     else:
-        outcome.row_error = _write_then_forget(out, spec, row, ctx.curve, resume_file)
+        outcome.row_error = write_then_forget(out, spec, row, ctx.curve, resume_file)
     return outcome
 
 
-def _write_then_forget(out: Path, spec: TaskSpec, row: Mapping[str, Any],
+def write_then_forget(out: Path, spec: TaskSpec, row: Mapping[str, Any],
                        curve: list[tuple[int, str, float]], resume_file: Path) -> str | None:
     problem = write_row(out, spec, row, curve)
     if problem is None:
@@ -462,19 +465,33 @@ class RowWriter:
     the trial resumable until then), and the next run's repair pass writes a finished
     trial's missing row from the study's record (without the curve and the cost columns
     only the trial's process knew). `flush()` waits for the queue; the reasons rows could
-    not be written (disk full, read-only) come back from `errors()` and `flush()`."""
+    not be written (disk full, read-only) come back from `errors()` and `flush()`.
 
-    def __init__(self) -> None:
+    The writer yields to the harness: after a row is queued it waits until the next trial
+    is training (`open()`, called by the lifecycle before each epoch), at most `patience_s`,
+    so that its Python (encoding, ~1 ms) runs beside the trial's compute rather than
+    beside the tell, ask and pruning of the trial boundary, where on 2 cores it slowed
+    the harness by ~1.5 ms a trial (benchmarks/harness_overhead.py)."""
+
+    def __init__(self, patience_s: float = 1.0) -> None:
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._errors: list[str] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._gate = threading.Event()
+        self._gate.set()
+        self.patience_s = patience_s
+
+    def open(self) -> None:
+        """A trial is training: queued rows may be written now."""
+        self._gate.set()
 
     def submit(self, out: Path, spec: TaskSpec, row: Mapping[str, Any],
                curve: list[tuple[int, str, float]], resume_file: Path) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="bench-rows", daemon=True)
             self._thread.start()
+        self._gate.clear()  # the trial boundary's storage work comes first
         self._queue.put((out, spec, dict(row), list(curve), resume_file))
 
     def _loop(self) -> None:
@@ -483,8 +500,9 @@ class RowWriter:
             try:
                 if job is None:
                     return
+                self._gate.wait(self.patience_s)
                 try:
-                    problem = _write_then_forget(*job)
+                    problem = write_then_forget(*job)
                 except Exception as exc:  # a bug must not lose the rows queued after it
                     problem = error_text(exc)
                 if problem is not None:
@@ -502,6 +520,7 @@ class RowWriter:
 
     def flush(self) -> list[str]:
         """Wait until every queued row is written; the write failures since the last call."""
+        self._gate.set()
         if self._thread is not None and self._thread.is_alive():
             self._queue.join()
         return self.errors()

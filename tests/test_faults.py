@@ -266,3 +266,50 @@ def test_a_signal_during_a_row_write_keeps_the_row(out: Path, tmp_path: Path, si
     assert trials[0].state.name == "COMPLETE"
     assert all(t.state.name == "COMPLETE" or t.user_attrs.get("suspended") for t in trials)
     assert_invariant(out, trials)
+
+
+def _one_row(uid: str) -> dict:
+    from bench.lifecycle import build_row, now
+    from bench.registry import get_task
+
+    ident = {"task": "synthetic", "study": "s", "study_uid": "su", "variant": None,
+             "trial_uid": uid, "trial_number": 0, "backend": "optuna", "sampler": "tpe",
+             "pruner": "none", "seed": 1}
+    return build_row(ident, get_task("synthetic").defaults, state="COMPLETE", objective=0.5,
+                     metric="loss", direction="minimize", metrics={"loss": 0.5},
+                     error=None, started_at=now(), finished_at=now(), duration_s=0.1)
+
+
+def test_the_row_writer_waits_for_the_next_trial_to_train_then_writes(tmp_path: Path) -> None:
+    """Rows queued at a trial boundary are written once the next trial trains (`open`), at
+    the latest after `patience_s`, and always by `flush`; the resume file goes only once
+    its row is on disk."""
+    from bench.lifecycle import RowWriter
+    from bench.registry import get_task
+
+    spec = get_task("synthetic")
+    trials = tmp_path / "synthetic" / "trials"
+
+    def submit(writer: RowWriter, uid: str) -> Path:
+        resume = tmp_path / f"{uid}.resume"
+        resume.write_bytes(b"state")
+        writer.submit(tmp_path, spec, _one_row(uid), [(0, "loss", 0.5)], resume)
+        return resume
+
+    patient = RowWriter(patience_s=60)
+    resume = submit(patient, "a")
+    time.sleep(0.5)
+    assert not (trials / "a.parquet").exists() and resume.exists()  # the boundary's turn
+    patient.open()
+    deadline = time.time() + 10
+    while not (trials / "a.parquet").exists():
+        assert time.time() < deadline, "open() did not let the row be written"
+        time.sleep(0.01)
+    resume = submit(patient, "b")
+    assert patient.flush() == [] and (trials / "b.parquet").exists() and not resume.exists()
+    hasty = RowWriter(patience_s=0.2)
+    submit(hasty, "c")
+    time.sleep(2)  # nobody opens: written after its patience
+    assert (trials / "c.parquet").exists()
+    df = leaderboard.read_trials(tmp_path, "synthetic")
+    assert sorted(df["trial_uid"]) == ["a", "b", "c"] and (df["objective"] == 0.5).all()

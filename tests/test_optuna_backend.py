@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import closing
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import bench_cli
+from optuna.trial import TrialState
 
 from bench import leaderboard, signals
 from bench.cli import main
@@ -477,32 +479,58 @@ def test_a_planted_state_file_is_refused_not_run(out: Path, tmp_path: Path) -> N
     assert df["state"].iloc[0] == "FAIL" and "refusing to load" in df["error"].iloc[0]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def _postgres_url() -> str:
+    url = os.environ.get("BENCH_TEST_POSTGRES", "postgresql://bench:bench@localhost:5432/bench")
+    try:
+        import psycopg2
+
+        psycopg2.connect(url, connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001 - no driver or no server: skip with the reason
+        pytest.skip(f"no PostgreSQL answers at {url} ({type(exc).__name__}); "
+                    "slurm/local-postgres.sh starts one")
+    return url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal",
+                                  pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_user_attributes_written_at_once_read_back_in_any_optuna(tmp_path: Path,
                                                                  kind: str) -> None:
-    """The metrics, result and flags of a trial go to the storage in one write; a plain
-    Optuna storage opened afterwards (optuna-dashboard's view) reads every one of them."""
+    """The metrics, result and flags of a trial go to the storage in one write (one
+    multi-row upsert on SQL, one journal append), a key written twice holds its second
+    value, and a plain Optuna storage opened afterwards (optuna-dashboard's view) reads every
+    one of them; the trial count the run's target check uses agrees with Optuna's."""
     import optuna
 
-    from bench.backends.optuna import open_storage, set_user_attrs
+    from bench.backends.optuna import count_trials, open_storage, set_user_attrs
 
-    url = (f"sqlite:///{tmp_path}/s.db" if kind == "sqlite"
-           else f"journal:{tmp_path}/s.journal")
-    study = optuna.create_study(storage=open_storage(url), study_name="s")
-    trial = study.ask()
-    attrs = {"metric_loss": 0.25, "metric_distance": 1.5, "bench_result": {
-        "state": "COMPLETE", "objective": 0.25, "error": None}, "suspended": False}
-    set_user_attrs(trial, attrs)
-    assert trial.user_attrs == attrs
-    study.tell(trial, 0.25)
-    plain = (f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else
-             optuna.storages.JournalStorage(
-                 optuna.storages.journal.JournalFileBackend(f"{tmp_path}/s.journal")))
-    [t] = optuna.load_study(study_name="s", storage=plain).get_trials()
-    assert t.user_attrs == attrs and t.value == 0.25
-    done = study.get_trials()[0]
-    with pytest.raises(Exception, match="finished|Cannot"):  # a finished trial is not updated
-        set_user_attrs(optuna.Trial(study, done._trial_id), {"metric_loss": 9.0})
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    url = {"sqlite": f"sqlite:///{tmp_path}/s.db", "journal": f"journal:{tmp_path}/s.journal",
+           "postgres": _postgres_url() if kind == "postgres" else ""}[kind]
+    study = optuna.create_study(storage=open_storage(url), study_name=name)
+    try:
+        trial = study.ask()
+        set_user_attrs(trial, {"metric_loss": 9.0, "bench_trial": {"uid": "u1"}})
+        attrs = {"metric_loss": 0.25, "metric_distance": 1.5, "bench_result": {
+            "state": "COMPLETE", "objective": 0.25, "error": None}, "suspended": False}
+        set_user_attrs(trial, attrs)
+        attrs = {"bench_trial": {"uid": "u1"}, **attrs}
+        assert trial.user_attrs == attrs
+        running = study.ask()
+        assert count_trials(study, (TrialState.RUNNING,)) == 2
+        study.tell(trial, 0.25)
+        assert count_trials(study, (TrialState.COMPLETE,)) == 1
+        assert count_trials(study, (TrialState.COMPLETE, TrialState.RUNNING)) == 2
+        plain = (url if kind != "journal" else optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{tmp_path}/s.journal")))
+        t = optuna.load_study(study_name=name, storage=plain).get_trials()[0]
+        assert t.user_attrs == attrs and t.value == 0.25
+        done = study.get_trials()[0]
+        with pytest.raises(Exception, match="finished|Cannot"):  # a finished trial is kept
+            set_user_attrs(optuna.Trial(study, done._trial_id), {"metric_loss": 9.0})
+        assert running.number == 1
+    finally:
+        if kind == "postgres":
+            optuna.delete_study(study_name=name, storage=url)
 
 
 def test_a_trial_that_saves_no_state_writes_its_identity_with_its_result(out: Path) -> None:

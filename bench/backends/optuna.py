@@ -39,12 +39,13 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import sqlite3
 import sys
 import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,9 +422,7 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         from optuna.storages._rdb.storage import _create_scoped_session
 
         with _create_scoped_session(base.scoped_session, True) as session:
-            for key, value in attrs.items():
-                base._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
-                                                    tid, key, value)
+            _upsert_user_attrs(base, session, models, tid, attrs)
     elif isinstance(base, JournalStorage):
         with base._thread_lock:
             worker = base._replay_result.worker_id
@@ -435,6 +434,51 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
             storage.set_trial_user_attr(tid, key, value)
     trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def _upsert_user_attrs(base: Any, session: Any, models: Any, tid: int,
+                       attrs: Mapping[str, Any]) -> None:
+    """Optuna's `_set_trial_attr_without_commit` for several keys at once: the trial's
+    state checked once and one multi-row upsert (SQLite, PostgreSQL), where Optuna checks
+    the trial and upserts per key (two queries per attribute: ~7 ms a trial on SQLite)."""
+    trial = models.TrialModel.find_or_raise_by_id(tid, session)
+    base.check_trial_is_updatable(tid, trial.state)
+    cls = models.TrialUserAttributeModel
+    dialect = base.engine.name
+    if dialect == "sqlite" and sqlite3.sqlite_version_info < (3, 24, 0):
+        dialect = "old sqlite"  # no upsert before SQLite 3.24
+    if dialect in ("sqlite", "postgresql"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = insert(cls).values([{"trial_id": tid, "key": k, "value_json": json.dumps(v)}
+                                   for k, v in attrs.items()])
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=[cls.trial_id, cls.key],
+            set_={"value_json": stmt.excluded.value_json}))
+        return
+    for key, value in attrs.items():  # MySQL and others: Optuna's own, key by key
+        base._set_trial_attr_without_commit(session, cls, tid, key, value)
+
+
+def count_trials(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    """How many of the study's trials are in `states`: one COUNT query on an SQL storage
+    (reading the trials, as `study.get_trials` does, took ~5 ms a trial on SQLite)."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+
+    storage = study._storage
+    base = storage._backend if isinstance(storage, _CachedStorage) else storage
+    if not isinstance(base, RDBStorage):
+        return len(study.get_trials(deepcopy=False, states=states))
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(base.scoped_session) as session:
+        return int(session.query(sqlalchemy.func.count(models.TrialModel.trial_id))
+                   .filter(models.TrialModel.study_id == study._study_id,
+                           models.TrialModel.state.in_(states)).scalar())
 
 
 def _info(t: FrozenTrial | optuna.Trial) -> dict[str, Any]:
@@ -803,8 +847,7 @@ class Worker:
         """Other processes (other hosts, other runs) may be adding trials to the study too."""
         if self.target is None or self.plan.enumerated:
             return False
-        live = self.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
-        return len(live) >= self.target
+        return count_trials(self.study, FINISHED + (TrialState.RUNNING,)) >= self.target
 
     def _should_stop(self, deadline: float | None) -> bool:
         return (signals.stop_requested() or getattr(self.study, "_stop_flag", False)

@@ -348,8 +348,10 @@ def _config_file(experiment: str) -> tuple[Any, str]:
 def _write_config(experiment: str, config: Mapping[str, Any]) -> None:
     fs, path = _config_file(experiment)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as fh:
+    part = f"{path}.{os.getpid()}.part"  # written whole, then moved into place: a kill
+    with fs.open_output_stream(part) as fh:  # mid-write leaves no half record
         fh.write(json.dumps(dict(config), sort_keys=True).encode())
+    fs.move(part, path)
 
 
 def check_config(plan: Plan, experiment: str) -> None:
