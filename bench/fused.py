@@ -5,7 +5,10 @@ kernel launches, not arithmetic); HFTA (Wang et al., MLSys 2021) trained many sa
 models as one. Here a task may register a `FusedGroup`: K members' parameters stacked
 along a new leading dimension (`torch.func.stack_module_state`), one vmapped forward and
 backward for all (`torch.func.functional_call` under `torch.vmap`), and `StackedAdam`,
-which is Adam with each member's own learning rate and step count.
+which is Adam with each member's own learning rate and step count. On the CPU a task may
+loop over its members' forwards instead (the vae does: oneDNN's grouped convolutions,
+which vmap becomes, are slower than the members' own; benchmarks/RESULTS.md); one
+backward and one StackedAdam step still serve the group.
 
 Each member is its own trial: its own seed (initialisation, data order, sampling noise:
 the same draws it would make alone), its own reports and pruning decision, its own row,

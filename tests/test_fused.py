@@ -52,9 +52,13 @@ def test_stacked_adam_is_torch_adam_per_member() -> None:
 
 
 @needs_mnist
-@pytest.mark.parametrize("binarize", ["static", "dynamic"])  # one gather / member draws
-def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path, binarize: str) -> None:
+@pytest.mark.parametrize("binarize,vmap", [("static", True), ("dynamic", True),
+                                           ("static", False)])  # one gather / member draws;
+# vmapped (CUDA's form) and looped over members (the CPU's)
+def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path, binarize: str, vmap: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Latent sizes 8, 4, 6 in one group of cap 8; different lr, beta, warm-up, seed."""
+    monkeypatch.setattr(get_fused("vae"), "vmap_on_cpu", vmap)
     task = get_task("vae")
     base = merge_params(task, space_for("vae"), None, {},
                         {**task.smoke, "epochs": 2, "train_size": 256, "latent_dim": 8,
@@ -69,6 +73,7 @@ def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path, binarize: st
         alone[seed] = execute_trial(task, p, ctx, {"task": "vae", "trial_uid": f"a{seed}",
                                                   "seed": seed}, tmp_path / "lb", "maximize")
     group = get_fused("vae")(task, 3, base, torch.device("cpu"), None, latent_cap=8)
+    assert group.vectorised == vmap
     queue = [Member(p, local_context(s, "cpu", tmp_path / f"f{s}", "val_elbo"),
                     {"task": "vae", "trial_uid": f"f{s}", "seed": s})
              for p, s in zip(members, seeds, strict=True)]

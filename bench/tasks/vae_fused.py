@@ -49,6 +49,7 @@ class FusedVae(FusedGroup):
     # Carlo KL train one trial at a time
     supports = {"arch": ("conv",), "likelihood": ("bernoulli", "gaussian"),
                 "kl": ("analytic",)}
+    vmap_on_cpu = False  # the tests run both forms on the CPU
 
     def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
                  device: torch.device, data_dir: Path | None, latent_cap: int):
@@ -66,6 +67,10 @@ class FusedVae(FusedGroup):
         self.opt.active[:] = False
         self.mask = torch.zeros(k, latent_cap, device=device)
         self.slots: list[_Slot | None] = [None] * k
+        # the members' forward and backward: one vmapped (grouped) call per layer, or a
+        # loop over members. On the CPU grouped convolutions are slower than the members'
+        # own (oneDNN; benchmarks/RESULTS.md), so there the group loops
+        self.vectorised = device.type != "cpu" or self.vmap_on_cpu
 
     # ------------------------------------------------------------ slots
     def _index(self, name: str, latent: int) -> tuple[Any, ...] | list[int]:
@@ -153,6 +158,14 @@ class FusedVae(FusedGroup):
             x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         return x
 
+    def _looped(self, p: dict[str, torch.Tensor], x: torch.Tensor, eps: torch.Tensor,
+                mask: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """`vmap(_loss)` as a loop over the live members (empty slots cost nothing)."""
+        losses = [self._loss({n: v[i] for n, v in p.items()}, x[i], eps[i], mask[i], beta[i])
+                  if s is not None else torch.zeros((), device=x.device)
+                  for i, s in enumerate(self.slots)]
+        return torch.stack(losses)
+
     def _noise(self, i: int, b: int) -> torch.Tensor:
         eps = torch.zeros(b, self.cap, device=self.device)
         s = self.slots[i]
@@ -179,7 +192,7 @@ class FusedVae(FusedGroup):
         weight = torch.tensor([s is not None for s in self.slots], dtype=torch.float32,
                               device=self.device)
         total = torch.zeros(self.k, device=self.device)
-        step = torch.vmap(self._loss)
+        step = torch.vmap(self._loss) if self.vectorised else self._looped
         drawn = self.template["binarize"] == "dynamic" and \
             self.template["likelihood"] == "bernoulli"  # from each member's own generator
         for start in range(0, n, bs):
