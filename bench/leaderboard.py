@@ -118,7 +118,8 @@ def write_trial(out: str | Path, row: Mapping[str, Any],
         steps, names, values = zip(*curve, strict=True)
         ctab = pa.table({"trial_uid": [uid] * len(curve), "step": pa.array(steps, pa.int64()),
                          "metric": list(names), "value": pa.array(values, pa.float64())})
-        _write_atomic(ctab, base / "curves" / f"{uid}.parquet", durable=False)
+        _write_atomic(ctab, base / "curves" / f"{uid}.parquet", durable=False,
+                      small=len(curve) <= 64)  # a long curve compresses 4x
     path = base / "trials" / f"{uid}.parquet"
     _write_atomic(_table(row, schema), path)
     return path

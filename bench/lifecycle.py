@@ -463,8 +463,9 @@ class RowWriter:
     queued loses none of them for good: the backend records each result in the study right
     after queueing its row (as the resume file, deleted only once the row is written, keeps
     the trial resumable until then), and the next run's repair pass writes a finished
-    trial's missing row from the study's record (without the curve and the cost columns
-    only the trial's process knew). `flush()` waits for the queue; the reasons rows could
+    trial's missing row from the study's record (on a heartbeat storage once it has been
+    finished for the grace period; without the curve and the cost columns only the
+    trial's process knew). `flush()` waits for the queue; the reasons rows could
     not be written (disk full, read-only) come back from `errors()` and `flush()`.
 
     The writer yields to the harness: after a row is queued it waits until the next trial

@@ -93,15 +93,16 @@ def test_killed_worker_trial_fails_is_retried_and_study_completes(
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    # The victim's trial is RUNNING until its heartbeat is GRACE_S old; a late worker then
-    # marks it FAIL (with its FAIL row) and runs the retry Optuna enqueued.
+    # The victim's trial is RUNNING until its heartbeat is GRACE_S old; a late run of the
+    # same command then marks it FAIL (with its FAIL row) and runs the retry Optuna
+    # enqueued, beyond the 12 (the retry replaces the failed trial).
     study = optuna.load_study(study_name=study_name, storage=URL)
     stale = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
     assert len(stale) == 1
     victim = stale[0]
     time.sleep(max(0.0, killed_at + GRACE_S + 2 - time.time()))
-    late = subprocess.run(worker(out, study_name, "--add", "1"), capture_output=True,
-                          text=True, timeout=180)
+    late = subprocess.run(worker(out, study_name, "--trials", "12"), capture_output=True,
+                          text=True, timeout=180)  # the same command: the retry is run
     assert late.returncode == 0, late.stderr
 
     trials = study.get_trials()
@@ -121,3 +122,58 @@ def test_killed_worker_trial_fails_is_retried_and_study_completes(
     assert len(trials) == 13 and (rows["state"] == "COMPLETE").sum() == 12, (
         [(t.number, t.state.name, t.system_attrs, sorted(t.user_attrs)) for t in trials],
         late.stdout, late.stderr)
+
+
+def test_a_killed_run_leaves_nothing_that_a_plain_rerun_does_not_mend(
+        tmp_path: Path, study_name: str) -> None:
+    """SIGKILL while trial 0's row is still being written (its result already told) and
+    trial 1 runs. Within the grace period a rerun must not touch either (the run could be
+    alive on another host); after it, the same command writes trial 0's row from the
+    study's record, fails trial 1 (its FAIL row) and runs Optuna's retry of it, to the
+    command's total, with no `--add`."""
+    import optuna
+    from optuna.trial import TrialState
+
+    out, marker = tmp_path / "lb", tmp_path / "at-row-write"
+    cmd = worker(out, study_name, "--trials", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "BENCH_PAUSE": "row-write",
+                                 "BENCH_PAUSE_FILE": str(marker), "BENCH_PAUSE_S": "120"})
+    try:
+        deadline = time.time() + 120
+        while True:  # trial 0 told, its row held at the rename; trial 1 under way
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            try:
+                trials = optuna.load_study(study_name=study_name, storage=URL).get_trials()
+            except KeyError:
+                trials = []
+            if marker.exists() and len(trials) == 2 and trials[0].state == \
+                    TrialState.COMPLETE and trials[1].intermediate_values:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert leaderboard.read_trials(out, "synthetic", study=study_name).empty
+    early = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert early.returncode == 0 and "nothing to do" in early.stderr, early.stderr
+    assert leaderboard.read_trials(out, "synthetic", study=study_name).empty  # not yet
+    time.sleep(max(0.0, killed_at + GRACE_S + 2 - time.time()))
+    late = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert late.returncode == 0, late.stderr
+    assert "repaired the record of trials [0]" in late.stderr, late.stderr
+    assert "marked FAIL, and retried, trials [1]" in late.stderr, late.stderr
+    study = optuna.load_study(study_name=study_name, storage=URL)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                         TrialState.COMPLETE]
+    assert trials[2].system_attrs.get("failed_trial") == 1
+    rows = leaderboard.read_trials(out, "synthetic", study=study_name)
+    rows = rows.set_index("trial_number").sort_index()
+    assert list(rows.index) == [0, 1, 2] and list(rows["state"]) == ["COMPLETE", "FAIL",
+                                                                      "COMPLETE"]
+    assert rows.loc[0, "objective"] == trials[0].value
+    assert "heartbeat" in rows.loc[1, "error"]

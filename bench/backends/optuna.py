@@ -14,8 +14,11 @@
 - A run that holds the study's lock alone repairs what killed runs left: a RUNNING trial
   with a saved state is resumed; one whose result reached the study but whose row did not
   gets its row; one with neither is marked FAIL with a FAIL row. Every finished trial
-  without a row gets one from the study's record. With heartbeats (RDB servers) Optuna
-  fails stale trials itself and retries them.
+  without a row gets one from the study's record. With heartbeats (RDB servers: other
+  hosts may be live) a run starts by repairing only what is stale: a trial without a
+  heartbeat for the grace period is told its known result, or failed and retried (the
+  retry is run by the same command, beyond its total), and a trial finished that long
+  ago without a row gets one.
 - Enumerated variants: every (point, seed) pair the study lacks is enqueued once,
   seed-major, and workers pop only enqueued trials.
 - Worker slots (`--worker-id`, used by `bench slurm`): `--trials` counts the trials that
@@ -615,6 +618,38 @@ def repair(plan: Plan, study: optuna.Study, slot: str | None = None) -> dict[str
     return done
 
 
+def heartbeat_repair(plan: Plan, study: optuna.Study) -> dict[str, list[int]]:
+    """`repair` for heartbeat storages, where other hosts may be live: only what a dead
+    run left. A stale RUNNING trial (no heartbeat for the grace period) is told its known
+    result, or failed (its FAIL row written) and retried, as Optuna's stale-trial pass
+    does; a finished trial without a row (a run killed with rows still queued) gets one
+    from the study's record once it has been finished for the grace period (a live run
+    writes its rows within a second or two of the result)."""
+    done: dict[str, list[int]] = {"resumable": [], "failed": [], "repaired": [], "stale": []}
+    storage = study._storage
+    assert isinstance(storage, BaseHeartbeat)
+    done["repaired"] += adopt_stale_results(plan, study)
+    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+             if t._trial_id in set(storage._get_stale_trial_ids(study._study_id))}
+    optuna.storages.fail_stale_trials(study)  # FAIL row, then Optuna's retry (_RowThenRetry)
+    done["stale"] += sorted(n for n in stale if study.get_trials(deepcopy=False)[n].state
+                             == TrialState.FAIL)
+    grace = float(getattr(storage, "grace_period", None) or 30)
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=grace)
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if (t.datetime_complete is not None and t.datetime_complete < cutoff
+                and not leaderboard.trial_exists(plan.out, plan.task.name, _uid(study, t))
+                and _record_row(plan, study, t, t.state.name) is None):
+            done["repaired"].append(t.number)
+    return done
+
+
+def _retries_waiting(study: optuna.Study) -> int:
+    """Heartbeat storages: retries of failed stale trials that Optuna enqueued."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+               if "failed_trial" in t.system_attrs and not t.user_attrs.get("suspended"))
+
+
 # ---------------------------------------------------------------- enumerated variants
 def point_key(point: dict[str, Any]) -> str:
     return json.dumps(point, sort_keys=True, default=str)
@@ -943,11 +978,17 @@ class OptunaBackend(Backend):
         with study_lock(plan) as lock:
             study = open_study(plan)
             heartbeat = is_heartbeat_enabled(study._storage)
-            fixed = repair(plan, study) if lock.sole and not heartbeat else {
-                "resumable": [], "failed": [], "repaired": []}
+            if heartbeat:
+                fixed = heartbeat_repair(plan, study)
+            else:
+                fixed = repair(plan, study) if lock.sole else {
+                    "resumable": [], "failed": [], "repaired": []}
             lock.share()
             _report_repairs(result, fixed)
-            target = result.target = self._target(plan, study)
+            target = self._target(plan, study)
+            if heartbeat and not plan.enumerated:  # a failed stale trial's retry (Optuna
+                target += _retries_waiting(study)  # enqueued it) replaces it in the total
+            result.target = target
             if plan.enumerated:
                 enqueue_missing(plan, study, target)
             resume = fixed["resumable"]
@@ -1005,6 +1046,9 @@ def _report_repairs(result: RunResult, fixed: dict[str, list[int]]) -> None:
     if fixed["repaired"]:
         result.note(f"repaired the record of trials {fixed['repaired']} (finished, but their "
                     "row or the study's record was missing)")
+    if fixed.get("stale"):
+        result.note(f"marked FAIL, and retried, trials {fixed['stale']} (no heartbeat for the "
+                    "grace period: their run was killed)")
 
 
 def _finish(plan: Plan, result: RunResult) -> None:
