@@ -227,6 +227,8 @@ def resume_member(group: FusedGroup, slot: int, m: Member) -> None:
 
 def save_member(group: FusedGroup, slot: int, m: Member) -> None:
     """The member's state in the unfused trial's format (resume.pt)."""
+    if m.ctx.before_save is not None:
+        m.ctx.before_save()  # the backend records the trial before its state exists
     save_state(m.ctx.artifact_dir / RESUME_FILE, {
         "trial": group.member_state(slot), "rng": _rng_state(m.ctx.device),
         "curve": [list(p) for p in m.ctx.curve], "steps_done": m.ctx.steps_done,

@@ -777,11 +777,11 @@ class Worker:
         if due:
             set_user_attrs(trial, due)
 
-    def prepare(self, trial: optuna.Trial, eager: bool = True,
+    def prepare(self, trial: optuna.Trial,
                 ) -> tuple[dict[str, Any], TrialContext, dict[str, Any], list[str]]:
         """(params, context, row identity, rule problems) of a trial about to run. Its
-        identity record goes to the study now (`eager`), or with its first saved state or
-        its result (the one-trial-at-a-time path: one storage write less per trial)."""
+        identity record goes to the study with its first saved state (`ctx.before_save`)
+        or with its result, not in a storage write of its own."""
         plan = self.plan
         faults.pause("trial-start")
         params, seed = self.params_for(trial)
@@ -791,8 +791,6 @@ class Worker:
             self.identity_due[trial.number] = {
                 "uid": uid, "seed": seed, "number": trial.number,
                 "overrides": {k: v for k, v in plan.overrides.items()}}
-            if eager:
-                set_user_attrs(trial, self._identity_due(trial))
         number = trial.number
         on_step = ((lambda s, v: self.progress.on_step(s, v, worker=number))
                    if self.progress else None)
@@ -808,7 +806,7 @@ class Worker:
         return params, ctx, ident, plan.task.problems(params)
 
     def _execute(self, trial: optuna.Trial) -> Outcome:
-        params, ctx, ident, bad = self.prepare(trial, eager=False)
+        params, ctx, ident, bad = self.prepare(trial)
         if bad:  # a sampled combination that breaks a cross-parameter rule
             return _config_failure(self.plan, ident, params, "; ".join(bad), ctx)
         return execute_trial(self.plan.task, params, ctx, ident, self.plan.out,
