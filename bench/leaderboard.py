@@ -120,7 +120,7 @@ def write_trial(out: str | Path, row: Mapping[str, Any],
                          "metric": list(names), "value": pa.array(values, pa.float64())})
         _write_atomic(ctab, base / "curves" / f"{uid}.parquet", durable=False,
                       small=len(curve) <= 64)  # a long curve compresses 4x
-    path = base / "trials" / f"{uid}.parquet"
+    path = trial_path(out, row["task"], uid)
     _write_atomic(_table(row, schema), path)
     return path
 
@@ -154,13 +154,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def trial_path(out: str | Path, task: str, uid: str) -> Path:
+    """Where a trial's row lives."""
+    return task_dir(out, task) / "trials" / f"{uid}.parquet"
+
+
 def trial_exists(out: str | Path, task: str, uid: str) -> bool:
-    return (task_dir(out, task) / "trials" / f"{uid}.parquet").exists()
+    return trial_path(out, task, uid).exists()
 
 
 def read_trial(out: str | Path, task: str, uid: str) -> dict[str, Any] | None:
     """One trial's row, or None when it has none (or it cannot be read)."""
-    path = task_dir(out, task) / "trials" / f"{uid}.parquet"
+    path = trial_path(out, task, uid)
     try:
         return pq.read_table(path).to_pylist()[0]
     except (OSError, pa.ArrowException, IndexError):

@@ -532,8 +532,10 @@ def write_row(out: Path, spec: TaskSpec, row: Mapping[str, Any],
     """Write a row (and its curve); the reason it could not be written, or None."""
     try:
         leaderboard.write_trial(out, row, curve or (), leaderboard.task_schema(spec))
-    except OSError as exc:
-        return f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or out})"
+    except OSError as exc:  # a write error (disk full) names no file: the row's is named
+        where = getattr(exc, "filename", None) or leaderboard.trial_path(
+            out, str(row.get("task")), str(row.get("trial_uid")))
+        return f"{exc.strerror or exc} ({where})"
     return None
 
 
