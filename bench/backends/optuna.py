@@ -634,7 +634,8 @@ def heartbeat_repair(plan: Plan, study: optuna.Study) -> dict[str, list[int]]:
     optuna.storages.fail_stale_trials(study)  # FAIL row, then Optuna's retry (_RowThenRetry)
     done["stale"] += sorted(n for n in stale if study.get_trials(deepcopy=False)[n].state
                              == TrialState.FAIL)
-    grace = float(getattr(storage, "grace_period", None) or 30)
+    base = getattr(storage, "_backend", storage)  # the RDBStorage under Optuna's cache
+    grace = float(getattr(base, "grace_period", None) or 30)
     cutoff = dt.datetime.now() - dt.timedelta(seconds=grace)
     for t in study.get_trials(deepcopy=False, states=FINISHED):
         if (t.datetime_complete is not None and t.datetime_complete < cutoff
