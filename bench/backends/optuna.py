@@ -16,9 +16,9 @@
   gets its row; one with neither is marked FAIL with a FAIL row. Every finished trial
   without a row gets one from the study's record. With heartbeats (RDB servers: other
   hosts may be live) a run starts by repairing only what is stale: a trial without a
-  heartbeat for the grace period is told its known result, or failed and retried (the
-  retry is run by the same command, beyond its total), and a trial finished that long
-  ago without a row gets one.
+  heartbeat for the grace period is told its known result, or failed (it counts in the
+  total, as on a file; Optuna's retry of it is the next trial asked), and a trial
+  finished that long ago without a row gets one.
 - Enumerated variants: every (point, seed) pair the study lacks is enqueued once,
   seed-major, and workers pop only enqueued trials.
 - Worker slots (`--worker-id`, used by `bench slurm`): `--trials` counts the trials that
@@ -645,12 +645,6 @@ def heartbeat_repair(plan: Plan, study: optuna.Study) -> dict[str, list[int]]:
     return done
 
 
-def _retries_waiting(study: optuna.Study) -> int:
-    """Heartbeat storages: retries of failed stale trials that Optuna enqueued."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-               if "failed_trial" in t.system_attrs and not t.user_attrs.get("suspended"))
-
-
 # ---------------------------------------------------------------- enumerated variants
 def point_key(point: dict[str, Any]) -> str:
     return json.dumps(point, sort_keys=True, default=str)
@@ -984,10 +978,7 @@ class OptunaBackend(Backend):
                     "resumable": [], "failed": [], "repaired": []}
             lock.share()
             _report_repairs(result, fixed)
-            target = self._target(plan, study)
-            if heartbeat and not plan.enumerated:  # a failed stale trial's retry (Optuna
-                target += _retries_waiting(study)  # enqueued it) replaces it in the total
-            result.target = target
+            target = result.target = self._target(plan, study)
             if plan.enumerated:
                 enqueue_missing(plan, study, target)
             resume = fixed["resumable"]
@@ -1046,8 +1037,8 @@ def _report_repairs(result: RunResult, fixed: dict[str, list[int]]) -> None:
         result.note(f"repaired the record of trials {fixed['repaired']} (finished, but their "
                     "row or the study's record was missing)")
     if fixed.get("stale"):
-        result.note(f"marked FAIL, and retried, trials {fixed['stale']} (no heartbeat for the "
-                    "grace period: their run was killed)")
+        result.note(f"marked FAIL: trials {fixed['stale']} (no heartbeat for the grace period: "
+                    "their run was killed); Optuna's retry of each is the next trial asked")
 
 
 def _finish(plan: Plan, result: RunResult) -> None:
