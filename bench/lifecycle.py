@@ -470,9 +470,11 @@ class RowWriter:
 
     The writer yields to the harness: after a row is queued it waits until the next trial
     is training (`open()`, called by the lifecycle before each epoch), at most `patience_s`,
-    so that its Python (encoding, ~1 ms) runs beside the trial's compute rather than
-    beside the tell, ask and pruning of the trial boundary, where on 2 cores it slowed
-    the harness by ~1.5 ms a trial (benchmarks/harness_overhead.py)."""
+    unless more rows wait behind it (trials shorter than a row's write: it then writes at
+    once, so it never falls more than a trial or two behind), so that its Python
+    (encoding, ~1 ms) runs beside the trial's compute rather than beside the tell, ask
+    and pruning of the trial boundary, where on 2 cores it slowed the harness by ~1.5 ms
+    a trial (benchmarks/harness_overhead.py)."""
 
     def __init__(self, patience_s: float = 1.0) -> None:
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
@@ -501,7 +503,11 @@ class RowWriter:
             try:
                 if job is None:
                     return
-                self._gate.wait(self.patience_s)
+                # caught up, yield to the trial boundary; behind (short trials), write now
+                deadline = time.monotonic() + self.patience_s
+                while (not self._gate.wait(0.05) and self._queue.empty()
+                       and time.monotonic() < deadline):
+                    pass
                 try:
                     problem = write_then_forget(*job)
                 except Exception as exc:  # a bug must not lose the rows queued after it

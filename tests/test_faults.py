@@ -307,9 +307,19 @@ def test_the_row_writer_waits_for_the_next_trial_to_train_then_writes(tmp_path: 
         time.sleep(0.01)
     resume = submit(patient, "b")
     assert patient.flush() == [] and (trials / "b.parquet").exists() and not resume.exists()
+    submit(patient, "d")  # a row with another behind it is written at once (short trials
+    submit(patient, "e")  # must not let the writer fall behind): only the last one waits
+    deadline = time.time() + 10
+    while not (trials / "d.parquet").exists():
+        assert time.time() < deadline, "a row with another queued behind it waited"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert not (trials / "e.parquet").exists()
+    assert patient.flush() == [] and (trials / "e.parquet").exists()
     hasty = RowWriter(patience_s=0.2)
     submit(hasty, "c")
     time.sleep(2)  # nobody opens: written after its patience
     assert (trials / "c.parquet").exists()
     df = leaderboard.read_trials(tmp_path, "synthetic")
-    assert sorted(df["trial_uid"]) == ["a", "b", "c"] and (df["objective"] == 0.5).all()
+    assert sorted(df["trial_uid"]) == ["a", "b", "c", "d", "e"]
+    assert (df["objective"] == 0.5).all()
