@@ -174,6 +174,17 @@ def Text(default: str | None, *, nullable: bool = False, help: str = "") -> Decl
 
 
 # ------------------------------------------------------------ checks over a parameter set
+def unknown(key: str, task: str, names: Iterable[str]) -> str:
+    """The message for a key that is not one of the task's parameters: the nearest
+    names first (a typo), then every known one."""
+    import difflib
+
+    names = sorted(names)
+    near = difflib.get_close_matches(key, names, n=2, cutoff=0.75)
+    hint = f"did you mean {' or '.join(f'`{n}`' for n in near)}? " if near else ""
+    return f"`{key}` is not a parameter of task {task!r}; {hint}known: {', '.join(names)}"
+
+
 def problems(task: str, decls: Mapping[str, Decl], values: Mapping[str, Any],
              where: str = "") -> list[str]:
     """Every unknown key and every bad value of `values`, each naming where it came from."""
@@ -182,8 +193,7 @@ def problems(task: str, decls: Mapping[str, Decl], values: Mapping[str, Any],
     for key, value in values.items():
         decl = decls.get(key)
         if decl is None:
-            out.append(f"{prefix}{key}: `{key}` is not a parameter of task {task!r}; "
-                       f"known: {', '.join(sorted(decls))}")
+            out.append(f"{prefix}{key}: {unknown(key, task, decls)}")
             continue
         problem = decl.problem(value)
         if problem:

@@ -25,7 +25,7 @@ import yaml
 
 from bench.errors import BenchError, ConfigError
 from bench.names import name_problem
-from bench.params import Decl, looks_numeric
+from bench.params import Decl, looks_numeric, unknown
 from bench.reference import parse_reference
 from bench.registry import Task, get_task
 
@@ -318,8 +318,7 @@ def _parse_params(where: str, raw: Any, task: Task | None, errs: list[str]) -> d
 
 
 def _unknown(where: str, key: str, task: Task) -> str:
-    return (f"{where}.{key}: `{key}` is not a parameter of task {task.name!r}; "
-            f"known: {', '.join(sorted(task.params))}")
+    return f"{where}.{key}: {unknown(key, task.name, task.params)}"
 
 
 def _parse_fixed(where: str, raw: Any, task: Task | None, errs: list[str]) -> dict[str, Any]:
@@ -521,8 +520,7 @@ def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> 
             continue
         decl = task.params.get(key)
         if decl is None:
-            errs.append(f"{source} {key}: `{key}` is not a parameter of task {task.name!r}; "
-                        f"known: {', '.join(sorted(task.params))}")
+            errs.append(f"{source} {key}: {unknown(key, task.name, task.params)}")
             continue
         parsed = decl.parse_text(value)
         problem = decl.problem(parsed)

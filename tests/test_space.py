@@ -83,7 +83,7 @@ def test_overrides_parse_yaml_scalars_and_check_types() -> None:
         parse_overrides(["epoch=3", "epochs=three", "lr"], task)
     msgs = err.value.problems
     assert len(msgs) == 3
-    assert "`epoch` is not a parameter of task 'vae'" in msgs[0]
+    assert "`epoch` is not a parameter of task 'vae'; did you mean `epochs`?" in msgs[0]
     assert "epochs=three: must be an integer >= 1 and <= 100000, got 'three'" in msgs[1]
     assert "must be key=value" in msgs[2]
 
