@@ -629,11 +629,11 @@ def heartbeat_repair(plan: Plan, study: optuna.Study) -> dict[str, list[int]]:
     storage = study._storage
     assert isinstance(storage, BaseHeartbeat)
     done["repaired"] += adopt_stale_results(plan, study)
-    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if t._trial_id in set(storage._get_stale_trial_ids(study._study_id))}
+    stale = set(storage._get_stale_trial_ids(study._study_id))  # one query, not one a trial
     optuna.storages.fail_stale_trials(study)  # FAIL row, then Optuna's retry (_RowThenRetry)
-    done["stale"] += sorted(n for n in stale if study.get_trials(deepcopy=False)[n].state
-                             == TrialState.FAIL)
+    done["stale"] += [t.number for t in study.get_trials(deepcopy=False,
+                                                         states=(TrialState.FAIL,))
+                      if t._trial_id in stale]
     base = getattr(storage, "_backend", storage)  # the RDBStorage under Optuna's cache
     grace = float(getattr(base, "grace_period", None) or 30)
     cutoff = dt.datetime.now() - dt.timedelta(seconds=grace)
