@@ -366,7 +366,7 @@ def _add_run(sub: Any) -> None:
                    help="save a running trial's state at an epoch end at most this often "
                    "(default 60; always on Ctrl-C, SIGTERM and preemption)")
     p.add_argument("--fuse", metavar="K", help="train K trials at a time as one stacked model "
-                   "on the device (vae; synthetic), or auto: K from the device's memory")
+                   "on the device (vae, priors, synthetic), or auto: K from the device's memory")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
     p.add_argument("--gpus-per-trial", type=float, help="ray: GPUs per trial (may be fractional)")
     p.add_argument("--cpus-per-trial", type=float, help="ray: CPUs per trial")

@@ -12,7 +12,8 @@ backward and one StackedAdam step still serve the group.
 
 Each member is its own trial: its own seed (initialisation, data order, sampling noise:
 the same draws it would make alone), its own reports and pruning decision, its own row,
-curve and checkpoint. A member's saved state has the format of the task's unfused trial,
+curve and checkpoint (bench.tasks.vae_fused, bench.tasks.priors_fused, the synthetic
+task's). A member's saved state has the format of the task's unfused trial,
 so `bench eval`, `bench rerun` and an unfused resume read it unchanged. Members never
 couple: no global gradient clipping or loss scaling; a member whose loss turns non-finite
 fails alone (its slot stops updating), a pruned or finished member's slot is refilled by

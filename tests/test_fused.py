@@ -3,6 +3,7 @@ trial run alone; members are pruned, fail and resume alone; groups follow the sa
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from conftest import bench_cli, needs_mnist
 from bench import leaderboard
 from bench.cli import main
 from bench.fused import Member, StackedAdam, run_group
-from bench.lifecycle import execute_trial
+from bench.lifecycle import CHECKPOINT_FILE, execute_trial, load_state
 from bench.registry import get_fused, get_task
 from bench.space import merge_params, space_for
 from bench.trial import local_context
@@ -97,13 +98,137 @@ def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path, binarize: st
 
 
 @needs_mnist
-def test_bench_rerun_of_a_fused_member_gives_its_objective(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model,prior,vmap,extra", [
+    ("ad", "normal", False, {}), ("ad", "uniform", True, {}),
+    ("vad", "laplace", False, {"vad_init": "per-class"}), ("vad", "uniform", True, {}),
+    ("vae", "normal", True, {"likelihood": "gaussian"}), ("vae", "laplace", False, {})])
+def test_fused_priors_members_equal_their_unfused_runs(
+        tmp_path: Path, model: str, prior: str, vmap: bool, extra: dict,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latent sizes 8, 4, 6 in one group of cap 8; their own lr, lr_codes, beta, seed: the
+    per-image code tables (SparseAdam), the noise, the held-out fit are each member's."""
+    monkeypatch.setattr(get_fused("priors"), "vmap_on_cpu", vmap)
+    task = get_task("priors")
+    base = merge_params(task, space_for("priors"), None, {},
+                        {**task.smoke, "model": model, "prior": prior, "epochs": 2,
+                         "train_size": 192, "val_size": 24, "test_steps": 4, "batch_size": 64,
+                         "latent_dim": 8, **extra})
+    members = [dict(base, lr=1e-3, lr_codes=0.1, beta=1.0, latent_dim=8),
+               dict(base, lr=3e-3, lr_codes=0.05, beta=0.5, latent_dim=4),
+               dict(base, lr=5e-4, lr_codes=0.02, beta=2.0, latent_dim=6, test_steps=6)]
+    seeds = [0, 5, 9]
+    alone = {}
+    for p, seed in zip(members, seeds, strict=True):
+        ctx = local_context(seed, "cpu", tmp_path / f"alone{seed}", "val_recon")
+        alone[seed] = execute_trial(task, p, ctx, {"task": "priors", "trial_uid": f"a{seed}",
+                                                  "seed": seed}, tmp_path / "lb", "minimize")
+    group = get_fused("priors")(task, 3, base, torch.device("cpu"), None, latent_cap=8)
+    assert group.vectorised == vmap
+    queue = [Member(p, local_context(s, "cpu", tmp_path / f"f{s}", "val_recon"),
+                    {"task": "priors", "trial_uid": f"f{s}", "seed": s})
+             for p, s in zip(members, seeds, strict=True)]
+    fused = {}
+    state = run_group(task, group, lambda: queue.pop(0) if queue else None,
+                      lambda m, o: fused.__setitem__(m.ctx.seed, o), tmp_path / "lb",
+                      "minimize", "g")
+    assert state == "done"
+    keys = ["val_recon", "val_rmse", "train_loss", "train_recon", "train_rmse"]
+    for seed in seeds:
+        a, f = alone[seed], fused[seed]
+        assert f.state == a.state == "COMPLETE", f.error
+        for key in keys + (["val_kl"] if model != "ad" else []):
+            assert f.metrics[key] == pytest.approx(a.metrics[key], rel=1e-4), (seed, key)
+        assert f.row["group_size"] == 3
+        # the trained networks and code tables themselves, not only their metrics
+        saved = {w: load_state(tmp_path / f"{w}{seed}" / CHECKPOINT_FILE,
+                               torch.device("cpu"))["trial"]["model"] for w in ("alone", "f")}
+        assert saved["alone"].keys() == saved["f"].keys()
+        for name, value in saved["alone"].items():
+            torch.testing.assert_close(saved["f"][name], value, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name, k=seed: f"{k} {n}: {m}")
+    # a member's checkpoint has the unfused trial's format: bench eval reads it
+    from bench.lifecycle import evaluate_checkpoint
+
+    ctx = local_context(5, "cpu", tmp_path / "f5", "val_recon")
+    test = evaluate_checkpoint(task, members[1], ctx)
+    assert math.isfinite(test["test_recon"]) and test["test_rmse"] > 0
+
+
+@needs_mnist
+@pytest.mark.parametrize("model", ["vad", "ad"])
+def test_suspended_priors_members_resume_fused_or_alone_to_their_uninterrupted_run(
+        tmp_path: Path, model: str) -> None:
+    """A stop after epoch 1 saves each member in the unfused trial's format (networks,
+    code table, Adam and SparseAdam moments, generators); resumed alone or in a new group,
+    each ends where its uninterrupted unfused run ends."""
+    from bench import signals
+
+    task = get_task("priors")
+    base = merge_params(task, space_for("priors"), None, {},
+                        {**task.smoke, "model": model, "prior": "laplace", "epochs": 3,
+                         "train_size": 128, "val_size": 16, "test_steps": 3,
+                         "batch_size": 64, "latent_dim": 6})
+    members = [dict(base, lr=2e-3, lr_codes=0.1, latent_dim=6),
+               dict(base, lr=1e-3, lr_codes=0.05, beta=0.5, latent_dim=3)]
+    seeds = [1, 2]
+    alone = {s: execute_trial(task, p, local_context(s, "cpu", tmp_path / f"a{s}", "val_recon"),
+                              {"task": "priors", "trial_uid": f"a{s}", "seed": s},
+                              tmp_path / "lb", "minimize")
+             for p, s in zip(members, seeds, strict=True)}
+
+    def member(p: dict, s: int) -> Member:
+        return Member(p, local_context(s, "cpu", tmp_path / f"f{s}", "val_recon"),
+                      {"task": "priors", "trial_uid": f"f{s}", "seed": s})
+
+    group = get_fused("priors")(task, 2, base, torch.device("cpu"), None, latent_cap=6)
+    train_epoch = group.train_epoch
+
+    def then_stop(epochs: list) -> dict:
+        out = train_epoch(epochs)
+        signals.request_stop()
+        return out
+
+    group.train_epoch = then_stop
+    queue = [member(p, s) for p, s in zip(members, seeds, strict=True)]
+    ended: dict = {}
+    try:
+        assert run_group(task, group, lambda: queue.pop(0) if queue else None,
+                         lambda m, o: ended.__setitem__(m.ctx.seed, o), tmp_path / "lb",
+                         "minimize", "g1") == "suspended"
+    finally:
+        signals.reset()
+    assert not ended and all((tmp_path / f"f{s}" / "resume.pt").exists() for s in seeds)
+    # seed 1 resumes alone (the unfused lifecycle reads the member's state) ...
+    resumed = {1: execute_trial(task, members[0], member(members[0], 1).ctx,
+                                {"task": "priors", "trial_uid": "f1", "seed": 1},
+                                tmp_path / "lb", "minimize")}
+    # ... seed 2 in a new group
+    group = get_fused("priors")(task, 2, base, torch.device("cpu"), None, latent_cap=6)
+    queue = [member(members[1], 2)]
+    assert run_group(task, group, lambda: queue.pop(0) if queue else None,
+                     lambda m, o: resumed.__setitem__(m.ctx.seed, o), tmp_path / "lb",
+                     "minimize", "g2") == "done"
+    for s in seeds:
+        assert resumed[s].state == "COMPLETE", resumed[s].error
+        for key in ("val_recon", "train_loss", "train_rmse"):
+            assert resumed[s].metrics[key] == pytest.approx(alone[s].metrics[key], rel=1e-4), \
+                (s, key)
+        saved = {w: load_state(tmp_path / f"{w}{s}" / CHECKPOINT_FILE,
+                               torch.device("cpu"))["trial"]["model"] for w in ("a", "f")}
+        for name, value in saved["a"].items():
+            torch.testing.assert_close(saved["f"][name], value, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name, k=s: f"{k} {n}: {m}")
+
+
+@needs_mnist
+@pytest.mark.parametrize("task", ["vae", "priors"])
+def test_bench_rerun_of_a_fused_member_gives_its_objective(tmp_path: Path, task: str) -> None:
     out = tmp_path / "lb"
-    res = bench_cli("run", "vae", "--smoke", "--trials", "3", "--fuse", "3", "--sampler",
+    res = bench_cli("run", task, "--smoke", "--trials", "3", "--fuse", "3", "--sampler",
                     "random", "--pruner", "none", "--set", "epochs=1", "--set",
                     "train_size=256", "--out", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
-    rows = leaderboard.read_trials(out, "vae")
+    rows = leaderboard.read_trials(out, task)
     assert len(rows) == 3 and rows["group_id"].nunique() == 1 and set(rows["group_size"]) == {3}
     for uid in rows["trial_uid"]:
         r = bench_cli("rerun", uid, "--out", str(out))
@@ -206,6 +331,11 @@ def test_fuse_on_a_task_without_it_says_so(tmp_path: Path) -> None:
                     "--out", str(tmp_path / "lb"))
     assert res.returncode == 2 and "arch=bn256" in res.stderr, res.stderr
     assert not (tmp_path / "lb").exists()
+    # priors fuses its conv decoder; the report's BatchNorm decoder is refused, nothing written
+    res = bench_cli("run", "priors", "--variant", "decoders-002", "--fuse", "2", "--out",
+                    str(tmp_path / "lb"))
+    assert res.returncode == 2 and "reaches arch=dcgan" in res.stderr, res.stderr
+    assert not (tmp_path / "lb").exists()
 
 
 def test_workers_are_placed_on_the_gpus_round_robin() -> None:
@@ -220,16 +350,17 @@ def test_workers_are_placed_on_the_gpus_round_robin() -> None:
 
 @pytest.mark.gpu
 @needs_mnist
-def test_fused_vae_on_cuda_lands_near_its_unfused_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["vae", "priors"])
+def test_fused_members_on_cuda_land_near_their_unfused_runs(tmp_path: Path, task: str) -> None:
     """bf16 autocast and vmapped kernels: close, not bit-identical."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     out = tmp_path / "lb"
-    res = bench_cli("run", "vae", "--smoke", "--trials", "4", "--fuse", "4", "--device",
+    res = bench_cli("run", task, "--smoke", "--trials", "4", "--fuse", "4", "--device",
                     "cuda", "--sampler", "random", "--pruner", "none", "--out", str(out),
                     "--quiet")
     assert res.returncode == 0, res.stderr
-    rows = leaderboard.read_trials(out, "vae")
+    rows = leaderboard.read_trials(out, task)
     assert len(rows) == 4 and rows["device"].str.startswith("cuda").all()
     uid = rows["trial_uid"].iloc[0]
     r = bench_cli("rerun", uid, "--out", str(out), "--device", "cuda")

@@ -128,6 +128,27 @@ def test_gradients_flow_through_rsample(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_rsample_from_a_generator_draws_torchs_numbers(name: str) -> None:
+    """Family.rsample(q, shape, gen) is q.rsample(shape) with its draws from `gen`: the
+    same numbers for the same seed (a trial's noise stream, which a fused member replays),
+    and differentiable in q's parameters; draw + reparam split it for vmap."""
+    fam = get_family(name)
+    q, a, b = posterior(name, [-0.5, 0.2, 1.0], [0.3, 0.6, 0.05], grad=True)
+    for shape in [(), (4,), (2, 5)]:
+        torch.manual_seed(11)
+        ours = fam.rsample(q, shape, torch.Generator().manual_seed(11))
+        assert torch.equal(ours, q.rsample(shape))
+        gen = torch.Generator().manual_seed(11)
+        assert torch.equal(fam.reparam(q, fam.draw(q, shape, gen)), ours)
+    prior = fam.prior("cpu")
+    torch.manual_seed(3)
+    assert torch.equal(fam.rsample(prior, (6, 3), torch.Generator().manual_seed(3)),
+                       prior.sample((6, 3)))
+    fam.rsample(q, (8,), torch.Generator().manual_seed(0)).sum().backward()
+    assert a.grad is not None and b.grad is not None and (b.grad.abs() > 0).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_point_lies_in_support_and_inverts(name: str) -> None:
     fam = get_family(name)
     z = fam.prior("cpu").sample((1000,))

@@ -135,9 +135,12 @@ class LatentModel(nn.Module):
         out = out.float()
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0.0, 1.0)
 
-    def init_raw(self, n: int, device: torch.device) -> torch.Tensor:
-        """Codes at prior samples; variational: located there, `init_std` wide."""
-        z = self.family.prior(device).sample((n, self.latent_dim))
+    def init_raw(self, n: int, device: torch.device,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+        """Codes at prior samples (from `gen`; None: the global RNG, seeded with the trial);
+        variational: located there, `init_std` wide."""
+        with torch.no_grad():
+            z = self.family.rsample(self.family.prior(device), (n, self.latent_dim), gen)
         a = self.family.unpoint(z)
         if not self.variational:
             return a
@@ -159,12 +162,13 @@ class LatentModel(nn.Module):
         return self.posterior(raw).mean if self.variational else self.family.point(raw.float())
 
 
-def loss_terms(model: LatentModel, raw: torch.Tensor, x: torch.Tensor,
-               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, recon) per image: MAP for ad, negative beta-ELBO (one sample) otherwise."""
+def loss_terms(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, beta: float,
+               gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, recon) per image: MAP for ad, negative beta-ELBO (one sample, its noise from
+    `gen`) otherwise."""
     if model.variational:
         q = model.posterior(raw)
-        z = q.rsample()
+        z = model.family.rsample(q, (), gen)
         reg = kl(q, model.prior()).sum(-1)
     else:
         z = model.family.point(raw.float())
@@ -186,8 +190,10 @@ def make_optimizers(model: LatentModel, params: Mapping[str, Any]) -> list[torch
 
 
 def train_epoch(model: LatentModel, opts: list[torch.optim.Optimizer], x_u8: torch.Tensor,
-                params: Mapping[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """One pass; mean loss and recon as device tensors (read once per epoch)."""
+                params: Mapping[str, Any], gen: torch.Generator,
+                noise_gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One pass (data order from `gen`, sampling noise from `noise_gen`); mean loss and
+    recon as device tensors (read once per epoch)."""
     model.train()
     dev = x_u8.device
     total, recon_total = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -195,7 +201,7 @@ def train_epoch(model: LatentModel, opts: list[torch.optim.Optimizer], x_u8: tor
         x = binarize(x_u8[idx], "static", params["likelihood"])
         with autocast(dev):
             raw = model.raw(idx, x)
-        loss_i, recon_i = loss_terms(model, raw, x, float(params["beta"]))
+        loss_i, recon_i = loss_terms(model, raw, x, float(params["beta"]), noise_gen)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss_i.mean().backward()
@@ -207,21 +213,23 @@ def train_epoch(model: LatentModel, opts: list[torch.optim.Optimizer], x_u8: tor
 
 
 def fit_codes(model: LatentModel, x: torch.Tensor, steps: int, lr: float, beta: float,
-              batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+              batch: int, gen: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Test-time fit of new codes with the decoder frozen: (raw codes, mean recon per step).
 
     The loss is summed over images, so each image's code sees only its own gradient and the
-    result does not depend on `batch` (Adam is per coordinate).
+    result does not depend on `batch` (Adam is per coordinate). Initial codes and
+    sampling noise come from `gen` (None: the global RNG).
     """
     model.eval()
     model.decoder.requires_grad_(False)
     raws, history = [], torch.zeros(steps, device=x.device)
     try:
         for xb in x.split(batch):
-            raw = model.init_raw(len(xb), x.device).requires_grad_(True)
+            raw = model.init_raw(len(xb), x.device, gen).requires_grad_(True)
             opt = torch.optim.Adam([raw], lr=lr)
             for step in range(steps):
-                loss_i, recon_i = loss_terms(model, raw, xb, beta)
+                loss_i, recon_i = loss_terms(model, raw, xb, beta, gen)
                 opt.zero_grad(set_to_none=True)
                 loss_i.sum().backward()
                 opt.step()
@@ -241,9 +249,9 @@ def encode_all(model: LatentModel, x: torch.Tensor, batch: int) -> torch.Tensor:
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, batch: int,
-             iwae_k: int) -> dict[str, torch.Tensor]:
+             iwae_k: int, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Per image: recon and the mean squared error of the decoded image (`mse`, on [0, 1]) at
-    the point code; variational: KL, one-sample ELBO, IWAE (k > 0)."""
+    the point code; variational: KL, one-sample ELBO, IWAE (k > 0), samples from `gen`."""
     model.eval()
     prior = model.prior()
     out: dict[str, list[torch.Tensor]] = {"recon": [], "mse": [], "code": []}
@@ -257,21 +265,21 @@ def evaluate(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, batch: int,
             q = model.posterior(rb)
             kl_i = kl(q, prior).sum(-1)
             out.setdefault("kl", []).append(kl_i)
-            log_px = model.log_px(model.decoder(q.sample()), xb)
+            log_px = model.log_px(model.decoder(model.family.rsample(q, (), gen)), xb)
             out.setdefault("elbo", []).append(log_px - kl_i)
             if iwae_k > 0:
-                out.setdefault("iwae_ll", []).append(iwae_ll(model, rb, xb, iwae_k))
+                out.setdefault("iwae_ll", []).append(iwae_ll(model, rb, xb, iwae_k, gen=gen))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 def iwae_ll(model: LatentModel, raw: torch.Tensor, x: torch.Tensor, k: int,
-            chunk: int = 2048) -> torch.Tensor:
+            chunk: int = 2048, gen: torch.Generator | None = None) -> torch.Tensor:
     """log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k)] - log k, z_k ~ q."""
     prior, out = model.prior(), []
     per = max(1, chunk // k)  # images per decoder call: k x per <= chunk decodes
     for rb, xb in zip(raw.split(per), x.split(per), strict=True):
         q = model.posterior(rb)
-        z = q.sample((k,))
+        z = model.family.rsample(q, (k,), gen)
         logits = model.decoder(z.flatten(0, 1)).unflatten(0, (k, len(xb)))
         log_w = model.log_px(logits, xb) + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
         out.append(torch.logsumexp(log_w, 0) - math.log(k))
@@ -366,6 +374,29 @@ def train_mse(model: LatentModel, x_u8: torch.Tensor, likelihood: str,
     return torch.cat(out)
 
 
+def new_codes(model: LatentModel, x: torch.Tensor, params: Mapping[str, Any],
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw latent parameters of new images, encoded (vae) or fitted (ad, vad: with the
+    fit's recon per step)."""
+    bs = int(params["eval_batch_size"])
+    if model.kind == "vae":
+        return encode_all(model, x, bs), None
+    return fit_codes(model, x, int(params["test_steps"]), float(params["lr_codes"]),
+                     float(params["beta"]), bs, gen)
+
+
+def val_metrics(model: LatentModel, x: torch.Tensor, params: Mapping[str, Any],
+                gen: torch.Generator) -> dict[str, float]:
+    """val_recon, val_kl, val_rmse of held-out images at their fitted/encoded codes."""
+    raw, _ = new_codes(model, x, params, gen)
+    terms = evaluate(model, raw, x, int(params["eval_batch_size"]), iwae_k=0, gen=gen)
+    return {k: v for k, v in _mean(terms, "val").items()
+            if k in ("val_recon", "val_kl", "val_rmse")}
+
+
+NOISE_SEED_OFFSET = 1_000_003  # the sampling noise's generator is seeded seed + this
+
+
 class PriorsTrial(EpochTrial):
     """Normal/Laplace/Uniform latents in auto-decoders, VADs and VAEs; recon in nats/image."""
 
@@ -376,7 +407,10 @@ class PriorsTrial(EpochTrial):
         self.model = build_model(params, len(train), tuple(train.shape[1:]), ctx.device,
                                  self.data["train_y"])
         self.opts = make_optimizers(self.model, params)
-        self.gen = generator(ctx.device, ctx.seed)
+        self.gen = generator(ctx.device, ctx.seed)  # data order
+        # reparameterisation noise, code fitting and evaluation samples (one stream a
+        # fused member reproduces: bench.tasks.priors_fused)
+        self.noise_gen = generator(ctx.device, ctx.seed + NOISE_SEED_OFFSET)
         self.examples_per_epoch = len(train)
 
     def sizes(self) -> dict[str, int]:
@@ -384,7 +418,7 @@ class PriorsTrial(EpochTrial):
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
         loss, recon = train_epoch(self.model, self.opts, self.data["train"], self.params,
-                                  self.gen)
+                                  self.gen, self.noise_gen)
         return {"train_loss": loss, "train_recon": recon}
 
     def validate(self, epoch: int) -> dict[str, float]:
@@ -392,31 +426,20 @@ class PriorsTrial(EpochTrial):
         decoder passes per image)."""
         if epoch < self.epochs - 1:
             return {}
-        terms = evaluate(self.model, self._codes(self.data["val"]), self.data["val"],
-                         int(self.params["eval_batch_size"]), iwae_k=0)
-        return {k: v for k, v in _mean(terms, "val").items()
-                if k in ("val_recon", "val_kl", "val_rmse")}
+        return val_metrics(self.model, self.data["val"], self.params, self.noise_gen)
 
     def finish(self) -> dict[str, float]:
         mse = train_mse(self.model, self.data["train"], self.params["likelihood"],
                         int(self.params["eval_batch_size"]))
         return {"train_rmse": rmse_grey(mse)}
 
-    def _codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw latent parameters of new images: encoded (vae) or fitted (ad, vad)."""
-        bs = int(self.params["eval_batch_size"])
-        if self.model.kind == "vae":
-            return encode_all(self.model, x, bs)
-        raw, self.fit_history = fit_codes(self.model, x, int(self.params["test_steps"]),
-                                          float(self.params["lr_codes"]),
-                                          float(self.params["beta"]), bs)
-        return raw
-
     def test(self) -> dict[str, float]:
         x = self.data["test"]
-        self.test_raw = self._codes(x)
+        self.test_raw, history = new_codes(self.model, x, self.params, self.noise_gen)
+        if history is not None:
+            self.fit_history = history
         terms = evaluate(self.model, self.test_raw, x, int(self.params["eval_batch_size"]),
-                         int(self.params["iwae_k"]))
+                         int(self.params["iwae_k"]), self.noise_gen)
         self.test_code = terms["code"]
         metrics = _mean(terms, "test")
         if self.params["likelihood"] == "bernoulli":
