@@ -59,17 +59,23 @@ from bench.trial import TrialContext
 class StackedAdam:
     """Adam (Kingma & Ba; torch.optim.Adam's arithmetic, no weight decay) over stacked
     parameters [K, ...], with a learning rate and a step count per member; members whose
-    `active` flag is off are not updated at all."""
+    `active` flag is off are not updated at all.
+
+    The per-member state (`lr`, `steps`, `active`) lives on the parameters' device and the
+    step's coefficients are computed there: a step copies nothing from the host (on CUDA a
+    blocking host-to-device copy synchronises the stream, which would serialise the
+    launch-bound steps fusion is for; tests/test_fused.py checks it)."""
 
     def __init__(self, params: Sequence[torch.Tensor], lr: torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
         self.k = len(lr)
-        self.lr = lr.clone().float()
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self.lr = lr.detach().to(dev, torch.float64)
         self.b1, self.b2 = betas
         self.eps = eps
-        self.steps = torch.zeros(self.k, dtype=torch.float64)
-        self.active = torch.ones(self.k, dtype=torch.bool)
+        self.steps = torch.zeros(self.k, dtype=torch.float64, device=dev)
+        self.active = torch.ones(self.k, dtype=torch.bool, device=dev)
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
 
@@ -89,18 +95,17 @@ class StackedAdam:
         w1 = torch.where(act, 1 - self.b1, 0.0).float()  # lerp weight: 0 keeps m
         keep2 = torch.where(act, self.b2, 1.0).float()
         new2 = torch.where(act, 1 - self.b2, 0.0).float()  # 1 - b2 in double, as torch's
-        step_size = torch.where(act, self.lr.double() / (1 - self.b1 ** steps), 0.0).float()
-        bc2_sqrt = (1 - self.b2 ** steps).sqrt().float()
+        step_size = torch.where(act, self.lr / (1 - torch.pow(self.b1, steps)), 0.0).float()
+        bc2_sqrt = (1 - torch.pow(self.b2, steps)).sqrt().float()
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
             g = p.grad
             if g is None:
                 continue
             shape = (-1, *[1] * (p.dim() - 1))
-            dev = p.device
-            m.lerp_(g, w1.to(dev).view(shape))
-            v.mul_(keep2.to(dev).view(shape)).addcmul_(g, g * new2.to(dev).view(shape))
-            denom = v.sqrt().div_(bc2_sqrt.to(dev).view(shape)).add_(self.eps)
-            p.addcdiv_(m * -step_size.to(dev).view(shape), denom)
+            m.lerp_(g, w1.view(shape))
+            v.mul_(keep2.view(shape)).addcmul_(g, g * new2.view(shape))
+            denom = v.sqrt().div_(bc2_sqrt.view(shape)).add_(self.eps)
+            p.addcdiv_(m * -step_size.view(shape), denom)
 
     def member_state(self, k: int) -> dict[str, Any]:
         """Member k's moments and step, as slices of the stacked state."""

@@ -15,6 +15,8 @@ import optuna
 import pytest
 import torch
 from conftest import bench_cli, needs_mnist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from bench import leaderboard
 from bench.cli import main
@@ -50,6 +52,36 @@ def test_stacked_adam_is_torch_adam_per_member() -> None:
     (stacked ** 2).sum().backward()
     adam.step()
     assert torch.equal(stacked[1], before)
+
+
+class _CrossDevice(TorchDispatchMode):
+    """Records every op that mixes devices (a host tensor copied to the parameters' device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        devices = {t.device.type for t in tree_leaves((args, kwargs, out))
+                   if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if len(devices) > 1:
+            self.seen.append(str(func))
+        return out
+
+
+def test_a_stacked_adam_step_copies_nothing_from_the_host() -> None:
+    """On CUDA a blocking host-to-device copy synchronises the stream: the step's per-member
+    coefficients must be computed where the parameters are (here: the meta device, where
+    any copy from the host shows as an op with tensors on two devices)."""
+    stacked = torch.zeros(4, 3, 2, device="meta", requires_grad=True)
+    adam = StackedAdam([stacked], torch.tensor([1e-3, 1e-2, 0.1, 1.0]))
+    adam.active[2] = False
+    stacked.grad = torch.ones(4, 3, 2, device="meta")
+    with _CrossDevice() as mode:
+        adam.step()
+    assert not mode.seen, mode.seen
+    assert adam.steps.device.type == adam.lr.device.type == adam.active.device.type == "meta"
 
 
 @needs_mnist
@@ -367,3 +399,44 @@ def test_fused_members_on_cuda_land_near_their_unfused_runs(tmp_path: Path, task
     original, again = map(float, re.search(r"original objective (\S+), rerun (\S+)",
                                            r.stdout).groups())
     assert again == pytest.approx(original, rel=0.05)
+
+
+@pytest.mark.gpu
+@needs_mnist
+@pytest.mark.parametrize("task", ["vae", "priors"])
+def test_a_fused_training_step_does_not_wait_for_the_gpu(tmp_path: Path, task: str) -> None:
+    """Synchronising operations (torch.cuda.set_sync_debug_mode) in an epoch of 1 step and
+    in one of 8 steps: the same count, so none of them is per step."""
+    import warnings
+
+    from bench.train import seed_everything
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    spec = get_task(task)
+    params = merge_params(spec, space_for(task), None, {},
+                          {**spec.smoke, "train_size": 512, "batch_size": 64, "latent_dim": 8})
+    group = get_fused(task)(spec, 2, params, torch.device("cuda"), None, latent_cap=8)
+    for slot in range(2):
+        seed_everything(slot)
+        group.set_member(slot, Member(dict(params, latent_dim=4 + 4 * slot),
+                                      local_context(slot, "cuda", tmp_path / str(slot),
+                                                    spec.metric), {}))
+    full = group.data["train"]
+
+    def syncs(images: int) -> int:
+        group.data["train"] = full[:images]
+        if hasattr(group, "n"):
+            group.n = images
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                group.train_epoch([0, 0])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    one, eight = syncs(64), syncs(512)
+    assert eight == one, (one, eight)

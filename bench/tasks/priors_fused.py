@@ -83,8 +83,9 @@ class FusedPriors(FusedGroup):
         self.codes = torch.zeros(k, rows, self.raw_width, device=device)
         self.codes_m = torch.zeros_like(self.codes)
         self.codes_v = torch.zeros_like(self.codes)
-        self.codes_steps = torch.zeros(k, dtype=torch.float64)
-        self.codes_lr = torch.zeros(k, dtype=torch.float64)
+        # on the device, as StackedAdam's: a step copies nothing from the host
+        self.codes_steps = torch.zeros(k, dtype=torch.float64, device=device)
+        self.codes_lr = torch.zeros(k, dtype=torch.float64, device=device)
         self.mask = torch.zeros(k, latent_cap, device=device)
         self.slots: list[_Slot | None] = [None] * k
         self.vectorised = device.type != "cpu" or self.vmap_on_cpu
@@ -215,11 +216,11 @@ class FusedPriors(FusedGroup):
         self.codes_steps += act.double()
         steps = self.codes_steps.clamp(min=1)
         b1, b2 = BETAS
-        size = self.codes_lr * (1 - b2 ** steps).sqrt() / (1 - b1 ** steps)
+        size = self.codes_lr * (1 - torch.pow(b2, steps)).sqrt() / (1 - torch.pow(b1, steps))
         shape = (-1, 1, 1)
-        size = torch.where(act, size, 0.0).float().to(self.device).view(shape)
-        w1 = torch.where(act, 1 - b1, 0.0).float().to(self.device).view(shape)
-        w2 = torch.where(act, 1 - b2, 0.0).float().to(self.device).view(shape)
+        size = torch.where(act, size, 0.0).float().view(shape)
+        w1 = torch.where(act, 1 - b1, 0.0).float().view(shape)
+        w2 = torch.where(act, 1 - b2, 0.0).float().view(shape)
         at = (torch.arange(self.k, device=self.device)[:, None], idx)
         m_old, v_old = self.codes_m[at], self.codes_v[at]
         m = m_old + (grad - m_old) * w1
