@@ -43,6 +43,7 @@ from bench.lifecycle import (
     TaskSpec,
     TrialProgress,
     _rng_state,
+    _save_traceback,
     build_row,
     check_metrics,
     error_text,
@@ -247,9 +248,30 @@ def run_group(spec: TaskSpec, group: FusedGroup, next_member: Callable[[], Membe
               group_id: str) -> str:
     """Train the group's members epoch by epoch, refilling freed slots from `next_member`,
     until no member is left; returns "done", or "suspended" when a stop was requested
-    (every member's state saved at the epoch boundary)."""
+    (every member's state saved at the epoch boundary; after a second signal, which stops
+    the running epoch at once, the state of the members' last periodic save stands).
+
+    As a trial's own lifecycle does for one trial: each member's state is saved at epoch
+    ends at most every `checkpoint_every_s` (a killed process resumes from there); a member
+    whose setup, validation or end fails ends FAIL alone; an exception in the group's
+    shared step fails the members that were in it, and the group goes on with new ones."""
     slots: list[Member | None] = [None] * group.k
     info = {"group_id": group_id, "group_size": group.k}
+
+    def end(i: int, state: str, metrics: dict[str, float], error: str | None) -> None:
+        m = slots[i]
+        assert m is not None
+        try:
+            group.drop_member(i)
+        finally:
+            slots[i] = None
+            ended(m, _end(spec, m, out, direction, state, metrics, error, info))
+
+    def failed(i: int, exc: Exception, where: str) -> None:
+        m = slots[i]
+        assert m is not None
+        _save_traceback(m.ctx.artifact_dir)
+        end(i, "FAIL", {}, f"{error_text(exc)} ({where})")
 
     def fill() -> None:
         for i in range(group.k):
@@ -257,30 +279,53 @@ def run_group(spec: TaskSpec, group: FusedGroup, next_member: Callable[[], Membe
                 m = next_member()
                 if m is None:
                     return
-                seed_everything(m.ctx.seed)  # the member's own initialisation
-                group.set_member(i, m)
-                resume_member(group, i, m)
                 slots[i] = m
+                try:
+                    wrong = {k: m.params.get(k) for k in group.group_keys
+                             if k in group.template and m.params.get(k) != group.template[k]}
+                    if wrong:  # the backend's grouping is at fault: never train it here
+                        raise RuntimeError(f"the member's {wrong} differ from its group's "
+                                           "shape")
+                    seed_everything(m.ctx.seed)  # the member's own initialisation
+                    group.set_member(i, m)
+                    resume_member(group, i, m)
+                except Exception as exc:
+                    failed(i, exc, "while joining its fused group")
 
-    def end(i: int, state: str, metrics: dict[str, float], error: str | None) -> None:
-        m = slots[i]
-        assert m is not None
-        group.drop_member(i)
-        slots[i] = None
-        ended(m, _end(spec, m, out, direction, state, metrics, error, info))
+    def save_all() -> None:
+        for i, m in enumerate(slots):
+            if m is not None:
+                save_member(group, i, m)
 
     fill()
+    saved_at = time.perf_counter()
     while any(slots):
         epochs = [m.prog.next_epoch if m else None for m in slots]
-        with signals.interruptible():
-            t0 = time.perf_counter()
-            train = group.train_epoch(epochs)
-            dt = time.perf_counter() - t0
-            live = [i for i, m in enumerate(slots) if m is not None]
-            vals = group.validate(live, [e for e in epochs if e is not None])
+        live = [i for i, m in enumerate(slots) if m is not None]
+        try:
+            with signals.interruptible():
+                t0 = time.perf_counter()
+                train = group.train_epoch(epochs)
+                dt = time.perf_counter() - t0
+                vals: dict[int, dict[str, Any]] = {}
+                for i in live:
+                    try:
+                        vals.update(group.validate([i], [epochs[i]]))  # type: ignore[list-item]
+                    except Exception as exc:
+                        failed(i, exc, f"validating epoch {epochs[i]}")
+        except KeyboardInterrupt:  # a second signal: the epoch is abandoned
+            return "suspended"
+        except Exception as exc:  # the shared step: no member can go on from it
+            for i in live:
+                if slots[i] is not None:
+                    failed(i, exc, f"in its fused group's epoch {epochs[i]}, with "
+                                   f"{len(live)} members")
+            fill()
+            continue
         for i in live:
             m = slots[i]
-            assert m is not None
+            if m is None:
+                continue
             values = {**_floats(train, i), **{k: float(v) for k, v in vals[i].items()}}
             m.prog.train_s += dt
             bad = _finite(values)
@@ -298,17 +343,24 @@ def run_group(spec: TaskSpec, group: FusedGroup, next_member: Callable[[], Membe
                 end(i, "PRUNED", {}, str(exc))
                 continue
             if m.prog.next_epoch >= m.epochs:
-                final = {**m.last, **group.finish(i)}
-                if m.prog.train_s > 0 and group.examples_per_epoch():
-                    final[THROUGHPUT] = group.examples_per_epoch() * m.epochs / m.prog.train_s
-                save_state(m.ctx.artifact_dir / CHECKPOINT_FILE,
-                           {"trial": group.member_state(i, optimizers=False),
-                            "epochs_done": m.epochs})
+                try:
+                    final = {**m.last, **group.finish(i)}
+                    if m.prog.train_s > 0 and group.examples_per_epoch():
+                        final[THROUGHPUT] = (group.examples_per_epoch() * m.epochs
+                                             / m.prog.train_s)
+                    save_state(m.ctx.artifact_dir / CHECKPOINT_FILE,
+                               {"trial": group.member_state(i, optimizers=False),
+                                "epochs_done": m.epochs})
+                except Exception as exc:
+                    failed(i, exc, "at its end")
+                    continue
                 end(i, "COMPLETE", final, None)
+        every = min((m.ctx.checkpoint_every_s for m in slots if m is not None), default=0.0)
+        if signals.stop_requested() or (any(slots)
+                                        and time.perf_counter() - saved_at >= every):
+            save_all()
+            saved_at = time.perf_counter()
         if signals.stop_requested():
-            for i, m in enumerate(slots):
-                if m is not None:
-                    save_member(group, i, m)
             return "suspended"
         fill()
     return "done"

@@ -440,3 +440,164 @@ def test_a_fused_training_step_does_not_wait_for_the_gpu(tmp_path: Path, task: s
 
     one, eight = syncs(64), syncs(512)
     assert eight == one, (one, eight)
+
+
+SHAPES = """task: priors
+metric: val_recon
+direction: minimize
+fixed: {dataset: mnist, epochs: 1, batch_size: 64, train_size: 128, val_size: 16,
+        test_steps: 2, width: 4, latent_dim: 4, tsne_size: 0, test_size: 16, iwae_k: 2}
+params:
+  lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+variants:
+  shapes:
+    fixed: {lr: 1.0e-3}
+    grid: {model: [ad, vad], prior: [normal, uniform]}
+    seeds: 2
+"""
+
+
+@needs_mnist
+def test_a_variants_points_are_grouped_by_their_own_shape(tmp_path: Path) -> None:
+    """Enqueued points have no params until they run: each must still join only a group of
+    its own shape (model and prior are group keys), never train under another's."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SHAPES)
+    out = tmp_path / "lb"
+    assert main(["run", "priors", "--space", str(space), "--variant", "shapes", "--fuse", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    rows = leaderboard.read_trials(out, "priors")
+    assert len(rows) == 8 and (rows["state"] == "COMPLETE").all(), rows["error"].tolist()
+    shapes = rows.groupby("group_id")[["param_model", "param_prior"]].nunique()
+    assert (shapes == 1).all().all(), rows[["group_id", "param_model", "param_prior"]]
+    uid = rows[(rows["param_model"] == "vad") & (rows["param_prior"] == "uniform")].iloc[0]
+    r = bench_cli("rerun", uid["trial_uid"], "--out", str(out))
+    original, again = map(float, re.search(r"original objective (\S+), rerun (\S+)",
+                                           r.stdout).groups())
+    assert again == pytest.approx(original, rel=1e-4)
+
+
+def test_a_stop_while_a_group_is_built_suspends_its_first_trial(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the group loads its data: the run ends (it used to loop for ever,
+    rebuilding the group), the trial it had asked is suspended, and a rerun runs it."""
+    from bench import signals
+    from bench.tasks.synthetic import FusedSynthetic
+
+    built = []
+
+    def stop_while_building(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append(1)
+        signals.request_stop()
+        FusedSynthetic.__init__.__wrapped__(self, *args, **kwargs)  # type: ignore[attr-defined]
+
+    original = FusedSynthetic.__init__
+    stop_while_building.__wrapped__ = original  # type: ignore[attr-defined]
+    monkeypatch.setattr(FusedSynthetic, "__init__", stop_while_building)
+    out = tmp_path / "lb"
+    args = ["run", "synthetic", "--out", str(out), "--quiet", "--trials", "4", "--fuse", "2",
+            "--pruner", "none"]
+    assert main(args) == 130 and len(built) == 1
+    study = optuna.load_study(study_name="synthetic",
+                              storage=f"sqlite:///{out}/synthetic/optuna.db")
+    assert [t.user_attrs.get("suspended") for t in study.trials] == [True]
+    monkeypatch.setattr(FusedSynthetic, "__init__", original)
+    signals.reset()
+    assert main(args) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 4 and (rows["state"] == "COMPLETE").all()
+
+
+def test_a_member_that_cannot_join_fails_alone_and_the_step_failing_fails_its_members(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.tasks.synthetic import FusedSynthetic
+
+    join, step = FusedSynthetic.set_member, FusedSynthetic.train_epoch
+    calls = {"join": 0, "step": 0}
+
+    def flaky_join(self, slot, member):  # type: ignore[no-untyped-def]
+        calls["join"] += 1
+        if calls["join"] == 2:
+            raise MemoryError("no room for this member")
+        join(self, slot, member)
+
+    def flaky_step(self, epochs):  # type: ignore[no-untyped-def]
+        calls["step"] += 1
+        if calls["step"] == 3:
+            raise RuntimeError("the stacked step broke")
+        return step(self, epochs)
+
+    monkeypatch.setattr(FusedSynthetic, "set_member", flaky_join)
+    monkeypatch.setattr(FusedSynthetic, "train_epoch", flaky_step)
+    out = tmp_path / "lb"
+    assert main(["run", "synthetic", "--out", str(out), "--quiet", "--trials", "6",
+                 "--fuse", "2", "--pruner", "none", "--set", "epochs=2"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic").sort_values("trial_number")
+    assert len(rows) == 6
+    errors = rows["error"].fillna("").tolist()
+    assert sum("MemoryError: no room for this member (while joining" in e for e in errors) == 1
+    broke = [e for e in errors if "the stacked step broke" in e]
+    assert broke and all("fused group's epoch" in e for e in broke)
+    assert (rows["state"] == "COMPLETE").sum() == 6 - 1 - len(broke) >= 2
+    # each failed member left its traceback where a failed trial does
+    for uid in rows[rows["state"] == "FAIL"]["trial_uid"]:
+        assert (out / "synthetic" / "artifacts" / uid / "error.txt").exists()
+
+
+def test_fuse_k_is_capped_by_the_trials_to_run(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    assert main(["run", "synthetic", "--out", str(out), "--quiet", "--trials", "3",
+                 "--fuse", "64", "--pruner", "none"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 3 and set(rows["group_size"]) == {3}
+
+
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + seconds
+    while not predicate():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def test_killed_fused_members_resume_from_their_periodic_checkpoint(tmp_path: Path) -> None:
+    """--checkpoint-every holds for fused members: kill -9 mid-run, and the rerun resumes
+    each member from its last save (attempts 2, the uninterrupted curve), none FAIL."""
+    out = tmp_path / "lb"
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
+           "--trials", "3", "--fuse", "3", "--pruner", "none", "--set", "sleep_s=0.2",
+           "--set", "epochs=20", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    arts = out / "synthetic" / "artifacts"
+    _wait_for(lambda: len(list(arts.glob("*/resume.pt"))) == 3, proc, 60)
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert main(cmd[3:-2] + ["--set", "sleep_s=0"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 3 and (rows["state"] == "COMPLETE").all(), rows["error"].tolist()
+    assert (rows["attempts"] == 2).all()
+    curves = leaderboard.read_curves(out, "synthetic")
+    assert (curves.groupby("trial_uid")["step"].nunique() == 20).all()
+
+
+def test_a_second_ctrl_c_suspends_the_group_not_fails_it(tmp_path: Path) -> None:
+    """Two SIGINTs 0.2 s apart: the second stops the running epoch at once; its members
+    stay resumable (SUSPENDED), and the rerun finishes every one."""
+    out = tmp_path / "lb"
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
+           "--trials", "3", "--fuse", "3", "--pruner", "none", "--set", "sleep_s=1.0",
+           "--set", "epochs=6", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    arts = out / "synthetic" / "artifacts"
+    _wait_for(lambda: len(list(arts.glob("*/resume.pt"))) == 3, proc, 60)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    study = optuna.load_study(study_name="synthetic",
+                              storage=f"sqlite:///{out}/synthetic/optuna.db")
+    assert [t.user_attrs.get("suspended") for t in study.trials] == [True] * 3
+    assert main(cmd[3:-2] + ["--set", "sleep_s=0"]) == 0
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 3 and (rows["state"] == "COMPLETE").all(), rows["error"].tolist()

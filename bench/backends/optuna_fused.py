@@ -72,7 +72,9 @@ class FusedRunner:
 
     def __init__(self, worker: Any, k: int, resume: list[int], n_new: int,
                  deadline: float | None):
-        self.w, self.k = worker, k
+        # no more slots than trials to run: every slot costs its share of the stacked
+        # state (a priors member's code table is the size of the training set)
+        self.w, self.k = worker, max(1, min(k, len(resume) + n_new))
         self.plan: Plan = worker.plan
         self.cls = fused_class(self.plan)
         self.resume, self.left, self.deadline = list(resume), n_new, deadline
@@ -87,12 +89,16 @@ class FusedRunner:
         while not self.suspended and self._first():
             gid = uuid.uuid4().hex[:12]
             self.taken, self.draining = 0, False
-            group = self.cls(self.plan.task, self.k, self.template, self.w.device,
-                             self.plan.opts.data_dir, **_extra(self.plan, self.cls))
             members: dict[int, Member] = {}
-            state = run_group(self.plan.task, group, self._feeder(members), self._ended,
-                              self.plan.out, self.plan.direction, gid)
-            if state == "suspended":
+            state = "suspended"
+            if not signals.stop_requested():
+                group = self.cls(self.plan.task, self.k, self.template, self.w.device,
+                                 self.plan.opts.data_dir, **_extra(self.plan, self.cls))
+                state = run_group(self.plan.task, group, self._feeder(members), self._ended,
+                                  self.plan.out, self.plan.direction, gid)
+            # a stop that came while the group was built (its data loaded) leaves run_group
+            # nothing to start: the group's first trial is suspended, not asked again
+            if state == "suspended" or signals.stop_requested():
                 for number, m in members.items():
                     if number not in self.ended:
                         self.w.record(m.handle, Outcome("SUSPENDED", None, {}, None, {}))
@@ -147,7 +153,10 @@ class FusedRunner:
             return _pop_waiting(self.w.study)
         storage = self.w.study._storage
         for t in self.w.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            point = {**self.plan.params(dict(t.params))}
+            # an enqueued point has no params until it runs: Optuna keeps it in the
+            # trial's fixed_params (a suspended trial sent back to WAITING has both)
+            fixed = t.system_attrs.get("fixed_params") or {}
+            point = self.plan.params({**fixed, **t.params})
             if all(point.get(k) == v for k, v in shape.items()):
                 try:
                     if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
@@ -175,6 +184,11 @@ class FusedRunner:
         shape = {k: self.template[k] for k in self.cls.group_keys if k in self.template}
         trial: optuna.Trial | None = self._member(shape)
         while trial is not None:
+            if self.taken > 1 and not self._fits(trial, shape):
+                # not this group's shape (never expected: every way in above matches it):
+                # it starts the next group
+                self.pending, self.draining = trial, True
+                return None
             params, ctx, ident, bad = self.w.prepare(trial)
             cap = _extra(self.plan, self.cls).get("latent_cap")
             if cap is not None and int(params.get("latent_dim", 0)) > cap:
