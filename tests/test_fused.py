@@ -470,6 +470,8 @@ def test_a_variants_points_are_grouped_by_their_own_shape(tmp_path: Path) -> Non
     assert len(rows) == 8 and (rows["state"] == "COMPLETE").all(), rows["error"].tolist()
     shapes = rows.groupby("group_id")[["param_model", "param_prior"]].nunique()
     assert (shapes == 1).all().all(), rows[["group_id", "param_model", "param_prior"]]
+    # each shape has 2 points (seeds): its group has 2 slots, not --fuse's 4
+    assert set(rows["group_size"]) == {2} and (rows.groupby("group_id").size() == 2).all()
     uid = rows[(rows["param_model"] == "vad") & (rows["param_prior"] == "uniform")].iloc[0]
     r = bench_cli("rerun", uid["trial_uid"], "--out", str(out))
     original, again = map(float, re.search(r"original objective (\S+), rerun (\S+)",

@@ -72,9 +72,7 @@ class FusedRunner:
 
     def __init__(self, worker: Any, k: int, resume: list[int], n_new: int,
                  deadline: float | None):
-        # no more slots than trials to run: every slot costs its share of the stacked
-        # state (a priors member's code table is the size of the training set)
-        self.w, self.k = worker, max(1, min(k, len(resume) + n_new))
+        self.w, self.k = worker, k  # each group: at most the trials it can still get
         self.plan: Plan = worker.plan
         self.cls = fused_class(self.plan)
         self.resume, self.left, self.deadline = list(resume), n_new, deadline
@@ -92,8 +90,9 @@ class FusedRunner:
             members: dict[int, Member] = {}
             state = "suspended"
             if not signals.stop_requested():
-                group = self.cls(self.plan.task, self.k, self.template, self.w.device,
-                                 self.plan.opts.data_dir, **_extra(self.plan, self.cls))
+                group = self.cls(self.plan.task, self._group_k(), self.template,
+                                 self.w.device, self.plan.opts.data_dir,
+                                 **_extra(self.plan, self.cls))
                 state = run_group(self.plan.task, group, self._feeder(members), self._ended,
                                   self.plan.out, self.plan.direction, gid)
             # a stop that came while the group was built (its data loaded) leaves run_group
@@ -108,6 +107,18 @@ class FusedRunner:
             if self.w.row_errors:
                 return 1
         return signals.exit_code() if signals.stop_requested() else 0
+
+    def _group_k(self) -> int:
+        """K, or fewer slots when fewer trials can still join this group: every slot costs
+        its share of the stacked state (a priors member's code table is the size of the
+        training set), and the rows' group_size says how many slots the group had."""
+        can_join = len(self.resume) + self.left
+        if self.plan.enumerated:  # the variant's waiting points of this group's shape
+            shape = {k: self.template[k] for k in self.cls.group_keys if k in self.template}
+            waiting = sum(self._waiting_fits(t, shape) for t in self.w.study.get_trials(
+                deepcopy=False, states=(TrialState.WAITING,)))
+            can_join = len(self.resume) + min(self.left, waiting)
+        return max(1, min(self.k, 1 + can_join))  # 1: the group's first trial, taken
 
     # ------------------------------------------------------------ members
     def _feeder(self, members: dict[int, Member]) -> Callable[[], Member | None]:
@@ -146,6 +157,14 @@ class FusedRunner:
         params, _ = self.w.params_for(trial)
         return all(params.get(k) == v for k, v in shape.items())
 
+    def _waiting_fits(self, t: optuna.trial.FrozenTrial, shape: Mapping[str, Any]) -> bool:
+        """Whether an enqueued point has the group's shape. It has no params until it
+        runs: Optuna keeps it in the trial's fixed_params (a suspended trial sent back to
+        WAITING has both)."""
+        fixed = t.system_attrs.get("fixed_params") or {}
+        point = self.plan.params({**fixed, **t.params})
+        return all(point.get(k) == v for k, v in shape.items())
+
     def _pop_variant(self, shape: Mapping[str, Any] | None) -> optuna.Trial | None:
         from bench.backends.optuna import _pop_waiting
 
@@ -153,11 +172,7 @@ class FusedRunner:
             return _pop_waiting(self.w.study)
         storage = self.w.study._storage
         for t in self.w.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            # an enqueued point has no params until it runs: Optuna keeps it in the
-            # trial's fixed_params (a suspended trial sent back to WAITING has both)
-            fixed = t.system_attrs.get("fixed_params") or {}
-            point = self.plan.params({**fixed, **t.params})
-            if all(point.get(k) == v for k, v in shape.items()):
+            if self._waiting_fits(t, shape):
                 try:
                     if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                         return optuna.Trial(self.w.study, t._trial_id)
