@@ -69,7 +69,10 @@ def draw_curves(path: Path, rows: pd.DataFrame, curves: pd.DataFrame, labels: pd
                                 color=c, alpha=0.2)
             ax.set(title=title, xlabel="epoch")
             integer_ticks(ax.xaxis)
-        axes[0, 0].legend(fontsize="small")
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        if handles:  # below the panels: inside one it covered that panel's curves
+            fig.legend(handles, names, loc="outside lower center", fontsize="small",
+                       ncols=min(len(names), 4))
         fig.suptitle(f"simsiam: mean over seeds, band = +-1 std ({len(rows)} trials)")
     return path
 
