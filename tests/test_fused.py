@@ -84,6 +84,29 @@ def test_a_stacked_adam_step_copies_nothing_from_the_host() -> None:
     assert adam.steps.device.type == adam.lr.device.type == adam.active.device.type == "meta"
 
 
+def alone_and_fused(task: str, members: list[dict], seeds: list[int], cap: int,
+                    tmp: Path, vmap: bool) -> tuple[dict, dict]:
+    """Each member run alone (artifacts in tmp/alone<seed>), then all as one fused group of
+    latent cap `cap` (tmp/f<seed>): their outcomes by seed."""
+    spec = get_task(task)
+    metric, direction = spec.metric, spec.direction
+    alone = {s: execute_trial(spec, p, local_context(s, "cpu", tmp / f"alone{s}", metric),
+                              {"task": task, "trial_uid": f"a{s}", "seed": s}, tmp / "lb",
+                              direction)
+             for p, s in zip(members, seeds, strict=True)}
+    group = get_fused(task)(spec, len(members), members[0], torch.device("cpu"), None,
+                            latent_cap=cap)
+    assert group.vectorised == vmap
+    queue = [Member(p, local_context(s, "cpu", tmp / f"f{s}", metric),
+                    {"task": task, "trial_uid": f"f{s}", "seed": s})
+             for p, s in zip(members, seeds, strict=True)]
+    fused: dict = {}
+    assert run_group(spec, group, lambda: queue.pop(0) if queue else None,
+                     lambda m, o: fused.__setitem__(m.ctx.seed, o), tmp / "lb", direction,
+                     "g") == "done"
+    return alone, fused
+
+
 @needs_mnist
 @pytest.mark.parametrize("binarize,vmap", [("static", True), ("dynamic", True),
                                            ("static", False)])  # one gather / member draws;
@@ -100,21 +123,7 @@ def test_fused_vae_members_equal_their_unfused_runs(tmp_path: Path, binarize: st
                dict(base, lr=3e-3, beta=0.5, latent_dim=4),
                dict(base, lr=5e-4, beta=2.0, latent_dim=6, kl_warmup_epochs=2.0)]
     seeds = [0, 5, 9]
-    alone = {}
-    for p, seed in zip(members, seeds, strict=True):
-        ctx = local_context(seed, "cpu", tmp_path / f"alone{seed}", "val_elbo")
-        alone[seed] = execute_trial(task, p, ctx, {"task": "vae", "trial_uid": f"a{seed}",
-                                                  "seed": seed}, tmp_path / "lb", "maximize")
-    group = get_fused("vae")(task, 3, base, torch.device("cpu"), None, latent_cap=8)
-    assert group.vectorised == vmap
-    queue = [Member(p, local_context(s, "cpu", tmp_path / f"f{s}", "val_elbo"),
-                    {"task": "vae", "trial_uid": f"f{s}", "seed": s})
-             for p, s in zip(members, seeds, strict=True)]
-    fused = {}
-    state = run_group(task, group, lambda: queue.pop(0) if queue else None,
-                      lambda m, o: fused.__setitem__(m.ctx.seed, o), tmp_path / "lb",
-                      "maximize", "g")
-    assert state == "done"
+    alone, fused = alone_and_fused("vae", members, seeds, 8, tmp_path, vmap)
     for seed in seeds:
         a, f = alone[seed], fused[seed]
         assert f.state == a.state == "COMPLETE", f.error
@@ -149,21 +158,7 @@ def test_fused_priors_members_equal_their_unfused_runs(
                dict(base, lr=3e-3, lr_codes=0.05, beta=0.5, latent_dim=4),
                dict(base, lr=5e-4, lr_codes=0.02, beta=2.0, latent_dim=6, test_steps=6)]
     seeds = [0, 5, 9]
-    alone = {}
-    for p, seed in zip(members, seeds, strict=True):
-        ctx = local_context(seed, "cpu", tmp_path / f"alone{seed}", "val_recon")
-        alone[seed] = execute_trial(task, p, ctx, {"task": "priors", "trial_uid": f"a{seed}",
-                                                  "seed": seed}, tmp_path / "lb", "minimize")
-    group = get_fused("priors")(task, 3, base, torch.device("cpu"), None, latent_cap=8)
-    assert group.vectorised == vmap
-    queue = [Member(p, local_context(s, "cpu", tmp_path / f"f{s}", "val_recon"),
-                    {"task": "priors", "trial_uid": f"f{s}", "seed": s})
-             for p, s in zip(members, seeds, strict=True)]
-    fused = {}
-    state = run_group(task, group, lambda: queue.pop(0) if queue else None,
-                      lambda m, o: fused.__setitem__(m.ctx.seed, o), tmp_path / "lb",
-                      "minimize", "g")
-    assert state == "done"
+    alone, fused = alone_and_fused("priors", members, seeds, 8, tmp_path, vmap)
     keys = ["val_recon", "val_rmse", "train_loss", "train_recon", "train_rmse"]
     for seed in seeds:
         a, f = alone[seed], fused[seed]
@@ -487,14 +482,13 @@ def test_a_stop_while_a_group_is_built_suspends_its_first_trial(
     from bench.tasks.synthetic import FusedSynthetic
 
     built = []
+    original = FusedSynthetic.__init__
 
     def stop_while_building(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         built.append(1)
         signals.request_stop()
-        FusedSynthetic.__init__.__wrapped__(self, *args, **kwargs)  # type: ignore[attr-defined]
+        original(self, *args, **kwargs)
 
-    original = FusedSynthetic.__init__
-    stop_while_building.__wrapped__ = original  # type: ignore[attr-defined]
     monkeypatch.setattr(FusedSynthetic, "__init__", stop_while_building)
     out = tmp_path / "lb"
     args = ["run", "synthetic", "--out", str(out), "--quiet", "--trials", "4", "--fuse", "2",

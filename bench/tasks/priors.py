@@ -121,7 +121,13 @@ class LatentModel(nn.Module):
         return self.init_raw(int(labels.max()) + 1, cpu)[labels]
 
     def prior(self) -> torch.distributions.Distribution:
-        return self.family.prior(next(self.decoder.parameters()).device)
+        """The prior on the decoder's device, built once per device (its parameters are
+        copied from the host: on CUDA a copy per training step would wait for the GPU)."""
+        device = next(self.decoder.parameters()).device
+        cached = getattr(self, "_prior", None)
+        if cached is None or cached[0] != device:
+            self._prior = (device, self.family.prior(device))
+        return self._prior[1]
 
     def log_px(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) per image, summed over pixels (nats): Bernoulli logits or the

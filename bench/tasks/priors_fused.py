@@ -27,11 +27,12 @@ import torch
 from torch.func import functional_call
 
 from bench.distributions import get_family, kl
-from bench.fused import FusedGroup, Member, StackedAdam
+from bench.fused import Member
 from bench.lifecycle import TaskSpec
 from bench.nets import bernoulli_log_px, binarize, gaussian_log_px
 from bench.registry import register_fused
 from bench.tasks import priors as P
+from bench.tasks.vae_fused import CappedNets
 from bench.train import autocast, generator
 
 BETAS = (0.9, 0.999)  # torch.optim.SparseAdam's defaults, as make_optimizers uses them
@@ -49,34 +50,28 @@ class _Slot:
 
 
 @register_fused("priors")
-class FusedPriors(FusedGroup):
+class FusedPriors(CappedNets):
     group_keys = ("dataset", "model", "prior", "arch", "likelihood", "sigma", "width",
                   "depth", "batch_size", "epochs", "train_size", "val_size",
                   "eval_batch_size")
     # the study's dcgan decoder has BatchNorm (running statistics per member): one at a time
     supports = {"arch": ("conv",)}
-    vmap_on_cpu = False  # the tests run both forms on the CPU
 
     def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
                  device: torch.device, data_dir: Path | None, latent_cap: int):
         super().__init__(spec, k, template, device, data_dir)
-        self.cap = latent_cap
         self.data = P.load_data(template, device, data_dir)
         train = self.data["train"]
         self.n, self.shape = len(train), tuple(train.shape[1:])
         self.kind, self.family = template["model"], get_family(template["prior"])
-        self.variational = self.kind != "ad"
         base = P.LatentModel(self.family, self.kind, 1, self.shape[0], self.shape[-1],
                              int(template["width"]), int(template["depth"]), latent_cap,
                              float(template["init_std"]), "conv", template["likelihood"],
                              float(template["sigma"]))
-        nets = [(n, p) for n, p in base.named_parameters() if not n.startswith("codes.")]
-        self.names = [n for n, _ in nets]
-        self.params = {n: torch.zeros(k, *p.shape, device=device, requires_grad=True)
-                       for n, p in nets}
+        self._stack_nets([(n, p) for n, p in base.named_parameters()
+                          if not n.startswith("codes.")], latent_cap, self.kind != "ad")
         self.base = base.to("meta")
-        self.opt = StackedAdam(list(self.params.values()), torch.zeros(k))
-        self.opt.active[:] = False
+        self.prior = self.family.prior(device)  # built once: its scalars are host copies
         self.raw_width = latent_cap * (2 if self.variational else 1)
         self.tables = self.kind != "vae"
         rows = self.n if self.tables else 0  # per-image codes: one table per member
@@ -86,34 +81,9 @@ class FusedPriors(FusedGroup):
         # on the device, as StackedAdam's: a step copies nothing from the host
         self.codes_steps = torch.zeros(k, dtype=torch.float64, device=device)
         self.codes_lr = torch.zeros(k, dtype=torch.float64, device=device)
-        self.mask = torch.zeros(k, latent_cap, device=device)
         self.slots: list[_Slot | None] = [None] * k
-        self.vectorised = device.type != "cpu" or self.vmap_on_cpu
 
     # ------------------------------------------------------------ slots
-    def _cols(self, latent: int) -> list[int]:
-        """Where a member's raw latent parameters sit in the cap's: (a, b) halves at
-        [0, L) and [cap, cap + L) for the variational models."""
-        cols = list(range(latent))
-        if self.variational:
-            cols += list(range(self.cap, self.cap + latent))
-        return cols
-
-    def _index(self, name: str, latent: int) -> tuple[Any, ...] | list[int]:
-        if name in ("encoder.head.weight", "encoder.head.bias"):
-            return self._cols(latent)
-        if name == "decoder.fc.weight":
-            return (slice(None), slice(0, latent))
-        return (...,)
-
-    def _embed(self, slot: int, tensors: Mapping[str, torch.Tensor], latent: int,
-               into: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name in self.names:
-                target = into[name][slot]
-                target.zero_()
-                target[self._index(name, latent)] = tensors[name].to(target)
-
     def _embed_codes(self, slot: int, table: torch.Tensor, latent: int,
                      into: torch.Tensor) -> None:
         into[slot].zero_()
@@ -125,8 +95,7 @@ class FusedPriors(FusedGroup):
         model = P.build_model(member.params, self.n, self.shape, self.device,
                               self.data["train_y"])
         s = _Slot(member, model, self.device)
-        self._embed(slot, dict(model.named_parameters()), s.latent, self.params)
-        self.opt.set_member(slot, float(member.params["lr"]))
+        self._join(slot, model, s.latent, float(member.params["lr"]))
         if self.tables:
             assert model.codes is not None
             with torch.no_grad():
@@ -135,17 +104,12 @@ class FusedPriors(FusedGroup):
                 self.codes_v[slot].zero_()
             self.codes_steps[slot] = 0
             self.codes_lr[slot] = float(member.params["lr_codes"])
-        self.mask[slot] = 0
-        self.mask[slot, : s.latent] = 1
         self.slots[slot] = s
 
     def drop_member(self, slot: int) -> None:
-        self.opt.active[slot] = False
+        self._leave(slot)
         self.slots[slot] = None
-        self.mask[slot] = 0
         with torch.no_grad():  # a failed member's NaNs must not linger in its slot
-            for p in self.params.values():
-                p[slot] = 0
             for t in (self.codes, self.codes_m, self.codes_v):
                 t[slot] = 0
 
@@ -170,7 +134,7 @@ class FusedPriors(FusedGroup):
                 raw = functional_call(self.base.encoder, enc, (x,))
         else:
             raw = rows
-        prior = self.family.prior(x.device)
+        prior = self.prior
         if self.variational:
             raw = raw.float()
             q = self.family.posterior(raw[..., : self.cap], raw[..., self.cap:])
@@ -277,11 +241,9 @@ class FusedPriors(FusedGroup):
         """The member's unfused model, holding its current networks and codes."""
         s = self.slots[i]
         assert s is not None
-        with torch.no_grad():
-            for name in self.names:
-                value = self.params[name][i][self._index(name, s.latent)]
-                s.model.get_parameter(name).copy_(value)
-            if s.model.codes is not None:
+        self._sync_nets(i, s.model, s.latent)
+        if s.model.codes is not None:
+            with torch.no_grad():
                 s.model.codes.weight.copy_(self.codes[i][:, self._cols(s.latent)])
         return s.model
 
@@ -313,16 +275,7 @@ class FusedPriors(FusedGroup):
                                  "noise_gen": s.noise_gen.get_state()}
         if optimizers:
             opts = P.make_optimizers(model, s.params)
-            moments = self.opt.member_state(slot)
-            m = dict(zip(self.names, moments["m"], strict=True))
-            v = dict(zip(self.names, moments["v"], strict=True))
-            for name, p in model.named_parameters():
-                if name.startswith("codes."):
-                    continue
-                idx = self._index(name, s.latent)
-                opts[0].state[p] = {"step": torch.tensor(moments["step"], dtype=torch.float32),
-                                    "exp_avg": m[name][idx].clone(),
-                                    "exp_avg_sq": v[name][idx].clone()}
+            self._adam_state(slot, model, s.latent, opts[0])
             if model.codes is not None and self.codes_steps[slot] > 0:
                 cols = self._cols(s.latent)
                 opts[1].state[model.codes.weight] = {
@@ -346,19 +299,7 @@ class FusedPriors(FusedGroup):
             opts = state.get("opts")
             if not opts:
                 return
-            if opts[0]["state"]:
-                order = [n for n, _ in s.model.named_parameters() if not n.startswith("codes.")]
-                moments: dict[str, dict[str, torch.Tensor]] = {"m": {}, "v": {}}
-                step = 0.0
-                for i, name in enumerate(order):
-                    st = opts[0]["state"][i]
-                    moments["m"][name], moments["v"][name] = st["exp_avg"], st["exp_avg_sq"]
-                    step = float(st["step"])
-                self._embed(slot, moments["m"], s.latent,
-                            dict(zip(self.names, self.opt.m, strict=True)))
-                self._embed(slot, moments["v"], s.latent,
-                            dict(zip(self.names, self.opt.v, strict=True)))
-                self.opt.steps[slot] = step
+            self._load_adam(slot, opts[0], s.latent)
             if self.tables and len(opts) > 1 and opts[1]["state"]:
                 st = opts[1]["state"][0]
                 self._embed_codes(slot, st["exp_avg"], s.latent, self.codes_m)

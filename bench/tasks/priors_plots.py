@@ -241,7 +241,8 @@ def fit_curves(inp: PlotInput, done: pd.DataFrame,
     out = inp.plot_dir / "priors_fit_curves.png"
     later = curves[curves["step"] >= 1]["value"] if not curves.empty else curves
     with figure(out, 1, 2, panel_in=(5.0, 3.6)) as (fig, axes):
-        if len(later) and curves["step"].nunique() > 2:  # epoch 1's loss is 10-100x the rest
+        clipped = bool(len(later)) and curves["step"].nunique() > 2
+        if clipped:  # epoch 1's loss is 10-100x the rest
             lo, hi = float(later.min()), float(later.max())
             axes[0, 0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         for i, (fam, model) in enumerate(cells):
@@ -255,16 +256,21 @@ def fit_curves(inp: PlotInput, done: pd.DataFrame,
                 stats = pd.DataFrame({"mean": h.mean(0), "std": h.std(0)})
                 _band(axes[0, 1], np.arange(1, h.shape[1] + 1), stats, c, f"{model} {fam}")
         axes[0, 0].set(xlabel="epoch", ylabel=axis_label("priors", "train_loss"),
-                       title="training loss (from epoch 2)")
+                       title="training loss" + (" (from epoch 2)" if clipped else ""))
         integer_ticks(axes[0, 0].xaxis)
         axes[0, 1].set(xlabel="code-fitting step (decoder frozen)",
                        ylabel="test −log p(x|z) (nats / image)", title="test-time code fit")
-        axes[0, 1].legend(fontsize="small")
+        if any(fits.values()):
+            axes[0, 1].legend(fontsize="small")
+        else:  # the fit of test codes runs in `bench eval` (finalists only)
+            axes[0, 1].text(0.5, 0.5, f"no test-time fits yet:\nbench eval priors --study "
+                            f"{inp.study}", ha="center", va="center",
+                            transform=axes[0, 1].transAxes, fontsize="small")
         fig.suptitle(f"{inp.study}: mean over seeds, band = ±1 std")
     return out
 
 
 def _band(ax: Any, x: Any, stats: pd.DataFrame, colour: str, label: str) -> None:
     mean, std = stats["mean"].to_numpy(), stats["std"].to_numpy()
-    ax.plot(x, mean, color=colour, label=label)
+    ax.plot(x, mean, color=colour, label=label, marker="." if len(mean) < 3 else None)
     ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2)

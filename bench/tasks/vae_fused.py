@@ -41,45 +41,42 @@ class _Slot:
         self.val_mu: torch.Tensor | None = None
 
 
-@register_fused("vae")
-class FusedVae(FusedGroup):
-    group_keys = ("dataset", "model", "likelihood", "binarize", "depth", "width",
-                  "batch_size", "epochs", "train_size", "val_size", "eval_batch_size")
-    # the reports' fixed networks (BatchNorm in bn256), the per-pixel MSE and the Monte
-    # Carlo KL train one trial at a time
-    supports = {"arch": ("conv",), "likelihood": ("bernoulli", "gaussian"),
-                "kl": ("analytic",)}
+class CappedNets(FusedGroup):
+    """Members whose conv encoder/decoder (bench.nets) share one shape but whose latent
+    size varies up to the group's `cap`: their networks stacked [K, ...] in `params`,
+    padded (a smaller latent's encoder head rows and decoder input columns are zero and,
+    its codes masked by `mask`, stay zero), trained by one StackedAdam. Shared by the vae's
+    and the priors' fused groups; `_adam_state` / `_load_adam` speak torch.optim.Adam's
+    state format for a member's unfused networks."""
+
     vmap_on_cpu = False  # the tests run both forms on the CPU
 
-    def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
-                 device: torch.device, data_dir: Path | None, latent_cap: int):
-        super().__init__(spec, k, template, device, data_dir)
-        self.cap = latent_cap
-        self.data = V.load_split(template, device, data_dir)
-        self.shape = tuple(self.data["train"].shape[1:])
-        base = V.build_model({**template, "latent_dim": latent_cap}, self.shape, device)
-        self.variational = base.variational
-        self.names = [n for n, _ in base.named_parameters()]
-        self.params = {n: torch.zeros(k, *p.shape, device=device, requires_grad=True)
-                       for n, p in base.named_parameters()}
-        self.base = base.to("meta")
-        self.opt = StackedAdam(list(self.params.values()), torch.zeros(k))
+    def _stack_nets(self, nets: list[tuple[str, torch.Tensor]], cap: int,
+                    variational: bool) -> None:
+        self.cap, self.variational = cap, variational
+        self.names = [n for n, _ in nets]
+        self.params = {n: torch.zeros(self.k, *p.shape, device=self.device,
+                                      requires_grad=True) for n, p in nets}
+        self.opt = StackedAdam(list(self.params.values()), torch.zeros(self.k))
         self.opt.active[:] = False
-        self.mask = torch.zeros(k, latent_cap, device=device)
-        self.slots: list[_Slot | None] = [None] * k
+        self.mask = torch.zeros(self.k, cap, device=self.device)
         # the members' forward and backward: one vmapped (grouped) call per layer, or a
         # loop over members. On the CPU grouped convolutions are slower than the members'
         # own (oneDNN; benchmarks/RESULTS.md), so there the group loops
-        self.vectorised = device.type != "cpu" or self.vmap_on_cpu
+        self.vectorised = self.device.type != "cpu" or self.vmap_on_cpu
 
-    # ------------------------------------------------------------ slots
+    def _cols(self, latent: int) -> list[int]:
+        """Where a member's latent outputs sit among the cap's: [0, L), and for the
+        variational models the second half's (mu/logvar, or a/b) [cap, cap + L)."""
+        cols = list(range(latent))
+        if self.variational:
+            cols += list(range(self.cap, self.cap + latent))
+        return cols
+
     def _index(self, name: str, latent: int) -> tuple[Any, ...] | list[int]:
         """Where a member's tensor `name` sits in its padded slot."""
-        if name == "encoder.head.weight" or name == "encoder.head.bias":
-            rows = list(range(latent))
-            if self.variational:  # (mu, logvar) halves: [0, L) and [cap, cap + L)
-                rows += list(range(self.cap, self.cap + latent))
-            return rows
+        if name in ("encoder.head.weight", "encoder.head.bias"):
+            return self._cols(latent)
         if name == "decoder.fc.weight":
             return (slice(None), slice(0, latent))
         return (...,)
@@ -92,28 +89,82 @@ class FusedVae(FusedGroup):
                 target.zero_()
                 target[self._index(name, latent)] = tensors[name].to(target)
 
-    def _extract(self, slot: int, latent: int, source: Mapping[str, torch.Tensor]
-                 ) -> dict[str, torch.Tensor]:
-        return {n: source[n][slot][self._index(n, latent)].detach().clone()
-                for n in self.names}
-
-    def set_member(self, slot: int, member: Member) -> None:
-        """A new member: its own initialisation (seeded by the caller), lr and generators."""
-        model = V.build_model(member.params, self.shape, self.device)
-        s = _Slot(member, model, self.device)
-        self._embed(slot, dict(model.named_parameters()), s.latent, self.params)
+    def _join(self, slot: int, model: torch.nn.Module, latent: int, lr: float) -> None:
+        """A member's freshly built networks into its slot, its mask and learning rate."""
+        self._embed(slot, dict(model.named_parameters()), latent, self.params)
         self.mask[slot] = 0
-        self.mask[slot, : s.latent] = 1
-        self.opt.set_member(slot, float(member.params["lr"]))
-        self.slots[slot] = s
+        self.mask[slot, :latent] = 1
+        self.opt.set_member(slot, lr)
 
-    def drop_member(self, slot: int) -> None:
+    def _leave(self, slot: int) -> None:
         self.opt.active[slot] = False
-        self.slots[slot] = None
         self.mask[slot] = 0
         with torch.no_grad():  # a failed member's NaNs must not linger in its slot
             for p in self.params.values():
                 p[slot] = 0
+
+    def _sync_nets(self, slot: int, model: torch.nn.Module, latent: int) -> None:
+        """The member's unfused networks set to its current parameters."""
+        with torch.no_grad():
+            for name in self.names:
+                model.get_parameter(name).copy_(self.params[name][slot][self._index(name,
+                                                                                   latent)])
+
+    def _adam_state(self, slot: int, model: torch.nn.Module, latent: int,
+                    opt: torch.optim.Optimizer) -> None:
+        """Fill `opt` (a torch Adam over the member's unfused networks) with its moments."""
+        moments = self.opt.member_state(slot)
+        m = dict(zip(self.names, moments["m"], strict=True))
+        v = dict(zip(self.names, moments["v"], strict=True))
+        for name in self.names:
+            idx = self._index(name, latent)
+            opt.state[model.get_parameter(name)] = {
+                "step": torch.tensor(moments["step"], dtype=torch.float32),
+                "exp_avg": m[name][idx].clone(), "exp_avg_sq": v[name][idx].clone()}
+
+    def _load_adam(self, slot: int, opt: Mapping[str, Any], latent: int) -> None:
+        """A torch Adam state dict over the member's networks (in `self.names` order) into
+        its slot of the StackedAdam."""
+        if not opt["state"]:
+            return
+        m, v = {}, {}
+        for i, name in enumerate(self.names):
+            st = opt["state"][i]
+            m[name], v[name] = st["exp_avg"], st["exp_avg_sq"]
+        self._embed(slot, m, latent, dict(zip(self.names, self.opt.m, strict=True)))
+        self._embed(slot, v, latent, dict(zip(self.names, self.opt.v, strict=True)))
+        self.opt.steps[slot] = float(opt["state"][len(self.names) - 1]["step"])
+
+
+@register_fused("vae")
+class FusedVae(CappedNets):
+    group_keys = ("dataset", "model", "likelihood", "binarize", "depth", "width",
+                  "batch_size", "epochs", "train_size", "val_size", "eval_batch_size")
+    # the reports' fixed networks (BatchNorm in bn256), the per-pixel MSE and the Monte
+    # Carlo KL train one trial at a time
+    supports = {"arch": ("conv",), "likelihood": ("bernoulli", "gaussian"),
+                "kl": ("analytic",)}
+    def __init__(self, spec: TaskSpec, k: int, template: Mapping[str, Any],
+                 device: torch.device, data_dir: Path | None, latent_cap: int):
+        super().__init__(spec, k, template, device, data_dir)
+        self.data = V.load_split(template, device, data_dir)
+        self.shape = tuple(self.data["train"].shape[1:])
+        base = V.build_model({**template, "latent_dim": latent_cap}, self.shape, device)
+        self._stack_nets(list(base.named_parameters()), latent_cap, base.variational)
+        self.base = base.to("meta")
+        self.slots: list[_Slot | None] = [None] * k
+
+    # ------------------------------------------------------------ slots
+    def set_member(self, slot: int, member: Member) -> None:
+        """A new member: its own initialisation (seeded by the caller), lr and generators."""
+        model = V.build_model(member.params, self.shape, self.device)
+        s = _Slot(member, model, self.device)
+        self._join(slot, model, s.latent, float(member.params["lr"]))
+        self.slots[slot] = s
+
+    def drop_member(self, slot: int) -> None:
+        self._leave(slot)
+        self.slots[slot] = None
 
     def examples_per_epoch(self) -> int:
         return len(self.data["train"])
@@ -215,9 +266,7 @@ class FusedVae(FusedGroup):
         """The member's unfused model, holding its current parameters."""
         s = self.slots[i]
         assert s is not None
-        with torch.no_grad():
-            for name, value in self._extract(i, s.latent, self.params).items():
-                s.model.get_parameter(name).copy_(value)
+        self._sync_nets(i, s.model, s.latent)
         return s.model
 
     def validate(self, slots: list[int], epochs: list[int]) -> dict[int, dict[str, Any]]:
@@ -245,14 +294,7 @@ class FusedVae(FusedGroup):
                                  "noise_gen": s.noise_gen.get_state()}
         if optimizers:
             opt = torch.optim.Adam(model.parameters(), lr=float(self.opt.lr[slot]))
-            moments = self.opt.member_state(slot)
-            m = dict(zip(self.names, moments["m"], strict=True))
-            v = dict(zip(self.names, moments["v"], strict=True))
-            for name, p in model.named_parameters():
-                idx = self._index(name, s.latent)
-                opt.state[p] = {"step": torch.tensor(moments["step"], dtype=torch.float32),
-                                "exp_avg": m[name][idx].clone(),
-                                "exp_avg_sq": v[name][idx].clone()}
+            self._adam_state(slot, model, s.latent, opt)
             state["opt"] = opt.state_dict()
         return state
 
@@ -264,17 +306,5 @@ class FusedVae(FusedGroup):
         s.gen.set_state(state["gen"].cpu() if s.gen.device.type == "cpu" else state["gen"])
         s.noise_gen.set_state(state["noise_gen"].cpu() if s.noise_gen.device.type == "cpu"
                               else state["noise_gen"])
-        opt = state.get("opt")
-        if opt is not None and opt["state"]:
-            order = [n for n, _ in s.model.named_parameters()]
-            moments: dict[str, dict[str, torch.Tensor]] = {"m": {}, "v": {}}
-            step = 0.0
-            for i, name in enumerate(order):
-                st = opt["state"][i]
-                moments["m"][name], moments["v"][name] = st["exp_avg"], st["exp_avg_sq"]
-                step = float(st["step"])
-            self._embed(slot, moments["m"], s.latent, dict(zip(self.names, self.opt.m,
-                                                                 strict=True)))
-            self._embed(slot, moments["v"], s.latent, dict(zip(self.names, self.opt.v,
-                                                                 strict=True)))
-            self.opt.steps[slot] = step
+        if state.get("opt") is not None:
+            self._load_adam(slot, state["opt"], s.latent)
