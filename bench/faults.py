@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-POINTS = ("trial-start", "row-write", "repair", "tell")
+POINTS = ("trial-start", "row-write", "repair", "tell", "ask")
 
 
 def pause(point: str) -> None:

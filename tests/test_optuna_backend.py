@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 import optuna
@@ -531,6 +531,39 @@ def test_user_attributes_written_at_once_read_back_in_any_optuna(tmp_path: Path,
     finally:
         if kind == "postgres":
             optuna.delete_study(study_name=name, storage=url)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal",
+                                  pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_runs_sharing_a_study_reach_its_total_exactly(tmp_path: Path, kind: str) -> None:
+    """Three runs of a 2-trial study, each pausing 3 s between counting the study's trials
+    and asking for one (`BENCH_PAUSE=ask`): the window in which, unserialised, all three
+    saw room and asked (CI once had 14 trials of a 13-trial study on PostgreSQL). Together
+    they run exactly the total, as the README promises."""
+    from bench.backends.optuna import open_storage
+
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    url = {"sqlite": f"sqlite:///{tmp_path}/s.db", "journal": f"journal:{tmp_path}/s.journal",
+           "postgres": _postgres_url() if kind == "postgres" else ""}[kind]
+    out = tmp_path / "lb"
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
+           "--storage", url, "--study", name, "--trials", "2", "--pruner", "none",
+           "--set", "epochs=2", "--set", "sleep_s=0.05"]
+    env = {**os.environ, "BENCH_PAUSE": "ask", "BENCH_PAUSE_S": "3"}
+    try:
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+        for p in procs:
+            text, _ = p.communicate(timeout=240)
+            assert p.returncode == 0, text
+        trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+        assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], trials
+        df = leaderboard.read_trials(out, "synthetic", study=name)
+        assert sorted(df["trial_number"]) == [0, 1]
+    finally:
+        if kind == "postgres":
+            with suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=url)
 
 
 def test_a_trial_that_saves_no_state_writes_its_identity_with_its_result(out: Path) -> None:

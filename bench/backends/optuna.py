@@ -484,6 +484,45 @@ def count_trials(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
                            models.TrialModel.state.in_(states)).scalar())
 
 
+_CLAIM_NAMESPACE = zlib.crc32(b"bench: claim a trial") & 0x7FFFFFFF  # advisory-lock key
+
+
+@contextmanager
+def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[None]:
+    """Held while a run counts the study's trials and asks for one more, so that the runs
+    sharing a study (worker processes, Slurm array tasks, other hosts) together reach its
+    total exactly: counting and asking are two storage calls, and two runs that each saw
+    one trial left both asked (four workers on PostgreSQL, under load). PostgreSQL: a
+    transaction-scoped advisory lock on the study (the server drops it with a killed
+    run's connection); a file storage: an flock beside the file (the kernel drops it);
+    another server database: an flock beside the study's folder, which serialises the
+    runs of this host only."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+
+    storage = study._storage
+    base = storage._backend if isinstance(storage, _CachedStorage) else storage
+    if isinstance(base, RDBStorage) and base.engine.dialect.name == "postgresql":
+        import sqlalchemy
+
+        with base.engine.connect() as conn, conn.begin():
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:ns, :study)"),
+                         {"ns": _CLAIM_NAMESPACE, "study": study._study_id})
+            yield
+        return
+    path = plan.lock_path().with_suffix(".claim")
+    try:
+        fh = open(path, "a")  # noqa: SIM115
+    except OSError as exc:
+        raise BenchError(f"cannot create the study's lock file {path}: {exc.strerror}") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _info(t: FrozenTrial | optuna.Trial) -> dict[str, Any]:
     """The trial's own identity record (uid, seed, number, overrides), or {}: a retry
     (RetryFailedTrialCallback) copies its failed trial's attributes, whose record names
@@ -864,8 +903,15 @@ class Worker:
                     # stale, and another host's stale pass would fail it at once
         if self.plan.enumerated:
             return _pop_waiting(self.study)
-        if self._target_reached():  # checked last, just before ask(): other runs add too
+        with claim_lock(self.plan, self.study):  # other runs count and ask too
+            return self.claim()
+
+    def claim(self) -> optuna.Trial | None:
+        """A new trial if the study is short of its total; None if not. Call it holding
+        `claim_lock`, which makes the count and the ask one step for every run."""
+        if self._target_reached() or signals.stop_requested():
             return None
+        faults.pause("ask")
         trial = self.study.ask()
         if self.slot is not None:
             trial.set_user_attr("worker_id", self.slot)

@@ -183,17 +183,22 @@ class FusedRunner:
     def _ask(self, shape: Mapping[str, Any] | None) -> optuna.Trial | None:
         searched = self.plan.searched()
         fixed = {k: v for k, v in (shape or {}).items() if k in searched}
-        if fixed:  # the group's shape, fixed; the sampler proposes the rest
+        if not fixed:
+            return self.w._ask()
+        from bench.backends.optuna import claim_lock
+
+        with claim_lock(self.plan, self.w.study):  # other runs count and ask too
+            if self.w._target_reached() or signals.stop_requested():
+                return None
+            # the group's shape, fixed; the sampler proposes the rest
             tag = uuid.uuid4().hex
             self.w.study.enqueue_trial(fixed, user_attrs={"bench_group_slot": tag})
             for t in self.w.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 if t.user_attrs.get("bench_group_slot") == tag and \
                         self.w.study._storage.set_trial_state_values(t._trial_id,
                                                                      TrialState.RUNNING):
-                    trial = optuna.Trial(self.w.study, t._trial_id)
-                    # the sampler fills the parameters the queue did not fix
-                    return trial
-        return self.w._ask()
+                    return optuna.Trial(self.w.study, t._trial_id)
+            return self.w.claim()
 
     def _next(self, members: dict[int, Member]) -> Member | None:
         shape = {k: self.template[k] for k in self.cls.group_keys if k in self.template}
