@@ -276,11 +276,33 @@ def read_trials(out: str | Path, task: str, study: str | None = None,
     df = _read_dir(base / "trials", base / ".cache" / "trials.parquet")
     if df.empty:
         return df
+    df = _fill_added_params(df, task)
     if study is not None:
         df = df[df["study"] == study]
     if variant is not None:
         df = df[df["variant"] == variant]
     return df.reset_index(drop=True)
+
+
+def _fill_added_params(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Rows written before a parameter was added (`Decl.since`) ran with its default: they
+    read with it, so a board does not split one configuration into old and new rows."""
+    from bench.registry import UnknownTaskError, get_task
+
+    try:
+        decls = get_task(task).params
+    except UnknownTaskError:  # rows of a task this installation does not declare
+        return df
+    for name, decl in decls.items():
+        col = f"param_{name}"
+        if decl.since is None or decl.default is None:
+            continue
+        if col not in df.columns:
+            df[col] = [decl.default] * len(df)
+        elif df[col].isna().any():
+            df[col] = df[col].astype(object).where(df[col].notna(), decl.default) \
+                .infer_objects()
+    return df
 
 
 def read_curves(out: str | Path, task: str, uids: Iterable[str] | None = None) -> pd.DataFrame:

@@ -333,11 +333,14 @@ def new_trial_uid() -> str:
 
 def config_hash(task: str, params: Mapping[str, Any]) -> str:
     """Hash of the task and its merged parameters: the seed is not a parameter, and neither
-    are execution parameters (how a trial runs, not what it trains: `Decl.execution`)."""
+    are execution parameters (how a trial runs, not what it trains: `Decl.execution`); a
+    parameter added later counts only away from its default (`Decl.since`)."""
     from bench.registry import get_task
 
-    execution = get_task(task).execution
-    kept = {k: params[k] for k in sorted(params) if k not in execution}
+    decl = get_task(task)
+    execution = decl.execution
+    kept = {k: params[k] for k in sorted(params)
+            if k not in execution and not decl.at_added_default(k, params[k])}
     blob = json.dumps({"task": task, "params": kept}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

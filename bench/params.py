@@ -51,6 +51,11 @@ class Decl:
     # how the trial runs (speed, memory, evaluation-only settings), not what it trains: a
     # study's later runs may change it (bench.backends.optuna.check_overrides)
     execution: bool = False
+    # added after studies and rows existed (a date): at its default, which must be the
+    # behaviour from before it, it is left out of `config_hash` and of a study's stored
+    # configuration, so the studies and rows from before it stay one configuration with
+    # those after it (a study continues; a board groups old and new rows)
+    since: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -148,29 +153,32 @@ def _fmt(x: float) -> str:
 
 # ------------------------------------------------------------ constructors
 def Int(default: int | None, low: int | None = None, high: int | None = None, *,  # noqa: N802
-        nullable: bool = False, help: str = "", execution: bool = False) -> Decl:
+        nullable: bool = False, help: str = "", execution: bool = False,
+        since: str | None = None) -> Decl:
     return Decl("int", default, low, high, nullable=nullable or default is None, help=help,
-                execution=execution)
+                execution=execution, since=since)
 
 
 def Float(default: float, low: float | None = None, high: float | None = None, *,  # noqa: N802
           above: float | None = None, nullable: bool = False, help: str = "",
-          execution: bool = False) -> Decl:
+          execution: bool = False, since: str | None = None) -> Decl:
     return Decl("float", default, low, high, above, nullable=nullable, help=help,
-                execution=execution)
+                execution=execution, since=since)
 
 
 def Choice(default: Any, choices: Iterable[Any], *, help: str = "",  # noqa: N802
-           execution: bool = False) -> Decl:
-    return Decl("choice", default, choices=tuple(choices), help=help, execution=execution)
+           execution: bool = False, since: str | None = None) -> Decl:
+    return Decl("choice", default, choices=tuple(choices), help=help, execution=execution,
+                since=since)
 
 
-def Bool(default: bool, *, help: str = "") -> Decl:  # noqa: N802
-    return Decl("bool", default, help=help)
+def Bool(default: bool, *, help: str = "", since: str | None = None) -> Decl:  # noqa: N802
+    return Decl("bool", default, help=help, since=since)
 
 
-def Text(default: str | None, *, nullable: bool = False, help: str = "") -> Decl:  # noqa: N802
-    return Decl("str", default, nullable=nullable or default is None, help=help)
+def Text(default: str | None, *, nullable: bool = False, help: str = "",  # noqa: N802
+         since: str | None = None) -> Decl:
+    return Decl("str", default, nullable=nullable or default is None, help=help, since=since)
 
 
 # ------------------------------------------------------------ checks over a parameter set

@@ -168,13 +168,15 @@ class Plan:
     def fixed_config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What every trial of the study shares: the merged parameters (task defaults, the
         space's and the variant's fixed values, `--set` and `--smoke`) except those the
-        study varies (searched or enumerated) and execution parameters. `overrides`: in
+        study varies (searched or enumerated), execution parameters and parameters added
+        later at their default (`Decl.since`). `overrides`: in
         place of this run's (a study's earlier run, read from its trials)."""
         given = self.overrides if overrides is None else overrides
         merged = merge_params(self.task, self.space, self.variant, {}, given)
         varied = set(self.searched()) | (set(self.variant.grid) if self.variant else set())
         return {k: v for k, v in merged.items()
-                if (k not in varied or k in given) and k not in self.task.execution}
+                if (k not in varied or k in given) and k not in self.task.execution
+                and (k in varied or not self.task.at_added_default(k, v))}
 
     def canonical_config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """`fixed_config` as the study stores it (JSON values)."""

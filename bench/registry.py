@@ -74,6 +74,12 @@ class Task:
         """Execution parameters: how a trial runs, not what it trains (`Decl.execution`)."""
         return frozenset(k for k, d in self.params.items() if d.execution)
 
+    def at_added_default(self, key: str, value: Any) -> bool:
+        """Whether `key` is a parameter added after studies existed (`Decl.since`), at its
+        default: left out of config hashes and of a study's stored configuration."""
+        decl = self.params.get(key)
+        return decl is not None and decl.since is not None and value == decl.default
+
     @property
     def has_test_metrics(self) -> bool:
         """Whether `bench eval` has anything to compute for this task."""

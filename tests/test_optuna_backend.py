@@ -139,6 +139,66 @@ def test_a_study_from_before_the_record_takes_it_from_its_trials(out: Path, caps
     assert run(out, "--add", "1", "--set", "epochs=2") == 0
 
 
+def test_a_parameter_added_later_leaves_older_studies_and_rows_one_configuration(
+        out: Path, capsys, monkeypatch) -> None:
+    """A task gains a parameter (`since=`) whose default is its old behaviour: a study and
+    rows from before it continue and read as before; only another value is another
+    configuration."""
+    from bench.lifecycle import config_hash
+    from bench.params import Float
+    from bench.registry import get_task
+
+    assert run(out, "--trials", "1", "--set", "epochs=2") == 0
+    task = get_task("synthetic")
+    monkeypatch.setitem(task.params, "new_knob", Float(0.0, since="2026-12-01"))
+    capsys.readouterr()
+    assert run(out, "--add", "1", "--set", "epochs=2") == 0, capsys.readouterr().err
+    assert "new_knob: the study's '(unset)', this run's 0.5" in run_err(
+        out, capsys, "--add", "1", "--set", "epochs=2", "--set", "new_knob=0.5")
+    df = rows(out)
+    assert len(df) == 2 and list(df["param_new_knob"]) == [0.0, 0.0]  # the old row: filled
+    old = {"x": 1.0, "y": 2.0, "epochs": 2}  # a trial's parameters from before new_knob
+    assert config_hash("synthetic", {**old, "new_knob": 0.0}) == config_hash("synthetic", old)
+    assert config_hash("synthetic", {**old, "new_knob": 0.5}) != config_hash("synthetic", old)
+
+
+def test_a_grid_that_gains_an_added_parameter_as_an_axis_keeps_its_points(
+        out: Path, tmp_path: Path, monkeypatch) -> None:
+    """A variant's grid gains a parameter added later (`since=`) as an axis: the study's
+    points from before it are its default's points (not enqueued again), only the new
+    value's points run, and a trial suspended before the change resumes at the default."""
+    from bench.params import Float
+    from bench.registry import get_task
+
+    space = tmp_path / "s.yaml"
+    grid = "{x: [-1.0, 1.0]}"
+    text = ("task: synthetic\nmetric: loss\ndirection: minimize\nfixed: {epochs: 2}\n"
+            "params:\n  x: {type: float, low: -2.0, high: 2.0}\n"
+            "variants:\n  g:\n    grid: %s\n    seeds: 2\n")
+    space.write_text(text % grid)
+    proc = _spawn(out, "--space", str(space), "--variant", "g")  # 10 epochs of 0.3 s
+    _wait(lambda: len(rows(out)) >= 1 and _running(out, "synthetic.g"), proc,
+          what="a finished and a running trial")
+    proc.send_signal(signal.SIGINT)  # the running trial is saved and suspended
+    assert proc.wait(timeout=60) == 130
+    suspended = [t.number for t in study_trials(out, "synthetic.g")
+                 if t.state == TrialState.RUNNING]
+    assert suspended
+    monkeypatch.setitem(get_task("synthetic").params, "new_knob",
+                        Float(0.0, since="2026-12-01"))
+    space.write_text(text % "{x: [-1.0, 1.0], new_knob: [0.0, 0.5]}")
+    again = ("--space", str(space), "--variant", "g", "--set", "epochs=10", "--set", "sleep_s=0")
+    assert run(out, *again) == 0
+    df = rows(out, study="synthetic.g")
+    assert len(df) == 8, df[["trial_number", "param_x", "param_new_knob"]]
+    assert sorted(zip(df["param_x"], df["param_new_knob"], strict=True)) == sorted(
+        [(x, k) for x in (-1.0, 1.0) for k in (0.0, 0.5)] * 2)
+    resumed = df[df["trial_number"].isin(suspended)]
+    assert len(resumed) == len(suspended) and (resumed["param_new_knob"] == 0.0).all()
+    assert run(out, *again) == 0  # nothing left to run
+    assert len(rows(out, study="synthetic.g")) == 8
+
+
 def test_same_configuration_different_execution_parameters_is_one_board_row(
         out: Path, capsys) -> None:
     assert run(out, "--variant", "grid", "--set", "sleep_s=0.01", "--trials", "3") == 0
@@ -561,6 +621,54 @@ def test_runs_sharing_a_study_reach_its_total_exactly(tmp_path: Path, kind: str)
         df = leaderboard.read_trials(out, "synthetic", study=name)
         assert sorted(df["trial_number"]) == [0, 1]
     finally:
+        if kind == "postgres":
+            with suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=url)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_run_waiting_for_the_claim_lock_still_stops_on_ctrl_c(tmp_path: Path,
+                                                                 kind: str) -> None:
+    """Another run holds the study's claim lock and hangs (stopped with Ctrl-Z, a lost
+    host): a run waiting for it stops on SIGINT, within a second or two, asking nothing."""
+    import fcntl
+
+    import psycopg2
+
+    from bench.backends.optuna import _CLAIM_NAMESPACE, open_storage
+
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "lb"
+    url = (_postgres_url() if kind == "postgres"
+           else f"sqlite:///{out / 'synthetic' / 'optuna.db'}")
+    if kind == "sqlite":
+        (out / "synthetic").mkdir(parents=True)
+    study = optuna.create_study(storage=open_storage(url), study_name=name)
+    held = []
+    try:
+        if kind == "postgres":  # a session-level lock on the same key
+            conn = psycopg2.connect(url)
+            conn.cursor().execute("SELECT pg_advisory_lock(%s, %s)",
+                                  (_CLAIM_NAMESPACE, study._study_id))
+            held.append(conn)
+        else:
+            fh = open(out / "synthetic" / f".{name}.claim", "a")  # noqa: SIM115
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            held.append(fh)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
+             "--storage", url, "--study", name, "--trials", "2", "--set", "epochs=2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(6)  # started, opened the study, waiting for the lock
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=30)
+        assert time.time() - t0 < 5 and proc.returncode == 130, err
+        assert study.get_trials() == []
+    finally:
+        for h in held:
+            h.close()
         if kind == "postgres":
             with suppress(KeyError):
                 optuna.delete_study(study_name=name, storage=url)

@@ -485,18 +485,45 @@ def count_trials(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 
 
 _CLAIM_NAMESPACE = zlib.crc32(b"bench: claim a trial") & 0x7FFFFFFF  # advisory-lock key
+CLAIM_POLL_S = 0.1  # a run waiting for the claim lock tries again this often (and stops)
+CLAIM_WARN_S = 30.0  # ... and says so once after this long
+CLAIM_HOLD_LIMIT = "60s"  # PostgreSQL ends a lock holder idle this long (a stopped process)
+
+
+def _poll(try_lock: Callable[[], bool], what: str) -> bool:
+    """Take a lock by trying it every CLAIM_POLL_S: False if a stop is asked first (Ctrl-C,
+    SIGTERM, Slurm's USR2), so that a run waiting on a hung holder still stops."""
+    start, warned = time.monotonic(), False
+    while not try_lock():
+        if signals.stop_requested():
+            return False
+        if not warned and time.monotonic() - start > CLAIM_WARN_S:
+            print(f"waiting for {what}: another run has held it for {CLAIM_WARN_S:.0f} s "
+                  "(stopped or hung?)", file=sys.stderr)
+            warned = True
+        time.sleep(CLAIM_POLL_S)
+    return True
+
+
+def _try_flock(fh: Any) -> bool:
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextmanager
-def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[None]:
+def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[bool]:
     """Held while a run counts the study's trials and asks for one more, so that the runs
-    sharing a study (worker processes, Slurm array tasks, other hosts) together reach its
-    total exactly: counting and asking are two storage calls, and two runs that each saw
-    one trial left both asked (four workers on PostgreSQL, under load). PostgreSQL: a
-    transaction-scoped advisory lock on the study (the server drops it with a killed
-    run's connection); a file storage: an flock beside the file (the kernel drops it);
-    another server database: an flock beside the study's folder, which serialises the
-    runs of this host only."""
+    sharing a study (worker processes, other runs, other hosts) together reach its total
+    exactly: counting and asking are two storage calls, and two runs that each saw one
+    trial left both asked (four workers on PostgreSQL, under load). Yields False, holding
+    nothing, if a stop was asked while waiting. PostgreSQL: a transaction-scoped advisory
+    lock on the study (the server drops it with a killed run's connection, and ends a
+    holder idle for CLAIM_HOLD_LIMIT); a file storage: an flock beside the file (the kernel
+    drops it); another server database: an flock beside the study's folder, which
+    serialises the runs of this host only."""
     from optuna.storages import RDBStorage
     from optuna.storages._cached_storage import _CachedStorage
 
@@ -505,10 +532,22 @@ def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[None]:
     if isinstance(base, RDBStorage) and base.engine.dialect.name == "postgresql":
         import sqlalchemy
 
-        with base.engine.connect() as conn, conn.begin():
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:ns, :study)"),
-                         {"ns": _CLAIM_NAMESPACE, "study": study._study_id})
-            yield
+        conn = base.engine.connect()
+        try:
+            conn.begin()
+            conn.execute(sqlalchemy.text(
+                f"SET LOCAL idle_in_transaction_session_timeout = '{CLAIM_HOLD_LIMIT}'"))
+            key = {"ns": _CLAIM_NAMESPACE, "study": study._study_id}
+            try_lock = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:ns, :study)")
+            yield _poll(lambda: bool(conn.execute(try_lock, key).scalar()),
+                        f"the study's claim lock in {describe_storage(plan.storage_url)}")
+        finally:  # the lock ends with the transaction; a failed release (the connection
+            # lost, the hold limit passed) has released it too, and must not fail a trial
+            # the run has already asked for
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            with contextlib.suppress(Exception):
+                conn.close()
         return
     path = plan.lock_path().with_suffix(".claim")
     try:
@@ -516,11 +555,12 @@ def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[None]:
     except OSError as exc:
         raise BenchError(f"cannot create the study's lock file {path}: {exc.strerror}") from None
     with fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        got = _poll(lambda: _try_flock(fh), f"the study's claim lock {path}")
         try:
-            yield
+            yield got
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if got:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _info(t: FrozenTrial | optuna.Trial) -> dict[str, Any]:
@@ -685,8 +725,11 @@ def heartbeat_repair(plan: Plan, study: optuna.Study) -> dict[str, list[int]]:
 
 
 # ---------------------------------------------------------------- enumerated variants
-def point_key(point: dict[str, Any]) -> str:
-    return json.dumps(point, sort_keys=True, default=str)
+def point_key(point: dict[str, Any], plan: Plan) -> str:
+    """A grid point's identity in the study. A parameter added later (`Decl.since`) at its
+    default is left out: a grid that gains it as an axis keeps its earlier points."""
+    kept = {k: v for k, v in point.items() if not plan.task.at_added_default(k, v)}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def enqueue_missing(plan: Plan, study: optuna.Study, limit: int | None = None) -> int:
@@ -702,11 +745,11 @@ def enqueue_missing(plan: Plan, study: optuna.Study, limit: int | None = None) -
     added = 0
     for s in range(plan.variant.seeds):
         for point in plan.variant.points():
-            if (point_key(point), s) in taken:
+            if (point_key(point, plan), s) in taken:
                 continue
             if room is not None and added >= room:
                 return added
-            study.enqueue_trial(point, user_attrs={"bench_point": point_key(point),
+            study.enqueue_trial(point, user_attrs={"bench_point": point_key(point, plan),
                                                    "seed_index": s, "seed": plan.opts.seed + s})
             added += 1
     return added
@@ -759,8 +802,17 @@ class Worker:
         plan = self.plan
         if "bench_point" in trial.user_attrs:
             assert plan.variant is not None
-            point = {k: trial.suggest_categorical(k, vals) for k, vals in plan.variant.grid.items()
-                     if k not in plan.overrides}
+            frozen = trial._cached_frozen_trial
+            known = {**(frozen.system_attrs.get("fixed_params") or {}), **frozen.params}
+            point = {}
+            for k, vals in plan.variant.grid.items():
+                decl = plan.task.params.get(k)
+                if k in plan.overrides:
+                    continue
+                if k not in known and decl is not None and decl.since is not None:
+                    point[k] = decl.default  # a point enqueued before the grid had this axis
+                else:
+                    point[k] = trial.suggest_categorical(k, vals)
         else:
             point = {k: suggest(trial, p) for k, p in plan.searched().items()}
         return plan.params(point), int(_info(trial).get("seed", _seed(plan, trial)))
@@ -903,12 +955,22 @@ class Worker:
                     # stale, and another host's stale pass would fail it at once
         if self.plan.enumerated:
             return _pop_waiting(self.study)
-        with claim_lock(self.plan, self.study):  # other runs count and ask too
-            return self.claim()
+        with self.claiming() as got:  # other runs count and ask too
+            return self.claim() if got else None
+
+    @contextmanager
+    def claiming(self) -> Iterator[bool]:
+        """`claim_lock` when the study has a total to share; a Slurm slot's quota is its
+        own (no target), and asks without it."""
+        if self.target is None:
+            yield True
+            return
+        with claim_lock(self.plan, self.study) as got:
+            yield got
 
     def claim(self) -> optuna.Trial | None:
-        """A new trial if the study is short of its total; None if not. Call it holding
-        `claim_lock`, which makes the count and the ask one step for every run."""
+        """A new trial if the study is short of its total; None if not. Call it inside
+        `claiming()`, which makes the count and the ask one step for every run."""
         if self._target_reached() or signals.stop_requested():
             return None
         faults.pause("ask")

@@ -185,10 +185,8 @@ class FusedRunner:
         fixed = {k: v for k, v in (shape or {}).items() if k in searched}
         if not fixed:
             return self.w._ask()
-        from bench.backends.optuna import claim_lock
-
-        with claim_lock(self.plan, self.w.study):  # other runs count and ask too
-            if self.w._target_reached() or signals.stop_requested():
+        with self.w.claiming() as got:  # other runs count and ask too
+            if not got or self.w._target_reached() or signals.stop_requested():
                 return None
             # the group's shape, fixed; the sampler proposes the rest
             tag = uuid.uuid4().hex
