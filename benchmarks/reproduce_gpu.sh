@@ -2,6 +2,8 @@
 # Reproduce the original image studies (../shared/seeds/) at their full budgets on one GPU.
 #
 #   BENCH_DATA=/path/to/data bash benchmarks/reproduce_gpu.sh [OUT]
+#   SMOKE=1 DEVICE=cpu bash benchmarks/reproduce_gpu.sh /tmp/repro   # the whole script at
+#                                          # each task's smoke budget: minutes, any machine
 #
 # Every variant runs its report's settings (search_spaces/*.yaml, `bench list` prints them)
 # over 3 seeds; WORKERS processes share each study (a journal file), so several small
@@ -12,7 +14,7 @@
 #
 # Expected time on one H100/H200-class GPU with WORKERS=4 (estimates from the CPU
 # throughput in benchmarks/RESULTS.md, not yet measured): vae studies ~1 h, priors ~1 h,
-# simsiam ablation (12 ResNet-18 trials x 100 epochs) ~4 h. Each study resumes where it
+# simsiam ablations (2 x 12 ResNet-18 trials x 100 epochs) ~8 h. Each study resumes where it
 # stopped when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +30,11 @@ FASHION=mnist; have FashionMNIST && FASHION=fashion-mnist
 CIFAR=mnist; have cifar-10-batches-py && CIFAR=cifar10
 echo "priors on $FASHION, simsiam on $CIFAR (the reports: fashion-mnist, cifar10)"
 
+SMOKE_ARG=(); [ "${SMOKE:-0}" = 1 ] && SMOKE_ARG=(--smoke)
+
 run() {  # bench run TASK --variant V [--set ...], timed
   local t0=$SECONDS
-  bench run "$@" --device "$DEVICE" --workers "$WORKERS" --quiet --out "$OUT"
+  bench run "$@" "${SMOKE_ARG[@]}" --device "$DEVICE" --workers "$WORKERS" --quiet --out "$OUT"
   echo "$(date -u +%FT%TZ) $* : $((SECONDS - t0)) s"
 }
 
@@ -47,15 +51,31 @@ run vae --variant ae-vs-vae-001 --set epochs=20 --study vae.ae-vs-vae-001.e20
 run priors --variant decoders-002 --set dataset="$FASHION"
 
 # simsiam: report 004 (stop-gradient and predictor ablations, 100 epochs)
-if [ "$CIFAR" = cifar10 ]; then
-  run simsiam --variant ablation
-else  # MNIST stand-in: the CIFAR ResNet-18 takes 1-channel 28x28 images as they are
-  run simsiam --variant ablation --set dataset=mnist
-fi
+# (ablation: the paper's projector; ablation-plain-projector: no BN at its output, where
+# the identity predictor collapses on the CPU budget: benchmarks/RESULTS.md)
+for v in ablation ablation-plain-projector; do
+  if [ "$CIFAR" = cifar10 ]; then
+    run simsiam --variant "$v"
+  else  # MNIST stand-in: the CIFAR ResNet-18 takes 1-channel 28x28 images as they are
+    run simsiam --variant "$v" --set dataset=mnist
+  fi
+done
+
+studies() {  # the studies of task $1 under $OUT, one a line
+  python - "$OUT" "$1" <<'PY'
+import sys
+from bench import leaderboard
+rows = leaderboard.read_trials(sys.argv[1], sys.argv[2])
+print("\n".join(sorted(rows["study"].unique())) if len(rows) else "")
+PY
+}
 
 for task in vae priors simsiam; do
   bench board "$task" --out "$OUT" --format markdown > "$OUT/$task.board.md"
-  bench compare "$task" --out "$OUT" > "$OUT/$task.compare.txt" || true
+  : > "$OUT/$task.compare.txt"
+  for study in $(studies "$task"); do  # paired comparisons of each study's configurations
+    bench compare "$task" --study "$study" --out "$OUT" >> "$OUT/$task.compare.txt"
+  done
   bench plot "$task" --out "$OUT" > /dev/null
   bench report "$task" --out "$OUT"
 done

@@ -52,6 +52,28 @@ def test_stop_grad_cuts_the_target_branch(stop_grad: bool) -> None:
         assert sum(float(g.abs().sum()) for g in target_grads if g is not None) > 0
 
 
+@pytest.mark.parametrize("out_bn", [True, False])
+def test_with_an_identity_predictor_the_stop_gradient_only_halves_the_gradient(
+        out_bn: bool) -> None:
+    """The paper's argument (section 4.2) that its identity-predictor ablation is the
+    no-stop-gradient one in disguise: with h = identity, the symmetric loss with the
+    stop-gradient has, for every parameter, half the gradient of the loss without it
+    (so SGD at (lr, wd) with it is SGD at (lr / 2, 2 wd) without it)."""
+    grads = {}
+    for sg in (True, False):
+        torch.manual_seed(0)
+        model = ss.SimSiam(1, "small", 4, 16, 16, 4, "identity", proj_out_bn=out_bn)
+        assert isinstance(model.projector[-1], torch.nn.BatchNorm1d) == out_bn
+        g = torch.Generator().manual_seed(1)
+        x1, x2 = torch.randn(8, 1, 12, 12, generator=g), torch.randn(8, 1, 12, 12, generator=g)
+        ss.simsiam_loss(*model(x1, x2), stop_grad=sg).backward()
+        grads[sg] = [p.grad.clone() for p in model.parameters()]
+    assert len(grads[True]) == len(grads[False]) > 0
+    for with_sg, without in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(with_sg, 0.5 * without, rtol=1e-4, atol=1e-7)
+    assert any(float(g.abs().sum()) > 0 for g in grads[True])
+
+
 # ---------------------------------------------------------------- monitors
 def _knn_fixture() -> tuple[torch.Tensor, ...]:
     """Bank of 4 unit vectors in 2-D, rescaled (the monitor must normalise), and 4 queries."""

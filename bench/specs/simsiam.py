@@ -21,6 +21,9 @@ PARAMS = {
     "proj_hidden": Int(2048, 1, help="projector: 3 layers with BN, hidden width"),
     "proj_dim": Int(2048, 1, help="projector output (the paper's 2048)"),
     "pred_hidden": Int(512, 1, help="predictor bottleneck (2048-512-2048 in the paper)"),
+    "proj_out_bn": Bool(True, help="BN (no affine) on the projector's output, as in the "
+                                   "paper; false: it ends in a plain linear layer",
+                        since="2026-12-01"),
     "predictor": Choice("mlp", ["mlp", "identity"],
                         help="identity: the paper's collapsing ablation"),
     "stop_grad": Bool(True, help="false: the other collapsing ablation"),

@@ -7,7 +7,8 @@ with BN, output 2048, predictor 2048-512-2048, symmetric negative-cosine loss, S
 lr = 0.03 x batch/256, momentum 0.9, weight decay 5e-4, cosine schedule, batch 512.
 The paper's finding to reproduce: without the stop-gradient, or with an identity
 predictor, the output collapses (collapse_std -> 0, kNN accuracy -> chance) while the
-loss still falls to its minimum of -1.
+loss still falls to its minimum of -1. (The identity predictor's collapse needs a projector
+without the paper's output BN at the CPU budgets measured: `proj_out_bn`, RESULTS.md.)
 
 Speed: the data sit on the device as uint8; both views are augmented there in one batched
 call each (simsiam_augment.py); the loss is accumulated on the device and read once per
@@ -75,12 +76,18 @@ BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
     "resnet18": resnet18_cifar, "small": small_convnet}
 
 
-def projector(in_dim: int, hidden: int, out: int) -> nn.Sequential:
-    """Three linear layers, each followed by BN; the last BN has no affine (as in the paper)."""
+def projector(in_dim: int, hidden: int, out: int, out_bn: bool = True) -> nn.Sequential:
+    """Three linear layers, each followed by BN; the last BN has no affine (as in the paper).
+    Without `out_bn` the last layer is a plain linear one: SimSiam still learns (the
+    paper's BN ablation), but the identity predictor then collapses (the output BN keeps
+    every output dimension at unit variance over the batch; benchmarks/RESULTS.md)."""
+    last: list[nn.Module] = [nn.Linear(hidden, out)]
+    if out_bn:
+        last = [nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False)]
     return nn.Sequential(
         nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-        nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
+        *last)
 
 
 def predictor(dim: int, hidden: int, kind: str) -> nn.Module:
@@ -94,10 +101,10 @@ def predictor(dim: int, hidden: int, kind: str) -> nn.Module:
 class SimSiam(nn.Module):
     def __init__(self, in_ch: int = 3, backbone: str = "resnet18", width: int = 32,
                  proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512,
-                 pred_kind: str = "mlp"):
+                 pred_kind: str = "mlp", proj_out_bn: bool = True):
         super().__init__()
         self.backbone, feat_dim = BACKBONES[backbone](in_ch, width)
-        self.projector = projector(feat_dim, proj_hidden, proj_dim)
+        self.projector = projector(feat_dim, proj_hidden, proj_dim, proj_out_bn)
         self.predictor = predictor(proj_dim, pred_hidden, pred_kind)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +119,8 @@ class SimSiam(nn.Module):
 
 def build_model(params: Mapping[str, Any], in_ch: int, device: torch.device) -> SimSiam:
     model = SimSiam(in_ch, params["backbone"], int(params["width"]), int(params["proj_hidden"]),
-                    int(params["proj_dim"]), int(params["pred_hidden"]), params["predictor"])
+                    int(params["proj_dim"]), int(params["pred_hidden"]), params["predictor"],
+                    bool(params["proj_out_bn"]))
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
