@@ -239,6 +239,26 @@ def findings_text(sec: Section) -> str:
     return "\n".join(lines)
 
 
+def reference_text(sec: Section, task: Task) -> str:
+    """The report's numbers beside the measured mean +- std of the same configurations,
+    then its findings (what `bench compare` prints under its table); '' without any."""
+    lines = []
+    for (_, row), ref in zip(sec.table.iterrows(), sec.references, strict=False):
+        if not ref:
+            continue
+        col = "mean" if ref["metric"] == sec.metric else f"metric_{ref['metric']}"
+        std = "std" if col == "mean" else f"{col}_std"
+        ours = pm(row[col], row.get(std)) if col in row else "-"
+        names = [p.removeprefix("param_") for p in sec.params]
+        label = ", ".join(f"{n}={cell(row[f'param_{n}'], task.params.get(n))}" for n in names)
+        lines.append(f"  report: {label}: {ref['text']}; measured {ours}")
+    if not lines and not sec.findings:
+        return ""
+    head = [f"reference: {sec.source}"] if sec.source else []
+    findings = findings_text(sec).splitlines()[1 if sec.source else 0:] if sec.findings else []
+    return "\n".join(head + lines + findings)
+
+
 def records(sec: Section, task: Task, top: int | None = None) -> list[dict[str, Any]]:
     """JSON records: study, metric, direction, n, mean, std, the parameters, every metric."""
     out = []

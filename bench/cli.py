@@ -268,6 +268,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     res = compare.compare(sel, metric, direction, params)
     title = f"{task.name}: " + (" vs ".join(studies) if studies else f"variant {args.variant}")
     print(compare.render(res, args.format, title))
+    if len(studies) < 2 and args.format != "json":  # one study: the report beside it
+        for sec in board.sections(sel, task):
+            text = board.reference_text(sec, task)
+            if text:
+                print(text)
     name = "-".join(studies) if studies else str(sel["study"].iloc[0])  # the study's folder
     png = compare.cd_diagram(res, args.out / task.name / "plots" / name /
                              "critical_difference.png", title)

@@ -368,3 +368,7 @@ def test_decoders_002_end_to_end(tmp_path: Path) -> None:
         assert img.ndim == 3 and min(img.shape[:2]) > 200 and img.std() > 0, name
     board = bench_cli("board", "priors", "--out", str(out), "--format", "json")
     assert board.returncode == 0 and "24.9" in board.stdout, board.stderr  # the reference
+    cmp = bench_cli("compare", "priors", "--study", "priors.decoders-002.smoke", "--out", str(out))
+    assert cmp.returncode == 0, cmp.stderr  # the report's numbers beside ours, its findings
+    assert "report: prior=normal, model=vad: 24.9 (test_rmse); measured" in cmp.stdout, cmp.stdout
+    assert "finding: VAD Uniform is the worst" in cmp.stdout
