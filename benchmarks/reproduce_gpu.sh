@@ -2,8 +2,9 @@
 # Reproduce the original image studies (../shared/seeds/) at their full budgets on one GPU.
 #
 #   BENCH_DATA=/path/to/data bash benchmarks/reproduce_gpu.sh [OUT]
-#   SMOKE=1 DEVICE=cpu bash benchmarks/reproduce_gpu.sh /tmp/repro   # the whole script at
-#                                          # each task's smoke budget: minutes, any machine
+#   SMOKE=1 DEVICE=cpu bash benchmarks/reproduce_gpu.sh   # the whole script at each task's
+#                  # smoke budget (minutes, any machine), into leaderboards/reproduce-smoke
+# PYTHON names the interpreter that has bench installed (default: python).
 #
 # Every variant runs its report's settings (search_spaces/*.yaml, `bench list` prints them)
 # over 3 seeds; WORKERS processes share each study (a journal file), so several small
@@ -18,7 +19,10 @@
 # stopped when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-leaderboards/reproduce}
+SMOKE=${SMOKE:-0}
+DEFAULT_OUT=leaderboards/reproduce; [ "$SMOKE" = 1 ] && DEFAULT_OUT=leaderboards/reproduce-smoke
+OUT=${1:-$DEFAULT_OUT}
+PYTHON=${PYTHON:-python}
 WORKERS=${WORKERS:-4}
 DEVICE=${DEVICE:-cuda}
 export BENCH_NO_DOWNLOAD=${BENCH_NO_DOWNLOAD:-1}
@@ -30,11 +34,12 @@ FASHION=mnist; have FashionMNIST && FASHION=fashion-mnist
 CIFAR=mnist; have cifar-10-batches-py && CIFAR=cifar10
 echo "priors on $FASHION, simsiam on $CIFAR (the reports: fashion-mnist, cifar10)"
 
-SMOKE_ARG=(); [ "${SMOKE:-0}" = 1 ] && SMOKE_ARG=(--smoke)
+SMOKE_ARG=(); SUFFIX=""
+if [ "$SMOKE" = 1 ]; then SMOKE_ARG=(--smoke); SUFFIX=.smoke; fi
 
 run() {  # bench run TASK --variant V [--set ...], timed
   local t0=$SECONDS
-  bench run "$@" "${SMOKE_ARG[@]}" --device "$DEVICE" --workers "$WORKERS" --quiet --out "$OUT"
+  bench run "$@" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"} --device "$DEVICE" --workers "$WORKERS" --quiet --out "$OUT"
   echo "$(date -u +%FT%TZ) $* : $((SECONDS - t0)) s"
 }
 
@@ -45,7 +50,7 @@ run vae --variant vae-beta-001
 run vae --variant kl-estimator-004
 run vae --variant elbo-bar
 # report 001's VAE at its own 20 epochs beside its AE's 10 (a second study of the variant)
-run vae --variant ae-vs-vae-001 --set epochs=20 --study vae.ae-vs-vae-001.e20
+run vae --variant ae-vs-vae-001 --set epochs=20 --study "vae.ae-vs-vae-001.e20$SUFFIX"
 
 # priors: report 002 (AD and VADs with Normal, Laplace and Uniform latents)
 run priors --variant decoders-002 --set dataset="$FASHION"
@@ -62,7 +67,7 @@ for v in ablation ablation-plain-projector; do
 done
 
 studies() {  # the studies of task $1 under $OUT, one a line
-  python - "$OUT" "$1" <<'PY'
+  "$PYTHON" - "$OUT" "$1" <<'PY'
 import sys
 from bench import leaderboard
 rows = leaderboard.read_trials(sys.argv[1], sys.argv[2])
@@ -73,7 +78,9 @@ PY
 for task in vae priors simsiam; do
   bench board "$task" --out "$OUT" --format markdown > "$OUT/$task.board.md"
   : > "$OUT/$task.compare.txt"
-  for study in $(studies "$task"); do  # paired comparisons of each study's configurations
+  list=$(studies "$task")  # an assignment: a failure here stops the script (set -e)
+  [ -n "$list" ] || { echo "no studies of $task under $OUT" >&2; exit 1; }
+  for study in $list; do  # paired comparisons of each study's configurations
     bench compare "$task" --study "$study" --out "$OUT" >> "$OUT/$task.compare.txt"
   done
   bench plot "$task" --out "$OUT" > /dev/null

@@ -74,6 +74,27 @@ def test_with_an_identity_predictor_the_stop_gradient_only_halves_the_gradient(
     assert any(float(g.abs().sum()) > 0 for g in grads[True])
 
 
+def test_the_default_projector_starts_from_the_weights_it_had_before_proj_out_bn() -> None:
+    """proj_out_bn is declared since=2026-12-01: at its default, rows and studies from
+    before it are the same configuration, so the model must start where it started then
+    (the projector as it was built before the option, written out here)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    new = ss.projector(16, 32, 8)
+    after_new = torch.rand(1)
+    torch.manual_seed(0)
+    old = nn.Sequential(
+        nn.Linear(16, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+        nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
+        nn.Linear(32, 8, bias=False), nn.BatchNorm1d(8, affine=False))
+    assert torch.equal(torch.rand(1), after_new)  # the same draws consumed (the predictor next)
+    a, b = new.state_dict(), old.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- monitors
 def _knn_fixture() -> tuple[torch.Tensor, ...]:
     """Bank of 4 unit vectors in 2-D, rescaled (the monitor must normalise), and 4 queries."""

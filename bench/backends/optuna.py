@@ -487,7 +487,11 @@ def count_trials(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 _CLAIM_NAMESPACE = zlib.crc32(b"bench: claim a trial") & 0x7FFFFFFF  # advisory-lock key
 CLAIM_POLL_S = 0.1  # a run waiting for the claim lock tries again this often (and stops)
 CLAIM_WARN_S = 30.0  # ... and says so once after this long
-CLAIM_HOLD_LIMIT = "60s"  # PostgreSQL ends a lock holder idle this long (a stopped process)
+# PostgreSQL probes a lock holder's connection after 10 s of silence, every 5 s, 3 times:
+# a holder whose host died or lost the network releases the lock within ~25 s (a stopped
+# process, whose host still answers, keeps it, as it keeps an flock)
+CLAIM_KEEPALIVE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5,
+                   "tcp_keepalives_count": 3}
 
 
 def _poll(try_lock: Callable[[], bool], what: str) -> bool:
@@ -520,10 +524,11 @@ def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[bool]:
     exactly: counting and asking are two storage calls, and two runs that each saw one
     trial left both asked (four workers on PostgreSQL, under load). Yields False, holding
     nothing, if a stop was asked while waiting. PostgreSQL: a transaction-scoped advisory
-    lock on the study (the server drops it with a killed run's connection, and ends a
-    holder idle for CLAIM_HOLD_LIMIT); a file storage: an flock beside the file (the kernel
-    drops it); another server database: an flock beside the study's folder, which
-    serialises the runs of this host only."""
+    lock on the study (the server drops it with a killed run's connection, or a dead host's:
+    CLAIM_KEEPALIVE); a file storage: an flock beside the file (the kernel drops it);
+    another server database: an flock beside the study's folder, which serialises the runs
+    of this host only. No lock here expires while its holder lives: a lease that did could
+    let a stopped holder (Ctrl-Z) wake up and ask past the total."""
     from optuna.storages import RDBStorage
     from optuna.storages._cached_storage import _CachedStorage
 
@@ -535,15 +540,14 @@ def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[bool]:
         conn = base.engine.connect()
         try:
             conn.begin()
-            conn.execute(sqlalchemy.text(
-                f"SET LOCAL idle_in_transaction_session_timeout = '{CLAIM_HOLD_LIMIT}'"))
+            for name, value in CLAIM_KEEPALIVE.items():  # this transaction only
+                conn.execute(sqlalchemy.text(f"SET LOCAL {name} = {int(value)}"))
             key = {"ns": _CLAIM_NAMESPACE, "study": study._study_id}
             try_lock = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:ns, :study)")
             yield _poll(lambda: bool(conn.execute(try_lock, key).scalar()),
                         f"the study's claim lock in {describe_storage(plan.storage_url)}")
         finally:  # the lock ends with the transaction; a failed release (the connection
-            # lost, the hold limit passed) has released it too, and must not fail a trial
-            # the run has already asked for
+            # lost) has released it too, and must not fail a trial the run has asked for
             with contextlib.suppress(Exception):
                 conn.rollback()
             with contextlib.suppress(Exception):

@@ -81,13 +81,16 @@ def projector(in_dim: int, hidden: int, out: int, out_bn: bool = True) -> nn.Seq
     Without `out_bn` the last layer is a plain linear one: SimSiam still learns (the
     paper's BN ablation), but the identity predictor then collapses (the output BN keeps
     every output dimension at unit variance over the batch; benchmarks/RESULTS.md)."""
-    last: list[nn.Module] = [nn.Linear(hidden, out)]
-    if out_bn:
-        last = [nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False)]
-    return nn.Sequential(
+    # built in order, one last Linear either way: the default draws the initial weights it
+    # drew before this option existed (tests/test_simsiam.py)
+    layers: list[nn.Module] = [
         nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-        *last)
+        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    if out_bn:
+        layers += [nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False)]
+    else:
+        layers += [nn.Linear(hidden, out)]
+    return nn.Sequential(*layers)
 
 
 def predictor(dim: int, hidden: int, kind: str) -> nn.Module:
