@@ -173,10 +173,14 @@ class Plan:
         place of this run's (a study's earlier run, read from its trials)."""
         given = self.overrides if overrides is None else overrides
         merged = merge_params(self.task, self.space, self.variant, {}, given)
-        varied = set(self.searched()) | (set(self.variant.grid) if self.variant else set())
+        varied = self.varied()
         return {k: v for k, v in merged.items()
                 if (k not in varied or k in given) and k not in self.task.execution
                 and (k in varied or not self.task.at_added_default(k, v))}
+
+    def varied(self) -> set[str]:
+        """The parameters the study varies: searched, or its variant's grid axes."""
+        return set(self.searched()) | (set(self.variant.grid) if self.variant else set())
 
     def canonical_config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """`fixed_config` as the study stores it (JSON values)."""
@@ -494,14 +498,28 @@ def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(values), sort_keys=True, default=str))
 
 
-def config_change(stored: Mapping[str, Any], mine: Mapping[str, Any]) -> str | None:
-    """How this run's configuration differs from its study's, value by value; None if not."""
+def config_change(stored: Mapping[str, Any], mine: Mapping[str, Any],
+                  plan: Plan | None = None) -> str | None:
+    """How this run's configuration differs from its study's, value by value; None if not.
+    A key is absent when the study varies it (named so) or, for a parameter added later
+    (`Decl.since`), at its default (named as its default)."""
     if dict(stored) == dict(mine):
         return None
     missing = object()
     changed = sorted(k for k in {*stored, *mine} if stored.get(k, missing) != mine.get(k, missing))
-    return ", ".join(f"{k}: the study's {stored.get(k, '(unset)')!r}, this run's "
-                     f"{mine.get(k, '(unset)')!r}" for k in changed)
+
+    def show(config: Mapping[str, Any], key: str) -> str:
+        if key in config:
+            return repr(config[key])
+        if plan is not None and key in plan.varied():
+            return "'(searched or a grid axis)'"
+        decl = plan.task.params.get(key) if plan is not None else None
+        if decl is not None and decl.since is not None:
+            return f"{decl.default!r} (the default; the parameter was added {decl.since})"
+        return "'(unset)'"
+
+    return ", ".join(f"{k}: the study's {show(stored, k)}, this run's {show(mine, k)}"
+                     for k in changed)
 
 
 def refuse_other_config(study: str, where: str, change: str) -> ConfigError:

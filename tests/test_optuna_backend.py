@@ -153,7 +153,8 @@ def test_a_parameter_added_later_leaves_older_studies_and_rows_one_configuration
     monkeypatch.setitem(task.params, "new_knob", Float(0.0, since="2026-12-01"))
     capsys.readouterr()
     assert run(out, "--add", "1", "--set", "epochs=2") == 0, capsys.readouterr().err
-    assert "new_knob: the study's '(unset)', this run's 0.5" in run_err(
+    assert ("new_knob: the study's 0.0 (the default; the parameter was added 2026-12-01), "
+            "this run's 0.5") in run_err(
         out, capsys, "--add", "1", "--set", "epochs=2", "--set", "new_knob=0.5")
     df = rows(out)
     assert len(df) == 2 and list(df["param_new_knob"]) == [0.0, 0.0]  # the old row: filled
@@ -551,6 +552,11 @@ def _postgres_url() -> str:
     return url
 
 
+def _study_url(kind: str, tmp_path: Path) -> str:
+    return {"sqlite": f"sqlite:///{tmp_path}/s.db", "journal": f"journal:{tmp_path}/s.journal",
+            "postgres": _postgres_url() if kind == "postgres" else ""}[kind]
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal",
                                   pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_user_attributes_written_at_once_read_back_in_any_optuna(tmp_path: Path,
@@ -564,8 +570,7 @@ def test_user_attributes_written_at_once_read_back_in_any_optuna(tmp_path: Path,
     from bench.backends.optuna import count_trials, open_storage, set_user_attrs
 
     name = f"s-{uuid.uuid4().hex[:8]}"
-    url = {"sqlite": f"sqlite:///{tmp_path}/s.db", "journal": f"journal:{tmp_path}/s.journal",
-           "postgres": _postgres_url() if kind == "postgres" else ""}[kind]
+    url = _study_url(kind, tmp_path)
     study = optuna.create_study(storage=open_storage(url), study_name=name)
     try:
         trial = study.ask()
@@ -603,8 +608,7 @@ def test_runs_sharing_a_study_reach_its_total_exactly(tmp_path: Path, kind: str)
     from bench.backends.optuna import open_storage
 
     name = f"s-{uuid.uuid4().hex[:8]}"
-    url = {"sqlite": f"sqlite:///{tmp_path}/s.db", "journal": f"journal:{tmp_path}/s.journal",
-           "postgres": _postgres_url() if kind == "postgres" else ""}[kind]
+    url = _study_url(kind, tmp_path)
     out = tmp_path / "lb"
     cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--out", str(out), "--quiet",
            "--storage", url, "--study", name, "--trials", "2", "--pruner", "none",

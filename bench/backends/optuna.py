@@ -339,7 +339,7 @@ def check_overrides(plan: Plan, study: optuna.Study) -> None:
         earlier = [i for i in earlier if isinstance(i.get("overrides"), dict)]
         stored = plan.canonical_config(earlier[-1]["overrides"]) if earlier else mine
         study.set_user_attr(STUDY_SET, stored)
-    change = config_change(stored, mine)
+    change = config_change(stored, mine, plan)
     if change is not None:
         raise refuse_other_config(plan.study_name, describe_storage(plan.storage_url), change)
 
@@ -386,21 +386,29 @@ class StudyLock:
             fcntl.flock(self.fh, fcntl.LOCK_SH)
 
 
-@contextmanager
-def study_lock(plan: Plan) -> Iterator[StudyLock]:
-    path = plan.lock_path()
+def _open_lock_file(path: Path) -> Any:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a")  # noqa: SIM115
+        return open(path, "a")  # noqa: SIM115
     except OSError as exc:
         raise BenchError(f"cannot create the study's lock file {path}: {exc.strerror}") from None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            sole = True
-        except BlockingIOError:
+
+
+def _try_flock(fh: Any) -> bool:
+    """An exclusive flock if free now; False (holding nothing) if another run has it."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextmanager
+def study_lock(plan: Plan) -> Iterator[StudyLock]:
+    with _open_lock_file(plan.lock_path()) as fh:
+        sole = _try_flock(fh)
+        if not sole:
             fcntl.flock(fh, fcntl.LOCK_SH)  # waits only while a starting run repairs the study
-            sole = False
         try:
             yield StudyLock(fh, sole)
         finally:
@@ -509,14 +517,6 @@ def _poll(try_lock: Callable[[], bool], what: str) -> bool:
     return True
 
 
-def _try_flock(fh: Any) -> bool:
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 @contextmanager
 def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[bool]:
     """Held while a run counts the study's trials and asks for one more, so that the runs
@@ -554,11 +554,7 @@ def claim_lock(plan: Plan, study: optuna.Study) -> Iterator[bool]:
                 conn.close()
         return
     path = plan.lock_path().with_suffix(".claim")
-    try:
-        fh = open(path, "a")  # noqa: SIM115
-    except OSError as exc:
-        raise BenchError(f"cannot create the study's lock file {path}: {exc.strerror}") from None
-    with fh:
+    with _open_lock_file(path) as fh:
         got = _poll(lambda: _try_flock(fh), f"the study's claim lock {path}")
         try:
             yield got

@@ -371,7 +371,7 @@ def check_config(plan: Plan, experiment: str) -> None:
         raise ConfigError(f"{path}: unreadable ({exc}); it records the configuration of "
                           f"the Ray experiment {plan.study_name!r}. Restore it from a copy, "
                           "or give --study NEW") from exc
-    change = config_change(stored, mine)
+    change = config_change(stored, mine, plan)
     if change is not None:
         raise refuse_other_config(plan.study_name, describe_storage(experiment), change)
 
