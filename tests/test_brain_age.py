@@ -68,6 +68,41 @@ def test_resample_keeps_the_physical_aspect(tmp_path: Path) -> None:
     assert vol.shape == (16, 16, 16) and np.allclose(vol, 1.0)
 
 
+def test_the_mask_channel_tells_dark_tissue_from_a_voxel_half_outside_the_brain(
+        tmp_path: Path) -> None:
+    # Two 2 mm cubes after halving: A is full of a dark tissue (0.25), B is half brain
+    # (0.5) and half background. Their area averages are equal; the mask channel is not.
+    data = np.zeros((8, 8, 8), np.float32)
+    data[0:2, 0:2, 0:2] = 0.25
+    data[4:6, 4:6, 4] = 0.5
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
+    plain = load_volume(tmp_path / "a.nii.gz", 4, "resample", "none")
+    both = load_volume(tmp_path / "a.nii.gz", 4, "resample", "none", mask_channel=True)
+    assert plain.shape == (4, 4, 4) and both.shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(both[0], plain)
+    assert plain[0, 0, 0] == pytest.approx(0.25) and plain[2, 2, 2] == pytest.approx(0.25)
+    assert both[1, 0, 0, 0] == pytest.approx(1.0) and both[1, 2, 2, 2] == pytest.approx(0.5)
+    assert both[1].sum() == pytest.approx(1.5)  # the brain's volume, in output voxels
+    # the mask is taken before normalisation: a z-scored image's negative voxels count
+    z = load_volume(tmp_path / "a.nii.gz", 4, "resample", "zscore", mask_channel=True)
+    np.testing.assert_array_equal(z[1], both[1])
+    # background left over by interpolation is not brain (nilearn's 2 mm template has ~1e-45)
+    data[data == 0] = 1e-30
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "b.nii.gz")
+    leftover = load_volume(tmp_path / "b.nii.gz", 4, "resample", "none", mask_channel=True)
+    np.testing.assert_array_equal(leftover[1], both[1])
+    # a background that is not 0 (not skull-stripped): refused, naming the rule
+    noisy = np.abs(np.random.default_rng(0).normal(0, 0.01, data.shape)).astype(np.float32)
+    nib.save(nib.Nifti1Image(noisy + data, np.eye(4)), tmp_path / "c.nii.gz")
+    with pytest.raises(ValueError, match="must be skull-stripped with a background of 0"):
+        load_volume(tmp_path / "c.nii.gz", 4, "resample", "none", mask_channel=True)
+    assert load_volume(tmp_path / "c.nii.gz", 4, "resample", "none").shape == (4, 4, 4)
+    # nothing left (a failed skull-strip): refused too
+    nib.save(nib.Nifti1Image(np.zeros_like(data), np.eye(4)), tmp_path / "d.nii.gz")
+    with pytest.raises(ValueError, match="0.0% of the image .* no brain is left"):
+        load_volume(tmp_path / "d.nii.gz", 4, "resample", "none", mask_channel=True)
+
+
 def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     folder = copy_cohort(tiny_cohort, tmp_path / "c", n=12)
@@ -92,6 +127,26 @@ def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
     monkeypatch.setattr(cohort_mod, "load_volume", no_nifti)
     again = load_cohort(spec)
     assert (again.volumes == first.volumes).all()
+
+    # one channel is stored [N,S,S,S], as before the channel axis: older versions sharing
+    # the cache folder read it; a file of another shape under the key is built again
+    assert np.load(cached[0]).shape == (12, 16, 16, 16)
+    cohort_mod._MEMORY.clear()
+    np.save(cached[0], np.zeros((12, 2, 16, 16, 16), np.float16))
+    monkeypatch.undo()
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    rebuilt = load_cohort(spec)
+    assert (rebuilt.volumes == first.volumes).all()
+    assert np.load(cached[0]).shape == (12, 16, 16, 16)
+
+    # the mask channel is its own cache entry: image channel as before, plus the mask
+    masked = load_cohort(CohortSpec(folder, 16, mask_channel=True))
+    assert tuple(masked.volumes.shape) == (12, 2, 16, 16, 16)
+    assert (masked.volumes[:, :1] == first.volumes).all()
+    inside = masked.volumes[:, 1].float()
+    assert float(inside.min()) == 0.0 and float(inside.max()) == 1.0
+    assert ((inside > 0) == (first.volumes[:, 0] != 0)).float().mean() > 0.99
+    assert len(list((tmp_path / "cache" / "brain-cache").glob("*.npy"))) == 2
 
 
 def make_bad_cohort(tiny_cohort: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:

@@ -56,6 +56,7 @@ class CohortSpec:
     concepts: tuple[str, ...] = ("csfv", "gmv", "wmv")
     resize: str = "resample"
     normalize: str = "percentile"
+    mask_channel: bool = False
 
     def image_path(self, subject_id: str) -> Path:
         return self.root / self.file_pattern.format(id=subject_id)
@@ -64,7 +65,7 @@ class CohortSpec:
 @dataclass
 class Cohort:
     meta: pd.DataFrame          # the good rows, in the order of `volumes`
-    volumes: torch.Tensor       # float16 [N,1,S,S,S] on the CPU
+    volumes: torch.Tensor       # float16 [N,C,S,S,S] on the CPU (C 2 with the mask channel)
     bad: list[str] = field(default_factory=list)
 
 
@@ -102,8 +103,11 @@ def normalize(x: np.ndarray, mode: str) -> np.ndarray:
 
 
 def load_volume(path: str | Path, shape: int, resize: str = "resample",
-                norm: str = "percentile") -> np.ndarray:
-    """One NIfTI -> float32 [shape]^3 in RAS+; raises ValueError/OSError naming the problem."""
+                norm: str = "percentile", mask_channel: bool = False) -> np.ndarray:
+    """One NIfTI -> float32 [shape]^3 in RAS+ ([2,shape,shape,shape] with `mask_channel`:
+    the image and the fraction of each voxel inside the brain, i.e. the non-zero voxels of
+    the skull-stripped image at its native resolution, resized the same way); raises
+    ValueError/OSError naming the problem."""
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -121,7 +125,35 @@ def load_volume(path: str | Path, shape: int, resize: str = "resample",
     # Normalised before resizing: at the native resolution the 99th percentile is pure white
     # matter; after area-averaging to 32^3 (6 mm voxels) it is a partial-volume voxel whose
     # value depends on the subject's tissue mix, the very thing the CNN has to measure.
-    return resize_cube(normalize(data, norm), zooms, shape, resize)
+    image = resize_cube(normalize(data, norm), zooms, shape, resize)
+    if not mask_channel:
+        return image
+    # After area-averaging a dark voxel is CSF, or brain half outside the mask: the
+    # fraction inside tells them apart (measured in benchmarks/RESULTS.md, brain-age).
+    inside = resize_cube(brain_mask(data).astype(np.float32), zooms, shape, resize)
+    return np.stack([image, inside])
+
+
+MASK_REL = 1e-3      # |value| above this fraction of the 99th percentile: inside the brain
+MASK_FILL = (0.01, 0.9)  # outside: no brain left, or a background that is not 0
+
+
+def brain_mask(data: np.ndarray) -> np.ndarray:
+    """The skull-stripped brain: voxels whose magnitude is above MASK_REL of the image's
+    99th percentile (background left over by interpolation, ~1e-45 in nilearn's 2 mm
+    template, is not brain); ValueError if it is (nearly) empty or fills the image."""
+    mag = np.abs(data)
+    nonzero = mag[mag > 0]
+    mask = mag > MASK_REL * (float(np.percentile(nonzero, 99.0)) if nonzero.size else 0.0)
+    fill = float(mask.mean())
+    low, high = MASK_FILL
+    if not low <= fill <= high:
+        what = ("the image must be skull-stripped with a background of 0" if fill > high
+                else "no brain is left (a failed skull-strip?)")
+        raise ValueError(f"mask_channel: {fill:.1%} of the image is above its background "
+                         f"(|value| > {MASK_REL:g} x its 99th percentile); {what}: the brain "
+                         f"must fill {low:.0%}-{high:.0%} of it")
+    return mask
 
 
 def _reason(exc: BaseException) -> str:
@@ -188,7 +220,10 @@ def orphan_images(spec: CohortSpec, meta: pd.DataFrame) -> list[str]:
 
 
 def cache_key(spec: CohortSpec, meta_bytes: bytes, meta: pd.DataFrame) -> str:
-    h = hashlib.sha256(json.dumps({**asdict(spec), "root": str(spec.root.resolve()),
+    fields = asdict(spec)
+    if not spec.mask_channel:  # the key (and cache file) of a cohort read before the option
+        del fields["mask_channel"]
+    h = hashlib.sha256(json.dumps({**fields, "root": str(spec.root.resolve()),
                                    "v": CACHE_VERSION}, sort_keys=True).encode())
     h.update(meta_bytes)
     for sid in meta[spec.id_column].astype(str):
@@ -213,12 +248,13 @@ def cache_dir(spec: CohortSpec) -> Path:
 
 def _read_all(spec: CohortSpec, paths: list[Path]) -> tuple[np.ndarray, dict[int, str]]:
     """Read images on a few threads (gzip inflation releases the GIL)."""
-    vols = np.zeros((len(paths), spec.shape, spec.shape, spec.shape), np.float16)
+    vols = np.zeros((len(paths), 1 + spec.mask_channel, *(spec.shape,) * 3), np.float16)
     bad: dict[int, str] = {}
 
     def one(i: int) -> None:
         try:
-            vols[i] = load_volume(paths[i], spec.shape, spec.resize, spec.normalize)
+            vols[i] = load_volume(paths[i], spec.shape, spec.resize, spec.normalize,
+                                  spec.mask_channel).reshape(vols.shape[1:])
         except Exception as exc:  # every reason is reported, none stops the others
             bad[i] = f"{paths[i]}: {_reason(exc)}"
 
@@ -253,8 +289,7 @@ def load_cohort(spec: CohortSpec, on_bad_file: str = "error") -> Cohort:
     cohort = _MEMORY.get(key) or _from_disk(spec, meta, key)
     if cohort is None:
         vols, rows, bad = _build(spec, meta)
-        cohort = Cohort(meta.iloc[rows].reset_index(drop=True), torch.from_numpy(vols)[:, None],
-                        bad)
+        cohort = Cohort(meta.iloc[rows].reset_index(drop=True), torch.from_numpy(vols), bad)
         _to_disk(spec, key, vols, rows, bad)
     _MEMORY[key] = cohort
     if cohort.bad:
@@ -276,8 +311,12 @@ def _from_disk(spec: CohortSpec, meta: pd.DataFrame, key: str) -> Cohort | None:
         return None
     info = json.loads(js.read_text())
     vols = np.load(npy)
+    if vols.ndim == 4:  # one channel, stored without the channel axis: [N,S,S,S]
+        vols = vols[:, None]
+    if vols.shape[1:] != (1 + spec.mask_channel, *(spec.shape,) * 3):
+        return None  # not what this key should hold: built again
     return Cohort(meta.iloc[info["rows"]].reset_index(drop=True),
-                  torch.from_numpy(vols)[:, None], info["bad"])
+                  torch.from_numpy(vols), info["bad"])
 
 
 def _to_disk(spec: CohortSpec, key: str, vols: np.ndarray, rows: list[int],
@@ -286,7 +325,9 @@ def _to_disk(spec: CohortSpec, key: str, vols: np.ndarray, rows: list[int],
     try:
         folder = cache_dir(spec)
         tmp = folder / f".{key}.{os.getpid()}.npy"
-        np.save(tmp, vols)
+        # one channel: stored [N,S,S,S], as before the channel axis, so that older
+        # versions sharing this cache folder read it too
+        np.save(tmp, vols[:, 0] if vols.shape[1] == 1 else vols)
         os.replace(tmp, folder / f"{key}.npy")
         tmpj = folder / f".{key}.{os.getpid()}.json"
         tmpj.write_text(json.dumps({"rows": rows, "bad": bad}))

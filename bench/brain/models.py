@@ -40,14 +40,14 @@ class CNN3d(nn.Module):
     def __init__(self, shape: int, channels: Sequence[int] = (2,), kernel: int = 3,
                  padding: str = "valid", pooling: str = "max", norm: str = "none",
                  head: str = "flatten", hidden: int = 0, dropout: float = 0.0,
-                 out_dim: int = 3):
+                 out_dim: int = 3, in_channels: int = 1):
         super().__init__()
         if head not in HEADS or norm not in NORMS:
             raise ConfigError(f"brain-age: head must be one of {HEADS} and norm one of "
                               f"{NORMS}, got head={head!r}, norm={norm!r}")
         pool = nn.MaxPool3d if pooling == "max" else nn.AvgPool3d
         layers: list[nn.Module] = []
-        ch = 1
+        ch = in_channels
         for out in channels:
             layers.append(nn.Conv3d(ch, out, kernel, padding=kernel // 2 if padding == "same"
                                     else 0))

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.params import Choice, Float, Int, Metric, Text
+from bench.params import Bool, Choice, Float, Int, Metric, Text
 from bench.registry import declare_task
 
 CONCEPTS = ("csfv", "gmv", "wmv")  # per-concept metrics are declared for these names
@@ -46,6 +46,10 @@ PARAMS = {
     "shape": Int(96, 8, 512, help="edge of the cube the volumes are brought to"),
     "resize": Choice("resample", ["resample", "crop"]),
     "normalize": Choice("percentile", ["percentile", "zscore", "none"]),
+    "mask_channel": Bool(False, since="2026-12-01",
+                         help="a second input channel: the fraction of each voxel inside the "
+                              "brain (the skull-stripped image's non-zero voxels at its "
+                              "native resolution, resized like the image)"),
     "on_bad_file": Choice("error", ["error", "skip"]),
     # 622 subjects: 466 in train+val after the 25% test split, the report's training set
     "sim_n": Int(622, 10, 100_000, help="simulated cohort: subjects"),

@@ -20,7 +20,11 @@ Why that baseline does not learn csfv, and what does (benchmarks/RESULTS.md, bra
 its head has one weight per voxel and concept (207,646 per concept at 96^3) for ~400
 training subjects, so it fits the training volumes and not the count; `head=mean` (a
 per-voxel classifier averaged over space: a volume is a count of voxels) has a few hundred
-weights and the right invariance.
+weights and the right invariance. At 32^3 (6 mm voxels) a dark voxel is CSF or a voxel
+half outside the skull-stripped brain; `mask_channel` adds the fraction of each voxel
+inside the brain as a second input channel (benchmarks/RESULTS.md, brain-age, "the
+brain-mask channel": the best 32^3 configuration's test MAE 6.42 -> 6.24 y, mean of 4
+seeds, better on 3 of them).
 
 Data: without `cohort`, the simulated cohort (`bench.brain.sim`, `sim_n` subjects at
 `shape`^3) is generated once under the data root and reused. Splits: the cohort's own
@@ -91,7 +95,8 @@ def load_data(params: Mapping[str, Any], data_dir: Path | None) -> Any:
     concepts = tuple(concept_names(params))
     spec = CohortSpec(Path(folder).expanduser(), shape, params["metadata"],
                       params["file_pattern"], params["id_column"], params["age_column"],
-                      concepts, params["resize"], params["normalize"])
+                      concepts, params["resize"], params["normalize"],
+                      bool(params["mask_channel"]))
     return load_cohort(spec, params["on_bad_file"])
 
 
@@ -115,7 +120,7 @@ def _input(vols: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def flip_lr(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each volume of [B,1,X,Y,Z] (RAS: X runs left-right) mirrored in X with p=0.5."""
+    """Each volume of [B,C,X,Y,Z] (RAS: X runs left-right) mirrored in X with p=0.5."""
     flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
     return torch.where(flip[:, None, None, None, None], x.flip(2), x)
 
@@ -190,7 +195,8 @@ def build_model(params: Mapping[str, Any], n_concepts: int,
     direct = params["model"] == "direct"
     cnn = CNN3d(int(params["shape"]), conv_channels(params), int(params["kernel"]),
                 params["padding"], params["pooling"], params["norm"], params["head"],
-                int(params["hidden"]), float(params["dropout"]), 1 if direct else n_concepts)
+                int(params["hidden"]), float(params["dropout"]), 1 if direct else n_concepts,
+                2 if params["mask_channel"] else 1)
     model: torch.nn.Module = cnn
     if not direct and params["mode"] == "joint":
         model = JointModel(cnn, joint_head(params, n_concepts))
