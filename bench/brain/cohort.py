@@ -58,6 +58,11 @@ class CohortSpec:
     normalize: str = "percentile"
     mask_channel: bool = False
 
+    @property
+    def channels(self) -> int:
+        """Channels of each volume: the image, and the brain mask with `mask_channel`."""
+        return 2 if self.mask_channel else 1
+
     def image_path(self, subject_id: str) -> Path:
         return self.root / self.file_pattern.format(id=subject_id)
 
@@ -105,9 +110,8 @@ def normalize(x: np.ndarray, mode: str) -> np.ndarray:
 def load_volume(path: str | Path, shape: int, resize: str = "resample",
                 norm: str = "percentile", mask_channel: bool = False) -> np.ndarray:
     """One NIfTI -> float32 [shape]^3 in RAS+ ([2,shape,shape,shape] with `mask_channel`:
-    the image and the fraction of each voxel inside the brain, i.e. the non-zero voxels of
-    the skull-stripped image at its native resolution, resized the same way); raises
-    ValueError/OSError naming the problem."""
+    the image and the fraction of each voxel inside the brain, `brain_mask` at the native
+    resolution resized the same way); raises ValueError/OSError naming the problem."""
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -248,7 +252,7 @@ def cache_dir(spec: CohortSpec) -> Path:
 
 def _read_all(spec: CohortSpec, paths: list[Path]) -> tuple[np.ndarray, dict[int, str]]:
     """Read images on a few threads (gzip inflation releases the GIL)."""
-    vols = np.zeros((len(paths), 1 + spec.mask_channel, *(spec.shape,) * 3), np.float16)
+    vols = np.zeros((len(paths), spec.channels, *(spec.shape,) * 3), np.float16)
     bad: dict[int, str] = {}
 
     def one(i: int) -> None:
@@ -313,7 +317,7 @@ def _from_disk(spec: CohortSpec, meta: pd.DataFrame, key: str) -> Cohort | None:
     vols = np.load(npy)
     if vols.ndim == 4:  # one channel, stored without the channel axis: [N,S,S,S]
         vols = vols[:, None]
-    if vols.shape[1:] != (1 + spec.mask_channel, *(spec.shape,) * 3):
+    if vols.shape[1:] != (spec.channels, *(spec.shape,) * 3):
         return None  # not what this key should hold: built again
     return Cohort(meta.iloc[info["rows"]].reset_index(drop=True),
                   torch.from_numpy(vols), info["bad"])
