@@ -7,8 +7,10 @@ in the test's temporary folder, which the local node shares.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -136,23 +138,37 @@ def journal_trials(path: Path) -> list:
 
 # ---------------------------------------------------------------- real jobs
 
-def squeue_state(job: str) -> str:
-    out = subprocess.run(["squeue", "--noheader", "-j", job, "-o", "%T %r"],
-                         capture_output=True, text=True)
-    return " ".join(out.stdout.split())
+ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL",
+         "DEADLINE", "OUT_OF_MEMORY"}  # a job in these states will not run again
+
+
+def squeue_state(job: str) -> str | None:
+    """'<state> <reason>' of each task of `job` in any state (a requeued task passes
+    through states that plain squeue leaves out); None when squeue could not answer (a
+    busy controller times out: that is not an empty queue)."""
+    out = subprocess.run(["squeue", "--noheader", "--states=all", f"--jobs={job}",
+                          "-o", "%T %r"], capture_output=True, text=True)
+    return "; ".join(out.stdout.split("\n")).strip("; ") if out.returncode == 0 else None
 
 
 def wait_done(job: str, release_requeued: bool = False) -> None:
-    """Wait until every task of `job` has left the queue (requeued ones started at once)."""
+    """Wait until every task of `job` has ended for good. With `release_requeued`, a
+    requeued task is started 3 s after its requeue instead of Slurm's ~2 min: started at
+    once, slurmd may still hold its last instance's credential as revoked and refuse it
+    ("Killing non-startable batch JobId=N: Job credential revoked"), and it ends FAILED."""
     deadline = time.time() + TIMEOUT_S
+    state: str | None = None
+    held_since: float | None = None
     while time.time() < deadline:
         state = squeue_state(job)
-        if not state:
+        if state is not None and {t.split()[0] for t in state.split("; ") if t} <= ENDED:
             return
-        if release_requeued and "BeginTime" in state:  # Slurm delays a requeued job ~2 min
+        held = bool(release_requeued and state and "BeginTime" in state)
+        held_since = (held_since or time.time()) if held else None
+        if held_since is not None and time.time() - held_since >= 3:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
                            capture_output=True)
-        time.sleep(1)
+        time.sleep(0.5)
     subprocess.run(["scancel", job])
     pytest.fail(f"job {job} still queued after {TIMEOUT_S} s: {state}")
 
@@ -253,7 +269,8 @@ def test_usr2_suspends_trial_requeues_and_resumes_it_exactly(tmp_path: Path) -> 
     wait_done(job, release_requeued=True)
 
     trials = study_trials(tmp_path)
-    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE
+                                    for t in trials), logs(tmp_path)
     rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
     assert len(rows) == 3 and rows["trial_uid"].is_unique
     assert set(rows["state"]) == {"COMPLETE"}
@@ -271,6 +288,46 @@ def test_usr2_suspends_trial_requeues_and_resumes_it_exactly(tmp_path: Path) -> 
                                             tmp_path / "ref", "loss"))
     assert row["objective"] == ref["loss"]
     assert "suspended its trial; requeueing" in logs(tmp_path)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow  # 90 s: slurmd retries what it could not tell the stopped controller
+@slurm_running
+def test_a_worker_requeues_itself_through_a_controller_that_does_not_answer(
+        tmp_path: Path) -> None:
+    """slurmctld stopped (SIGSTOP: a controller too busy to answer within MessageTimeout)
+    when a warned worker requeues itself: scontrol fails, the job retries it, and once the
+    controller answers again the job comes back and finishes its trial. (The warning is
+    sent to the worker itself: a stopped controller would not forward scancel's.)"""
+    found = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    if len(pids) != 1:
+        pytest.skip(f"no single slurmctld process on this host: {found.stdout!r}")
+    try:
+        os.kill(pids[0], 0)
+    except PermissionError:
+        pytest.skip("the slurmctld process belongs to another user: cannot stop it")
+    job = submit(tmp_path, "--trials", "1", "--workers", "1", "--set", "sleep_s=1.0",
+                 "--set", "epochs=4", "--pruner", "none")
+    wait_mid_trial(tmp_path, job, max_steps=2)
+    worker = [p for p in map(int, subprocess.run(
+        ["pgrep", "-f", f"worker-id {job}-0"], capture_output=True, text=True).stdout.split())
+        if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0] != b"srun"]
+    assert len(worker) == 1, worker
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        os.kill(worker[0], signal.SIGUSR2)
+        deadline = time.time() + 120
+        while "failed (try 1 of 5)" not in logs(tmp_path) and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    assert "failed (try 1 of 5)" in logs(tmp_path), logs(tmp_path)
+    wait_done(job, release_requeued=True)
+    rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
+    assert list(rows["state"]) == ["COMPLETE"] and list(rows["attempts"]) == [2], \
+        logs(tmp_path)
+    assert "could not requeue" not in logs(tmp_path)
 
 
 @pytest.mark.slurm

@@ -52,6 +52,23 @@ from bench.launchers.sbatch_rules import (
 
 MODES = ("optuna", "ray")
 SIGNAL_S = 90  # USR2 this long before the time limit: time to finish a step and save
+# A job requeues itself with scontrol, which fails when the controller does not answer within
+# MessageTimeout (a busy controller): it retries, 5 tries 2-16 s apart (30 s of waiting, in
+# SIGNAL_S), then says so; the job then ends with the worker's own exit status (75: FAILED,
+# not COMPLETED), and the suspended trial resumes at the study's next run.
+REQUEUE_SELF = r"""requeue_self() {  # scontrol requeue, retried while the controller is silent
+    local try
+    for try in 1 2 3 4 5; do
+        scontrol requeue "$SLURM_JOB_ID" && return 0
+        [ "$try" -lt 5 ] || break
+        echo "bench: scontrol requeue $SLURM_JOB_ID failed (try $try of 5); retrying" \
+            "in $(( 1 << try )) s"
+        sleep $(( 1 << try ))
+    done
+    echo "bench: could not requeue job $SLURM_JOB_ID (scontrol failed 5 times); its" \
+        "suspended trial resumes when the study runs again (bench run or slurm submit)"
+    return 1
+}"""
 
 
 @dataclass
@@ -246,7 +263,7 @@ def render(o: SubmitOptions, trials: int) -> str:
         "env_lines": _env_lines(), "python": shlex.quote(sys.executable),
         "ray": shlex.quote(ray_executable()),
         "run_args": run_args(o), "ray_args": " ".join(ray_args),
-        "ray_experiment": shlex.quote(ray_experiment(o)),
+        "ray_experiment": shlex.quote(ray_experiment(o)), "requeue_self": REQUEUE_SELF,
     }
     name = "optuna-array.sbatch" if o.mode == "optuna" else "ray.sbatch"
     return fill((templates_dir() / name).read_text(), values)
