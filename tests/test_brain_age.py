@@ -353,6 +353,24 @@ def test_bench_run_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
     assert all(Path(p).stat().st_size > 1000 for p in plots.stdout.split())
 
 
+def test_one_concept_is_a_bottleneck_not_an_age(tiny_cohort: Path, tmp_path: Path) -> None:
+    """A bottleneck of one volume has one output column, as the direct model has: it is
+    still a volume (the regressor maps it to age), not an age."""
+    from bench import leaderboard
+
+    out = tmp_path / "lb"
+    for mode in ("independent", "sequential"):
+        res = bench_cli("run", "brain-age", "--trials", "1", "--quiet", "--device", "cpu",
+                        "--out", str(out), "--study", mode, "--set", f"cohort={tiny_cohort}",
+                        "--set", f"shape={SHAPE}", "--set", "epochs=2", "--set",
+                        "batch_size=8", "--set", "concepts=gmv", "--set", f"mode={mode}",
+                        "--set", "regressor=ridge", timeout=600)
+        assert res.returncode == 0, res.stderr
+        rows = leaderboard.read_trials(out, "brain-age", study=mode)
+        assert list(rows["state"]) == ["COMPLETE"], rows["error"].tolist()
+        assert rows["metric_val_concept_r_gmv"].notna().all()
+
+
 # ---------------------------------------------------------------- the report's models
 def variant_params(name: str, **over: object) -> dict:
     from bench.registry import get_task

@@ -171,8 +171,9 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, vols: torch.
 
 @torch.no_grad()
 def forward_all(model: torch.nn.Module, vols: torch.Tensor, idx: torch.Tensor,
-                batch: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(scaled concepts [n,k] or None, scaled age [n] or None) straight from the network."""
+                batch: int, direct: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(scaled concepts [n,k] or None, scaled age [n] or None) straight from the network
+    (`direct`: it predicts age; one column is not enough to tell: one concept is too)."""
     model.eval()
     cs, ages = [], []
     for part in idx.split(batch):
@@ -181,7 +182,7 @@ def forward_all(model: torch.nn.Module, vols: torch.Tensor, idx: torch.Tensor,
         if isinstance(out, tuple):  # joint: (concepts, age)
             cs.append(out[0].float())
             ages.append(out[1].float())
-        elif out.shape[1] == 1:  # direct: age
+        elif direct:
             ages.append(out[:, 0].float())
         else:  # bottleneck CNN: concepts
             cs.append(out.float())
@@ -255,7 +256,7 @@ class BrainAgeTrial(EpochTrial):
 
     def _forward(self, split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
         return forward_all(self.model, self.vols, self.idx[split],
-                           int(self.params["eval_batch_size"]))
+                           int(self.params["eval_batch_size"]), self.params["model"] == "direct")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         loss = train_epoch(self.model, self.opt, self.vols, self.idx["train"], self.y_train,
