@@ -54,6 +54,13 @@ class Task:
     data: DataCheck | None = None
     requires: tuple[str, Sequence[str]] | None = None  # (extra, modules)
     modules: tuple[str, ...] = ()  # imported before the task's figures or fused class are used
+    epochs_of: Callable[[Mapping[str, Any]], int] | None = None  # when not params["epochs"]
+
+    def trained_epochs(self, params: Mapping[str, Any]) -> int:
+        """The epochs a trial of `params` runs (the progress bar's total)."""
+        if self.epochs_of is not None:
+            return self.epochs_of({**self.defaults, **params})
+        return int(params.get("epochs") or 0)
 
     @property
     def trial(self) -> type[EpochTrial]:
@@ -126,7 +133,7 @@ def declare_task(
     params: Mapping[str, Decl], metrics: Mapping[str, Metric], doc: str = "",
     smoke: Mapping[str, Any] | None = None, rules: Rules | None = None,
     data: DataCheck | None = None, requires: tuple[str, Sequence[str]] | None = None,
-    modules: Sequence[str] = (),
+    modules: Sequence[str] = (), epochs_of: Callable[[Mapping[str, Any]], int] | None = None,
 ) -> Task:
     """Declare the task `name`, trained by `impl` (an `EpochTrial` subclass or its
     "module:Class", imported on first use).
@@ -136,7 +143,8 @@ def declare_task(
     seconds-long CPU run (`bench run TASK --smoke`, the contract tests); `rules` checks
     combinations of values, `data` the presence of the data, both before anything runs;
     `modules` are imported before the task's figures or fused implementation are looked up
-    (default: the module of a "module:Class" `impl`).
+    (default: the module of a "module:Class" `impl`); `epochs_of(params)` the epochs a trial
+    runs where that is not `params["epochs"]` (a model fitted in closed form runs one).
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
@@ -152,7 +160,7 @@ def declare_task(
     if not modules and isinstance(impl, str):
         modules = (impl.partition(":")[0],)
     task = Task(name, impl, metric, direction, dict(params), {**metrics, **HARNESS_METRICS},
-                doc, dict(smoke or {}), rules, data, requires, tuple(modules))
+                doc, dict(smoke or {}), rules, data, requires, tuple(modules), epochs_of)
     _TASKS[name] = task
     return task
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bench.errors import DataError
 from tests.conftest import bench_cli
@@ -103,6 +104,51 @@ def test_the_mask_channel_tells_dark_tissue_from_a_voxel_half_outside_the_brain(
         load_volume(tmp_path / "d.nii.gz", 4, "resample", "none", mask_channel=True)
 
 
+def test_the_square_channel_tells_a_tissue_mix_from_one_tissue_of_the_same_mean(
+        tmp_path: Path) -> None:
+    # After halving: A is one tissue (0.6), B half 0.2 (CSF-like) and half 1.0 (WM-like).
+    # Their means are equal; their mean squares (0.36, 0.52) are not.
+    data = np.zeros((8, 8, 8), np.float32)
+    data[0:2, 0:2, 0:2] = 0.6
+    data[4:6, 4:6, 4] = 0.2
+    data[4:6, 4:6, 5] = 1.0
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
+    plain = load_volume(tmp_path / "a.nii.gz", 4, "resample", "none")
+    two = load_volume(tmp_path / "a.nii.gz", 4, "resample", "none", moments=2)
+    assert two.shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(two[0], plain)
+    assert plain[0, 0, 0] == pytest.approx(0.6) and plain[2, 2, 2] == pytest.approx(0.6)
+    assert two[1, 0, 0, 0] == pytest.approx(0.36) and two[1, 2, 2, 2] == pytest.approx(0.52)
+    # every channel is the k-th power's mean over each output voxel (numpy, independently)
+    three = load_volume(tmp_path / "a.nii.gz", 4, "resample", "none", mask_channel=True,
+                        moments=3)
+    blocks = data.reshape(4, 2, 4, 2, 4, 2)
+    for ch, want in ((0, data), (2, data**2), (3, data**3)):
+        mean = want.reshape(4, 2, 4, 2, 4, 2).mean(axis=(1, 3, 5))
+        np.testing.assert_allclose(three[ch], mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(three[1], (blocks > 0).mean(axis=(1, 3, 5)))
+    # the powers are those of the normalised image: a scanner gain of 1000 changes nothing
+    # (percentile: divided by the 99th percentile, 1.0 here), and 1000^2 does not overflow
+    nib.save(nib.Nifti1Image(data * 1000, np.eye(4)), tmp_path / "b.nii.gz")
+    pct = load_volume(tmp_path / "b.nii.gz", 4, "resample", "percentile", moments=2)
+    np.testing.assert_allclose(pct, two, rtol=1e-5)
+
+
+def test_moments_with_an_unnormalised_image_is_refused_by_name(tmp_path: Path) -> None:
+    from bench.registry import get_task
+
+    task = get_task("brain-age")
+    assert task.problems({"moments": 2, "normalize": "none"}) == [
+        "moments: powers of an intensity need a normalised image (normalize: percentile or "
+        "zscore), got moments=2 with normalize='none'"]
+    assert task.problems({"moments": 2, "normalize": "zscore"}) == []
+    assert task.problems({"moments": 1, "normalize": "none"}) == []
+    r = bench_cli("run", "brain-age", "--smoke", "--set", "moments=4",
+                  "--out", str(tmp_path / "lb"), cwd=tmp_path)
+    assert r.returncode == 2 and "moments" in r.stderr, r.stderr
+    assert not (tmp_path / "lb").exists()
+
+
 def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     folder = copy_cohort(tiny_cohort, tmp_path / "c", n=12)
@@ -147,6 +193,15 @@ def test_cohort_dtypes_alignment_and_cache(tiny_cohort: Path, tmp_path: Path,
     assert float(inside.min()) == 0.0 and float(inside.max()) == 1.0
     assert ((inside > 0) == (first.volumes[:, 0] != 0)).float().mean() > 0.99
     assert len(list((tmp_path / "cache" / "brain-cache").glob("*.npy"))) == 2
+
+    # moments: their own cache entry again; image, mask, then the mean of the square
+    squared = load_cohort(CohortSpec(folder, 16, mask_channel=True, moments=2))
+    assert tuple(squared.volumes.shape) == (12, 3, 16, 16, 16)
+    assert (squared.volumes[:, :2] == masked.volumes).all()
+    image, square = squared.volumes[:, 0].float(), squared.volumes[:, 2].float()
+    assert bool((square >= image**2 - 1e-2).all())  # a mean square >= the squared mean
+    assert float((square - image**2).max()) > 1e-2   # and above it where tissues mix
+    assert len(list((tmp_path / "cache" / "brain-cache").glob("*.npy"))) == 3
 
 
 def make_bad_cohort(tiny_cohort: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -369,6 +424,113 @@ def test_one_concept_is_a_bottleneck_not_an_age(tiny_cohort: Path, tmp_path: Pat
         rows = leaderboard.read_trials(out, "brain-age", study=mode)
         assert list(rows["state"]) == ["COMPLETE"], rows["error"].tolist()
         assert rows["metric_val_concept_r_gmv"].notna().all()
+
+
+# ---------------------------------------------------------------- the closed-form model
+def _ball_volumes(n: int, size: int = 14, seed: int = 0) -> np.ndarray:
+    """n volumes [image, brain fraction, image^2] of random tissue inside balls."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
+    out = np.zeros((n, 3, size, size, size), np.float32)
+    for i in range(n):
+        centre = size / 2 + rng.normal(0, 0.5, (3, 1, 1, 1))
+        r = rng.uniform(4, 6)
+        inside = (np.sqrt(((grid - centre) ** 2).sum(0)) < r).astype(np.float32)
+        frac = np.clip(inside * rng.uniform(0.6, 1.0, inside.shape), 0, 1) * inside
+        image = frac * rng.uniform(0.2, 1.0, inside.shape)
+        out[i] = [image, frac, image**2]
+    return out
+
+
+def test_shell_ridge_features_are_monomial_sums_within_erosion_shells() -> None:
+    from scipy import ndimage
+
+    from bench.brain.models import ShellMomentRidge
+
+    vols = _ball_volumes(3)
+    model = ShellMomentRidge(in_channels=3, mask_index=1, out_dim=2, shells=3)
+    got = model.features(torch.from_numpy(vols)).numpy()
+    assert got.shape == (3, 3 * 19)  # 3 shells x (3 + 6 + 10) monomials of degree <= 3
+    for i, v in enumerate(vols):  # independently: scipy's erosion, numpy's products
+        brain = v[1] > 0.5
+        e1 = ndimage.binary_erosion(brain, np.ones((3, 3, 3)))
+        e2 = ndimage.binary_erosion(e1, np.ones((3, 3, 3)))
+        shells = [brain & ~e1, e1 & ~e2, e2]
+        assert all(s.any() for s in shells)
+        want = [float((np.prod([v[c] for c in combo], axis=0) * s).sum())
+                for s in shells for combo in model.combos]
+        np.testing.assert_allclose(got[i], want, rtol=1e-5)
+    assert ShellMomentRidge(3, 1, 2, shells=1).features(torch.from_numpy(vols)).shape == (3, 19)
+    # thicker shells (shape/32 voxels: the same mm at every shape) peel that many layers
+    thick = ShellMomentRidge(3, 1, 2, shells=2, thickness=2).shells(torch.from_numpy(vols))
+    brain = vols[0, 1] > 0.5
+    e2 = ndimage.binary_erosion(brain, np.ones((3, 3, 3)), iterations=2)
+    np.testing.assert_array_equal(thick[0].numpy().astype(bool), [brain & ~e2, e2])
+
+
+def test_shell_ridge_recovers_a_volume_that_is_a_sum_of_voxel_functions() -> None:
+    from bench.brain.models import ShellMomentRidge
+
+    vols = _ball_volumes(80, seed=1)
+    model = ShellMomentRidge(in_channels=3, mask_index=1, out_dim=2, shells=2)
+    feats = model.features(torch.from_numpy(vols)).numpy()
+    shells = model.shells(torch.from_numpy(vols)).numpy()
+    image, frac, square = vols[:, 0], vols[:, 1], vols[:, 2]
+    # two "volumes": a voxel's share of a dark tissue, weighted differently at the surface
+    dark = frac - image
+    y = np.stack([(dark * shells[:, 0]).sum((1, 2, 3)) + 0.5 * (dark * shells[:, 1]).sum(
+        (1, 2, 3)), (square * frac).sum((1, 2, 3))], 1)
+    model.fit(feats[:60], y[:60])
+    pred = model(torch.from_numpy(vols[60:])).double().numpy()
+    for k in range(2):
+        assert np.corrcoef(pred[:, k], y[60:, k])[0, 1] > 0.999
+        assert np.abs(pred[:, k] - y[60:, k]).max() < 0.01 * np.abs(y[:, k]).mean()
+    # the state is the fitted buffers: a new model loading them predicts the same
+    again = ShellMomentRidge(3, 1, 2, shells=2)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again(torch.from_numpy(vols[60:])), model(torch.from_numpy(vols[60:])))
+
+
+def test_shell_ridge_rules_name_what_it_needs() -> None:
+    from bench.registry import get_task
+
+    task = get_task("brain-age")
+    found = task.problems({"net": "shell_ridge", "mask_channel": False, "mode": "sequential"})
+    assert found == [
+        "net: shell_ridge (volumes fitted in closed form, shells cut from the brain mask) "
+        "needs mask_channel=True, got False",
+        "net: shell_ridge (volumes fitted in closed form, shells cut from the brain mask) "
+        "needs mode='independent', got 'sequential'"]
+    assert task.problems({"net": "shell_ridge", "mask_channel": True}) == []
+    assert task.trained_epochs({"net": "shell_ridge", "epochs": 30}) == 1
+    assert task.trained_epochs({"epochs": 30}) == 30
+
+
+def test_bench_run_shell_ridge_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
+    from bench import leaderboard
+
+    out = tmp_path / "lb"
+    res = bench_cli("run", "brain-age", "--trials", "1", "--quiet", "--device", "cpu",
+                    "--out", str(out), "--set", f"cohort={tiny_cohort}", "--set",
+                    f"shape={SHAPE}", "--set", "net=shell_ridge", "--set", "mask_channel=true",
+                    "--set", "moments=2", "--set", "shells=2", "--set",
+                    "regressor=kernel_ridge", timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = leaderboard.read_trials(out, "brain-age")
+    assert list(rows["state"]) == ["COMPLETE"], rows["error"].tolist()
+    assert int(rows["epochs_done"].iloc[0]) == 1
+    curve = leaderboard.read_curves(out, "brain-age", list(rows["trial_uid"]))
+    assert set(curve["step"]) == {0}  # one epoch reports the fit
+    ev = bench_cli("eval", "brain-age", "--out", str(out), "--top", "1", timeout=600)
+    assert ev.returncode == 0, ev.stderr
+    rows = leaderboard.read_trials(out, "brain-age")
+    assert rows["metric_test_mae"].between(0, 80).all()
+    assert rows["metric_concept_r_gmv"].notna().all()
+    uid = rows["trial_uid"].iloc[0]
+    pred = pd.read_csv(out / "brain-age" / "artifacts" / uid / "predictions.csv")
+    test = pred[pred["split"] == "test"]
+    assert float((test["age_pred"] - test["age"]).abs().mean()) == pytest.approx(
+        rows["metric_test_mae"].iloc[0], rel=1e-4)
 
 
 # ---------------------------------------------------------------- the report's models

@@ -887,7 +887,8 @@ class Worker:
                            before_save=lambda: self._write_identity(trial))
         ident = identity(plan, trial.number, uid, seed, self.study_uid)
         if self.progress:
-            self.progress.start_trial(trial.number, params.get("epochs"), worker=number)
+            self.progress.start_trial(trial.number, plan.task.trained_epochs(params),
+                                      worker=number)
         ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
         return params, ctx, ident, plan.task.problems(params)
 

@@ -57,11 +57,13 @@ class CohortSpec:
     resize: str = "resample"
     normalize: str = "percentile"
     mask_channel: bool = False
+    moments: int = 1
 
     @property
     def channels(self) -> int:
-        """Channels of each volume: the image, and the brain mask with `mask_channel`."""
-        return 2 if self.mask_channel else 1
+        """Channels of each volume: the image, the brain mask with `mask_channel`, then the
+        mean of the image's square (and cube) with `moments` 2 (3)."""
+        return 1 + self.mask_channel + self.moments - 1
 
     def image_path(self, subject_id: str) -> Path:
         return self.root / self.file_pattern.format(id=subject_id)
@@ -108,10 +110,13 @@ def normalize(x: np.ndarray, mode: str) -> np.ndarray:
 
 
 def load_volume(path: str | Path, shape: int, resize: str = "resample",
-                norm: str = "percentile", mask_channel: bool = False) -> np.ndarray:
-    """One NIfTI -> float32 [shape]^3 in RAS+ ([2,shape,shape,shape] with `mask_channel`:
-    the image and the fraction of each voxel inside the brain, `brain_mask` at the native
-    resolution resized the same way); raises ValueError/OSError naming the problem."""
+                norm: str = "percentile", mask_channel: bool = False,
+                moments: int = 1) -> np.ndarray:
+    """One NIfTI -> float32 [shape]^3 in RAS+, or [C,shape,shape,shape] with more channels:
+    the image; with `mask_channel` the fraction of each voxel inside the brain (`brain_mask`
+    at the native resolution, resized the same way); with `moments` k > 1 the image's
+    powers 2..k at the native resolution, resized the same way (the mean of the square
+    over a 6 mm voxel, beside its mean). Raises ValueError/OSError naming the problem."""
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -129,13 +134,20 @@ def load_volume(path: str | Path, shape: int, resize: str = "resample",
     # Normalised before resizing: at the native resolution the 99th percentile is pure white
     # matter; after area-averaging to 32^3 (6 mm voxels) it is a partial-volume voxel whose
     # value depends on the subject's tissue mix, the very thing the CNN has to measure.
-    image = resize_cube(normalize(data, norm), zooms, shape, resize)
-    if not mask_channel:
+    x = normalize(data, norm)
+    image = resize_cube(x, zooms, shape, resize)
+    if not mask_channel and moments == 1:
         return image
-    # After area-averaging a dark voxel is CSF, or brain half outside the mask: the
-    # fraction inside tells them apart (measured in benchmarks/RESULTS.md, brain-age).
-    inside = resize_cube(brain_mask(data).astype(np.float32), zooms, shape, resize)
-    return np.stack([image, inside])
+    out = [image]
+    if mask_channel:
+        # After area-averaging a dark voxel is CSF, or brain half outside the mask: the
+        # fraction inside tells them apart (measured in benchmarks/RESULTS.md, brain-age).
+        out.append(resize_cube(brain_mask(data).astype(np.float32), zooms, shape, resize))
+    # A voxel of fractions (c, g, w) of tissues of intensities (ic, ig, iw) has the mean
+    # c*ic + g*ig + w*iw and the mean square c*ic^2 + g*ig^2 + w*iw^2 (+ the noise's
+    # variance): with the mask's c + g + w, three equations for the three fractions.
+    out += [resize_cube(x**k, zooms, shape, resize) for k in range(2, moments + 1)]
+    return np.stack(out)
 
 
 MASK_REL = 1e-3      # |value| above this fraction of the 99th percentile: inside the brain
@@ -227,6 +239,8 @@ def cache_key(spec: CohortSpec, meta_bytes: bytes, meta: pd.DataFrame) -> str:
     fields = asdict(spec)
     if not spec.mask_channel:  # the key (and cache file) of a cohort read before the option
         del fields["mask_channel"]
+    if spec.moments == 1:  # likewise
+        del fields["moments"]
     h = hashlib.sha256(json.dumps({**fields, "root": str(spec.root.resolve()),
                                    "v": CACHE_VERSION}, sort_keys=True).encode())
     h.update(meta_bytes)
@@ -258,7 +272,7 @@ def _read_all(spec: CohortSpec, paths: list[Path]) -> tuple[np.ndarray, dict[int
     def one(i: int) -> None:
         try:
             vols[i] = load_volume(paths[i], spec.shape, spec.resize, spec.normalize,
-                                  spec.mask_channel).reshape(vols.shape[1:])
+                                  spec.mask_channel, spec.moments).reshape(vols.shape[1:])
         except Exception as exc:  # every reason is reported, none stops the others
             bad[i] = f"{paths[i]}: {_reason(exc)}"
 

@@ -21,6 +21,7 @@ mini-batches, per-epoch history), RBF kernel ridge and linear ridge (scikit-lear
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import combinations_with_replacement
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,6 +63,89 @@ class CNN3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class ShellMomentRidge(nn.Module):
+    """Tissue volumes as a ridge regression, fitted in closed form, on the per-voxel
+    monomials (degree <= 3) of the input channels summed within three depth shells of the
+    brain mask: its outer voxel layer, the next two layers, the interior.
+
+    Why (benchmarks/RESULTS.md, brain-age, "a closed-form model"): a 6 mm voxel's mean,
+    mean square and mean cube of intensity and its brain fraction determine its CSF/GM/WM
+    mix, so a volume is a sum over voxels of a smooth function of the channels, and the
+    shells let that function differ between cortex and deep tissue. The solution is a
+    finely balanced combination of nearly collinear sums: gradient descent (the CNN's
+    optimiser) does not reach it in a few hundred steps, least squares does exactly.
+    `fit` sets the buffers; the state (and a checkpoint) is those buffers alone."""
+
+    DEGREE = 3
+    mean: torch.Tensor
+    scale: torch.Tensor
+    coef: torch.Tensor
+    intercept: torch.Tensor
+    alpha: torch.Tensor
+
+    def __init__(self, in_channels: int, mask_index: int, out_dim: int, shells: int = 3,
+                 thickness: int = 1):
+        super().__init__()
+        self.mask_index, self.n_shells, self.thickness = mask_index, shells, thickness
+        self.combos = [c for k in range(1, self.DEGREE + 1)
+                       for c in combinations_with_replacement(range(in_channels), k)]
+        n = shells * len(self.combos)
+        self.register_buffer("mean", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(n, dtype=torch.float64))
+        self.register_buffer("coef", torch.zeros(n, out_dim, dtype=torch.float64))
+        self.register_buffer("intercept", torch.zeros(out_dim, dtype=torch.float64))
+        self.register_buffer("alpha", torch.zeros(out_dim, dtype=torch.float64))
+
+    def shells(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,C,S,S,S] -> [B,n,S,S,S]: the brain (mask channel > 0.5) cut by erosion (3^3
+        min-pool) into layers `thickness` voxels thick from its surface, the last shell the
+        rest (n=3: the outer layer, the next one, the interior; n=1: the brain)."""
+        inside = (x[:, self.mask_index] > 0.5).to(torch.float32)[:, None]
+
+        def erode(m: torch.Tensor) -> torch.Tensor:
+            return -nn.functional.max_pool3d(-m, 3, stride=1, padding=1)
+
+        out, outer = [], inside
+        for _ in range(self.n_shells - 1):
+            inner = outer
+            for _ in range(self.thickness):
+                inner = erode(inner)
+            out.append(outer - inner)
+            outer = inner
+        return torch.cat([*out, outer], 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,C,S,S,S] -> [B, shells x monomials] float64 sums."""
+        with torch.autocast(x.device.type, enabled=False):  # sums of float32, not bf16
+            x = x.to(torch.float32)
+            shells = self.shells(x)
+            out = []
+            for combo in self.combos:
+                mono = x[:, combo[0]]
+                for i in combo[1:]:
+                    mono = mono * x[:, i]
+                out.append(torch.einsum("bxyz,bsxyz->bs", mono, shells))
+            return torch.stack(out, 2).reshape(len(x), -1).to(torch.float64)
+
+    def fit(self, feats: np.ndarray, y: np.ndarray) -> ShellMomentRidge:
+        """Ridge per output on standardised features, alpha by leave-one-out (RidgeCV)."""
+        from sklearn.linear_model import RidgeCV
+
+        mean, scale = feats.mean(0), feats.std(0)
+        scale[scale < 1e-12] = 1.0
+        ridge = RidgeCV(alphas=np.logspace(-6, 3, 28), alpha_per_target=True)
+        ridge.fit((feats - mean) / scale, y)
+        for name, value in (("mean", mean), ("scale", scale), ("coef", ridge.coef_.T),
+                            ("intercept", ridge.intercept_),
+                            ("alpha", np.broadcast_to(ridge.alpha_, (y.shape[1],)))):
+            getattr(self, name).copy_(torch.tensor(np.array(value, np.float64)))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.features(x) - self.mean) / self.scale
+        return (z @ self.coef + self.intercept).to(torch.float32)
 
 
 def flatten_head(features: int, hidden: int, dropout: float, out_dim: int) -> nn.Module:

@@ -48,8 +48,22 @@ PARAMS = {
     "normalize": Choice("percentile", ["percentile", "zscore", "none"]),
     "mask_channel": Bool(False, since="2026-12-01",
                          help="a second input channel: the fraction of each voxel inside the "
-                              "brain (the skull-stripped image's non-zero voxels at its "
-                              "native resolution, resized like the image)"),
+                              "brain (the skull-stripped image's voxels above its background "
+                              "at the native resolution, resized like the image)"),
+    "moments": Int(1, 1, 3, since="2026-12-01",
+                   help="input channels of the normalised intensity's powers 1..moments, "
+                        "each averaged over the voxel at the native resolution (1: the "
+                        "image alone; 2 adds the mean of its square: a 6 mm voxel's mean and "
+                        "mean square tell its CSF/GM/WM mix apart where the mean cannot)"),
+    "net": Choice("cnn", ["cnn", "shell_ridge"], since="2026-12-01",
+                  help="the volumes' model: the 3D CNN, or shell_ridge: a ridge regression "
+                       "fitted in closed form on per-voxel monomials (degree <= 3) of the "
+                       "input channels summed in 3 depth shells of the brain (needs "
+                       "mask_channel; the CNN's parameters and epochs do not apply)"),
+    "shells": Int(3, 1, 6, since="2026-12-01",
+                  help="net=shell_ridge: depth shells of the brain, layers shape/32 voxels "
+                       "thick (6 mm in a 200 mm field of view) from its surface, the last "
+                       "one the rest"),
     "on_bad_file": Choice("error", ["error", "skip"]),
     # 622 subjects: 466 in train+val after the 25% test split, the report's training set
     "sim_n": Int(622, 10, 100_000, help="simulated cohort: subjects"),
@@ -166,10 +180,31 @@ def _mode_rules(params: Mapping[str, Any]) -> list[str]:
             and params["regressor"] == "kernel_ridge":
         bad.append("regressor: mode=joint trains the regressor by gradient descent: regressor "
                    "must be mlp or ridge, got 'kernel_ridge'")
+    if params["net"] == "shell_ridge":
+        need = {"mask_channel": True, "model": "bottleneck", "mode": "independent"}
+        for key, want in need.items():
+            if params[key] != want:
+                bad.append(f"net: shell_ridge (volumes fitted in closed form, shells cut "
+                           f"from the brain mask) needs {key}={want!r}, got "
+                           f"{params[key]!r}")
+    if int(params["moments"]) > 1 and params["normalize"] == "none":
+        bad.append(f"moments: powers of an intensity need a normalised image (normalize: "
+                   f"percentile or zscore), got moments={params['moments']} with "
+                   f"normalize='none'")
     if not concept_names(params):
         bad.append(f"concepts: must name at least one metadata column, got "
                    f"{params['concepts']!r}")
     return bad
+
+
+def shell_voxels(shape: int) -> int:
+    """Thickness of a `net=shell_ridge` shell in voxels: the same in mm at every shape."""
+    return max(1, round(shape / 32))
+
+
+def trained_epochs(params: Mapping[str, Any]) -> int:
+    """`net=shell_ridge` is fitted when its trial is built: one epoch reports it."""
+    return 1 if params["net"] == "shell_ridge" else int(params["epochs"])
 
 
 def concept_names(params: Mapping[str, Any]) -> list[str]:
@@ -188,5 +223,5 @@ def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
 TASK = declare_task(
     "brain-age", "bench.tasks.brain_age:BrainAgeTrial", metric="val_mae", direction="minimize",
     params=PARAMS, metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check,
-    requires=("brain", ("nibabel", "nilearn")),
+    requires=("brain", ("nibabel", "nilearn")), epochs_of=trained_epochs,
     doc="Brain age from T1 MRI via a CNN -> tissue-volume bottleneck -> regressor (years MAE).")
