@@ -184,7 +184,8 @@ def header(sec: Section) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in sec.counts.items())
     kind = "variant " + sec.variant if sec.variant != "default" else "search"
     b = sec.budget
-    epochs = f"; {b['epochs']} epochs" if b.get("epochs") else ""
+    n = b.get("epochs")
+    epochs = f"; {n} epoch{'' if n == 1 else 's'}" if n else ""
     return (f"study {sec.study!r} ({kind}; {sec.direction} {sec.metric}"
             f"{' in ' + sec.unit if sec.unit else ''}): {counts}{epochs}; "
             f"{b.get('hours', 0):.2f} device-hours")

@@ -170,6 +170,7 @@ def register_task(
     metrics: Mapping[str, Metric], smoke: Mapping[str, Any] | None = None,
     rules: Rules | None = None, data: DataCheck | None = None,
     requires: tuple[str, Sequence[str]] | None = None,
+    epochs_of: Callable[[Mapping[str, Any]], int] | None = None,
 ) -> Callable[[type[EpochTrial]], type[EpochTrial]]:
     """Register an `EpochTrial` subclass as the task `name` (the class decorator form of
     `declare_task`, for tasks outside `bench.specs`; the docstring's first line is the doc)."""
@@ -178,7 +179,7 @@ def register_task(
         doc = (cls.__doc__ or "").strip().splitlines()
         declare_task(name, cls, metric=metric, direction=direction, params=params,
                      metrics=metrics, doc=doc[0] if doc else "", smoke=smoke, rules=rules,
-                     data=data, requires=requires)
+                     data=data, requires=requires, epochs_of=epochs_of)
         return cls
 
     return wrap

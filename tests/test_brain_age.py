@@ -485,6 +485,11 @@ def test_shell_ridge_recovers_a_volume_that_is_a_sum_of_voxel_functions() -> Non
     for k in range(2):
         assert np.corrcoef(pred[:, k], y[60:, k])[0, 1] > 0.999
         assert np.abs(pred[:, k] - y[60:, k]).max() < 0.01 * np.abs(y[:, k]).mean()
+    # one output (a bottleneck of one volume): sklearn's coef_ is then 1-D
+    one = ShellMomentRidge(in_channels=3, mask_index=1, out_dim=1, shells=2)
+    one.fit(feats[:60], y[:60, 1:])
+    np.testing.assert_allclose(one(torch.from_numpy(vols[60:])).double().numpy()[:, 0],
+                               pred[:, 1], rtol=1e-4)
     # the state is the fitted buffers: a new model loading them predicts the same
     again = ShellMomentRidge(3, 1, 2, shells=2)
     again.load_state_dict(model.state_dict())
@@ -503,6 +508,9 @@ def test_shell_ridge_rules_name_what_it_needs() -> None:
         "needs mode='independent', got 'sequential'"]
     assert task.problems({"net": "shell_ridge", "mask_channel": True}) == []
     assert task.trained_epochs({"net": "shell_ridge", "epochs": 30}) == 1
+    from bench.specs.brain_age import shell_voxels
+
+    assert [shell_voxels(s) for s in (16, 24, 32, 48, 64, 80, 96)] == [1, 1, 1, 2, 2, 3, 3]
     assert task.trained_epochs({"epochs": 30}) == 30
 
 
@@ -531,6 +539,11 @@ def test_bench_run_shell_ridge_end_to_end(tiny_cohort: Path, tmp_path: Path) -> 
     test = pred[pred["split"] == "test"]
     assert float((test["age_pred"] - test["age"]).abs().mean()) == pytest.approx(
         rows["metric_test_mae"].iloc[0], rel=1e-4)
+    plots = bench_cli("plot", "brain-age", "--out", str(out), timeout=300)
+    assert plots.returncode == 0, plots.stderr
+    made = {Path(p).name for p in plots.stdout.split()}
+    assert {"age_pred_vs_true.png", "concepts_pred_vs_true.png"} <= made, made
+    assert "training_curves.png" not in made  # one fitted epoch and kernel ridge: no curve
 
 
 # ---------------------------------------------------------------- the report's models

@@ -67,8 +67,8 @@ class CNN3d(nn.Module):
 
 class ShellMomentRidge(nn.Module):
     """Tissue volumes as a ridge regression, fitted in closed form, on the per-voxel
-    monomials (degree <= 3) of the input channels summed within three depth shells of the
-    brain mask: its outer voxel layer, the next two layers, the interior.
+    monomials (degree <= 3) of the input channels summed within `shells` depth shells of
+    the brain mask (layers `thickness` voxels thick from its surface, the last the rest).
 
     Why (benchmarks/RESULTS.md, brain-age, "a closed-form model"): a 6 mm voxel's mean,
     mean square and mean cube of intensity and its brain fraction determine its CSF/GM/WM
@@ -76,7 +76,10 @@ class ShellMomentRidge(nn.Module):
     shells let that function differ between cortex and deep tissue. The solution is a
     finely balanced combination of nearly collinear sums: gradient descent (the CNN's
     optimiser) does not reach it in a few hundred steps, least squares does exactly.
-    `fit` sets the buffers; the state (and a checkpoint) is those buffers alone."""
+    `fit` sets the buffers; the state (and a checkpoint) is those buffers alone. Ridge's
+    alpha is chosen from 1e-6 (a floor) to 1e3: the standardised monomials are nearly
+    collinear (a brain fraction of 0 or 1 equals its square), and leave-one-out mostly
+    picks the floor."""
 
     DEGREE = 3
     mean: torch.Tensor
@@ -117,7 +120,7 @@ class ShellMomentRidge(nn.Module):
         return torch.cat([*out, outer], 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,C,S,S,S] -> [B, shells x monomials] float64 sums."""
+        """[B,C,S,S,S] -> [B, shells x monomials]: float32 sums, returned as float64."""
         with torch.autocast(x.device.type, enabled=False):  # sums of float32, not bf16
             x = x.to(torch.float32)
             shells = self.shells(x)
@@ -137,15 +140,17 @@ class ShellMomentRidge(nn.Module):
         scale[scale < 1e-12] = 1.0
         ridge = RidgeCV(alphas=np.logspace(-6, 3, 28), alpha_per_target=True)
         ridge.fit((feats - mean) / scale, y)
-        for name, value in (("mean", mean), ("scale", scale), ("coef", ridge.coef_.T),
+        coef = np.asarray(ridge.coef_).reshape(y.shape[1], -1).T  # one output: [n] from sklearn
+        for name, value in (("mean", mean), ("scale", scale), ("coef", coef),
                             ("intercept", ridge.intercept_),
                             ("alpha", np.broadcast_to(ridge.alpha_, (y.shape[1],)))):
             getattr(self, name).copy_(torch.tensor(np.array(value, np.float64)))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (self.features(x) - self.mean) / self.scale
-        return (z @ self.coef + self.intercept).to(torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # float64, as fitted
+            z = (self.features(x) - self.mean) / self.scale
+            return (z @ self.coef + self.intercept).to(torch.float32)
 
 
 def flatten_head(features: int, hidden: int, dropout: float, out_dim: int) -> nn.Module:

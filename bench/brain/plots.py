@@ -11,7 +11,8 @@ figure needs (`predictions.csv` and `regressor_curve.csv` are written for finali
 - `mae_by_bucket.png`: MAE per 10-year bucket: the best trial's validation and test
   beside the mean-age predictor's, and test MAE per variant (or configuration).
 - `training_curves.png`: the CNN's training and validation loss (scaled MSE) and
-  validation MAE per epoch, and the MLP regressor's epochs (train MSE, validation MAE).
+  validation MAE per epoch, and the MLP regressor's epochs (train MSE, validation MAE);
+  `net=shell_ridge` (fitted in closed form, one epoch) has only the regressor's, if any.
 """
 
 from __future__ import annotations
@@ -164,29 +165,35 @@ def mae_by_bucket(path: Path, row: Any, df: pd.DataFrame, rows: pd.DataFrame) ->
 # ---------------------------------------------------------------- training curves
 def training_curves(path: Path, row: Any, curves: pd.DataFrame,
                     reg: pd.DataFrame) -> list[Path]:
+    """The CNN's curves when it trained 2+ epochs (not `net=shell_ridge`, fitted in closed
+    form: one reported epoch), and the MLP regressor's last fit when it has one."""
     from bench.plots import figure
 
-    with figure(path, 1, 3 if not reg.empty else 2, panel_in=(4.4, 3.4)) as (fig, axes):
-        ax = axes[0][0]
-        for metric in ("train_loss", "val_loss"):
-            c = curves[curves["metric"] == metric].sort_values("step")
-            ax.plot(c["step"] + 1, c["value"], marker=".", label=metric)
-        ax.set(yscale="log", xlabel="epoch", ylabel="loss (scaled MSE)", title="CNN loss")
-        ax.legend(fontsize=7)
-        ax = axes[0][1]
-        c = curves[curves["metric"] == "val_mae"].sort_values("step")
-        ax.plot(c["step"] + 1, c["value"], marker=".", label="val MAE (CNN + regressor)")
-        if pd.notna(row.get("metric_val_mae_mean_predictor")):
-            ax.axhline(float(row["metric_val_mae_mean_predictor"]), color="tab:red", lw=1,
-                       label="mean-age predictor")
-        ax.set(xlabel="epoch", ylabel="MAE (years)", title="validation age MAE")
-        low, high = ax.get_ylim()
-        if high - low < 0.5:  # a flat curve: half a year of axis, not nanoyears of ticks
-            mid = (low + high) / 2
-            ax.set_ylim(mid - 0.25, mid + 0.25)
-        ax.legend(fontsize=7)
+    cnn = curves["step"].nunique() >= 2
+    if not cnn and reg.empty:
+        return []
+    with figure(path, 1, 2 * cnn + (not reg.empty), panel_in=(4.4, 3.4)) as (fig, axes):
+        if cnn:
+            ax = axes[0][0]
+            for metric in ("train_loss", "val_loss"):
+                c = curves[curves["metric"] == metric].sort_values("step")
+                ax.plot(c["step"] + 1, c["value"], marker=".", label=metric)
+            ax.set(yscale="log", xlabel="epoch", ylabel="loss (scaled MSE)", title="CNN loss")
+            ax.legend(fontsize=7)
+            ax = axes[0][1]
+            c = curves[curves["metric"] == "val_mae"].sort_values("step")
+            ax.plot(c["step"] + 1, c["value"], marker=".", label="val MAE (CNN + regressor)")
+            if pd.notna(row.get("metric_val_mae_mean_predictor")):
+                ax.axhline(float(row["metric_val_mae_mean_predictor"]), color="tab:red", lw=1,
+                           label="mean-age predictor")
+            ax.set(xlabel="epoch", ylabel="MAE (years)", title="validation age MAE")
+            low, high = ax.get_ylim()
+            if high - low < 0.5:  # a flat curve: half a year of axis, not nanoyears of ticks
+                mid = (low + high) / 2
+                ax.set_ylim(mid - 0.25, mid + 0.25)
+            ax.legend(fontsize=7)
         if not reg.empty:
-            ax = axes[0][2]
+            ax = axes[0][2 * cnn]
             ax.plot(reg["epoch"] + 1, reg["train_loss"], marker=".", label="train MSE (scaled)")
             ax.set(yscale="log", xlabel="epoch", ylabel="train MSE (scaled age)",
                    title="MLP regressor (its last fit)")

@@ -50,17 +50,21 @@ PARAMS = {
                          help="a second input channel: the fraction of each voxel inside the "
                               "brain (the skull-stripped image's voxels above its background "
                               "at the native resolution, resized like the image)"),
-    "moments": Int(1, 1, 3, since="2026-12-01",
+    "moments": Int(1, 1, 3, since="2026-12-02",
                    help="input channels of the normalised intensity's powers 1..moments, "
                         "each averaged over the voxel at the native resolution (1: the "
                         "image alone; 2 adds the mean of its square: a 6 mm voxel's mean and "
-                        "mean square tell its CSF/GM/WM mix apart where the mean cannot)"),
-    "net": Choice("cnn", ["cnn", "shell_ridge"], since="2026-12-01",
+                        "mean square tell its CSF/GM/WM mix apart where the mean cannot; "
+                        "only when the image is shrunk: read at its native resolution the "
+                        "channels are the image's powers, nothing more)"),
+    "net": Choice("cnn", ["cnn", "shell_ridge"], since="2026-12-02",
                   help="the volumes' model: the 3D CNN, or shell_ridge: a ridge regression "
                        "fitted in closed form on per-voxel monomials (degree <= 3) of the "
-                       "input channels summed in 3 depth shells of the brain (needs "
-                       "mask_channel; the CNN's parameters and epochs do not apply)"),
-    "shells": Int(3, 1, 6, since="2026-12-01",
+                       "input channels summed in `shells` depth shells of the brain (needs "
+                       "mask_channel=true, model=bottleneck, mode=independent; the CNN's "
+                       "parameters and epochs do not apply; searched by the "
+                       "shell-ridge-search variant)"),
+    "shells": Int(3, 1, 6, since="2026-12-02",
                   help="net=shell_ridge: depth shells of the brain, layers shape/32 voxels "
                        "thick (6 mm in a 200 mm field of view) from its surface, the last "
                        "one the rest"),
@@ -198,8 +202,9 @@ def _mode_rules(params: Mapping[str, Any]) -> list[str]:
 
 
 def shell_voxels(shape: int) -> int:
-    """Thickness of a `net=shell_ridge` shell in voxels: the same in mm at every shape."""
-    return max(1, round(shape / 32))
+    """Thickness of a `net=shell_ridge` shell in voxels, shape/32 rounded half up (6 mm
+    in a 200 mm field of view at 32, 64, 96; within a voxel of it elsewhere)."""
+    return max(1, (shape + 16) // 32)
 
 
 def trained_epochs(params: Mapping[str, Any]) -> int:
