@@ -142,13 +142,13 @@ ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL"
          "DEADLINE", "OUT_OF_MEMORY"}  # a job in these states will not run again
 
 
-def squeue_state(job: str) -> str | None:
+def squeue_state(job: str) -> list[str] | None:
     """'<state> <reason>' of each task of `job` in any state (a requeued task passes
     through states that plain squeue leaves out); None when squeue could not answer (a
     busy controller times out: that is not an empty queue)."""
     out = subprocess.run(["squeue", "--noheader", "--states=all", f"--jobs={job}",
                           "-o", "%T %r"], capture_output=True, text=True)
-    return "; ".join(out.stdout.split("\n")).strip("; ") if out.returncode == 0 else None
+    return out.stdout.split("\n")[:-1] if out.returncode == 0 else None
 
 
 def wait_done(job: str, release_requeued: bool = False) -> None:
@@ -157,13 +157,13 @@ def wait_done(job: str, release_requeued: bool = False) -> None:
     once, slurmd may still hold its last instance's credential as revoked and refuse it
     ("Killing non-startable batch JobId=N: Job credential revoked"), and it ends FAILED."""
     deadline = time.time() + TIMEOUT_S
-    state: str | None = None
+    state: list[str] | None = None
     held_since: float | None = None
     while time.time() < deadline:
         state = squeue_state(job)
-        if state is not None and {t.split()[0] for t in state.split("; ") if t} <= ENDED:
+        if state is not None and {line.split()[0] for line in state} <= ENDED:
             return
-        held = bool(release_requeued and state and "BeginTime" in state)
+        held = release_requeued and any(line.endswith(" BeginTime") for line in state or [])
         held_since = (held_since or time.time()) if held else None
         if held_since is not None and time.time() - held_since >= 3:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],

@@ -39,6 +39,7 @@ CACHE_VERSION = 2  # 2: normalised at the native resolution, then resized
 RESIZE_MODES = ("resample", "crop")
 NORMALIZE_MODES = ("percentile", "zscore", "none")
 _MEMORY: dict[str, Cohort] = {}
+ADDED_LATER = ("mask_channel", "moments")  # CohortSpec fields that older cache keys lack
 
 
 class BadFilesWarning(UserWarning):
@@ -63,7 +64,7 @@ class CohortSpec:
     def channels(self) -> int:
         """Channels of each volume: the image, the brain mask with `mask_channel`, then the
         mean of the image's square (and cube) with `moments` 2 (3)."""
-        return 1 + self.mask_channel + self.moments - 1
+        return self.mask_channel + self.moments
 
     def image_path(self, subject_id: str) -> Path:
         return self.root / self.file_pattern.format(id=subject_id)
@@ -237,10 +238,9 @@ def orphan_images(spec: CohortSpec, meta: pd.DataFrame) -> list[str]:
 
 def cache_key(spec: CohortSpec, meta_bytes: bytes, meta: pd.DataFrame) -> str:
     fields = asdict(spec)
-    if not spec.mask_channel:  # the key (and cache file) of a cohort read before the option
-        del fields["mask_channel"]
-    if spec.moments == 1:  # likewise
-        del fields["moments"]
+    for name in ADDED_LATER:  # at its default: the key (and file) of a cohort read before it
+        if fields[name] == CohortSpec.__dataclass_fields__[name].default:
+            del fields[name]
     h = hashlib.sha256(json.dumps({**fields, "root": str(spec.root.resolve()),
                                    "v": CACHE_VERSION}, sort_keys=True).encode())
     h.update(meta_bytes)

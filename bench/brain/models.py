@@ -147,10 +147,14 @@ class ShellMomentRidge(nn.Module):
             getattr(self, name).copy_(torch.tensor(np.array(value, np.float64)))
         return self
 
+    def predict(self, feats: torch.Tensor) -> torch.Tensor:
+        """Volumes from `features` (float64, as fitted) -> float32."""
+        z = (feats.to(self.coef) - self.mean) / self.scale
+        return (z @ self.coef + self.intercept).to(torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # float64, as fitted
-            z = (self.features(x) - self.mean) / self.scale
-            return (z @ self.coef + self.intercept).to(torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.predict(self.features(x))
 
 
 def flatten_head(features: int, hidden: int, dropout: float, out_dim: int) -> nn.Module:

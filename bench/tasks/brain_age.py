@@ -252,9 +252,11 @@ class BrainAgeTrial(EpochTrial):
             ridge = ShellMomentRidge(int(cohort.volumes.shape[1]), 1, len(self.concepts),
                                      int(params["shells"]), shell_voxels(int(params["shape"])))
             self.model = ridge.to(ctx.device)
-            feats = [ridge.features(_input(self.vols, part))
-                     for part in self.idx["train"].split(int(params["eval_batch_size"]))]
-            ridge.fit(torch.cat(feats).cpu().numpy(), self.y["train"][:, :-1])
+            feats = torch.cat([ridge.features(_input(self.vols, part)) for part in
+                               self.idx["train"].split(int(params["eval_batch_size"]))])
+            ridge.fit(feats.cpu().numpy(), self.y["train"][:, :-1])
+            fitted = ridge.predict(feats).double().cpu().numpy()  # the fit's training loss,
+            self.fit_loss = scaled_loss(fitted, None, self.y["train"], params)  # reported
         else:
             self.model = build_model(params, len(self.concepts), ctx.device,
                                      int(cohort.volumes.shape[1]))
@@ -286,9 +288,8 @@ class BrainAgeTrial(EpochTrial):
                            int(self.params["eval_batch_size"]), self.params["model"] == "direct")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        if self.opt is None:  # the closed-form model: its fit's loss on the training split
-            c, _ = self._forward("train")
-            return {"train_loss": scaled_loss(c, None, self.y["train"], self.params)}
+        if self.opt is None:  # the closed-form model: nothing to train
+            return {"train_loss": self.fit_loss}
         loss = train_epoch(self.model, self.opt, self.vols, self.idx["train"], self.y_train,
                            self.params, self.gen)
         if self.sched is not None:
