@@ -236,6 +236,11 @@ def test_every_bad_file_is_named_in_one_error(tiny_cohort: Path, tmp_path: Path)
     assert all(name in str(warned[0].message) for name in expect)
     assert list(kept.meta["id"]) == [f"sub-{i:04d}" for i in range(5, 10)]
     assert len(kept.volumes) == 5
+    import warnings
+
+    with warnings.catch_warnings():  # the same files skipped at another shape: said already
+        warnings.simplefilter("error", BadFilesWarning)
+        assert len(load_cohort(CohortSpec(folder, 12), on_bad_file="skip").volumes) == 5
 
 
 def test_cli_exit_2_on_bad_files(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -257,6 +262,30 @@ def test_bench_run_on_a_bad_cohort_exits_2_and_writes_nothing(tiny_cohort: Path,
     assert res.returncode == 2, res.stderr
     assert all(name in res.stderr for name in expect) and "Traceback" not in res.stderr
     assert not out.exists()
+    # skipped, the 5 subjects left cannot fill three splits: exit 2 before any trial
+    res = bench_cli("run", "brain-age", "--out", str(out), "--set", f"cohort={folder}",
+                    "--set", "shape=16", "--set", "on_bad_file=skip", timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "a split is empty (train 4, val 0, test 1)" in res.stderr
+    assert not out.exists()
+    # every point of a grid has its splits made before the run, not only the first
+    space = tmp_path / "grid.yaml"
+    space.write_text(f"task: brain-age\nfixed: {{cohort: {tiny_cohort}, shape: {SHAPE}}}\n"
+                     "variants:\n  vf:\n    grid: {val_fraction: [0.15, 0.001]}\n")
+    res = bench_cli("run", "brain-age", "--out", str(out), "--space", str(space), "--variant",
+                    "vf", timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "a split is empty (train 46, val 0, test 14)" in res.stderr
+    assert not out.exists()
+    # skipped: said once (not again at each trial), and the run goes on without them
+    folder = copy_cohort(tiny_cohort, tmp_path / "one-bad")
+    (folder / "sub-0007.nii.gz").write_bytes(b"garbage")
+    res = bench_cli("run", "brain-age", "--out", str(out), "--set", f"cohort={folder}",
+                    "--smoke", "--trials", "2", "--quiet", "--set", f"shape={SHAPE}", "--set",
+                    "on_bad_file=skip", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("skipped 1 bad file(s)/row(s)") == 1, res.stderr
+    assert "sub-0007.nii.gz: not a readable NIfTI" in res.stderr
 
 
 def test_task_raises_data_error_unless_skip(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -466,6 +495,41 @@ def test_shell_ridge_features_are_monomial_sums_within_erosion_shells() -> None:
     brain = vols[0, 1] > 0.5
     e2 = ndimage.binary_erosion(brain, np.ones((3, 3, 3)), iterations=2)
     np.testing.assert_array_equal(thick[0].numpy().astype(bool), [brain & ~e2, e2])
+    # a mask that reaches the image's edge: the edge is not outside (scipy's border_value=1)
+    from bench.brain.models import erode
+
+    mask = np.random.default_rng(3).random((2, 1, 9, 10, 11)) > 0.15
+    for i in range(2):
+        np.testing.assert_array_equal(
+            erode(torch.from_numpy(mask))[i, 0].numpy(),
+            ndimage.binary_erosion(mask[i, 0], np.ones((3, 3, 3)), border_value=1))
+
+
+def test_shell_ridge_histogram_splits_each_voxels_brain_fraction_between_two_bins() -> None:
+    from bench.brain.models import ShellMomentRidge
+
+    vols = _ball_volumes(3)
+    model = ShellMomentRidge(in_channels=3, mask_index=1, out_dim=2, shells=2, bins=5)
+    model.set_range(0.2, 1.0)  # centres 0.2, 0.4, 0.6, 0.8, 1.0
+    x = torch.from_numpy(vols)
+    got = model.features(x).numpy().reshape(3, 2, -1)
+    plain = ShellMomentRidge(3, 1, 2, shells=2).features(x).numpy().reshape(3, 2, -1)
+    np.testing.assert_array_equal(got[:, :, :-5], plain)  # the monomials, then the bins
+    shells = model.shells(x).numpy()
+    for i, v in enumerate(vols):  # independently: numpy interpolation weights per voxel
+        centres = np.linspace(0.2, 1.0, 5)
+        image = np.clip(v[0], 0.2, 1.0)
+        for s in range(2):
+            w = v[1] * shells[i, s]
+            want = [(np.clip(1 - np.abs(image - c) / 0.2, 0, None) * w).sum() for c in centres]
+            np.testing.assert_allclose(got[i, s, -5:], want, rtol=1e-5, atol=1e-6)
+        # each voxel's brain fraction is kept whole: the bins sum to the brain's
+        np.testing.assert_allclose(got[i, :, -5:].sum(), v[1][shells[i].max(0) > 0].sum(),
+                                   rtol=1e-5)
+    assert "hist_range" in model.state_dict() and "hist_range" not in ShellMomentRidge(
+        3, 1, 2).state_dict()  # a model without bins keeps its old state's keys
+    with pytest.raises(ValueError, match="need hi > lo"):
+        model.set_range(1.0, 1.0)
 
 
 def test_shell_ridge_recovers_a_volume_that_is_a_sum_of_voxel_functions() -> None:
@@ -507,6 +571,10 @@ def test_shell_ridge_rules_name_what_it_needs() -> None:
         "net: shell_ridge (volumes fitted in closed form, shells cut from the brain mask) "
         "needs mode='independent', got 'sequential'"]
     assert task.problems({"net": "shell_ridge", "mask_channel": True}) == []
+    assert task.problems({"net": "shell_ridge", "mask_channel": True, "bins": 16}) == []
+    for bad in ({"bins": 8}, {"net": "shell_ridge", "mask_channel": True, "bins": 1}):
+        found = task.problems(bad)
+        assert len(found) == 1 and found[0].startswith("bins: a histogram of k >= 2 bins")
     assert task.trained_epochs({"net": "shell_ridge", "epochs": 30}) == 1
     from bench.specs.brain_age import shell_voxels
 
@@ -544,6 +612,66 @@ def test_bench_run_shell_ridge_end_to_end(tiny_cohort: Path, tmp_path: Path) -> 
     made = {Path(p).name for p in plots.stdout.split()}
     assert {"age_pred_vs_true.png", "concepts_pred_vs_true.png"} <= made, made
     assert "training_curves.png" not in made  # one fitted epoch and kernel ridge: no curve
+
+
+def test_shell_ridge_trials_of_one_cohort_and_shell_cut_compute_features_once(
+        tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.brain.models import ShellMomentRidge
+    from bench.lifecycle import train
+    from bench.registry import get_task
+    from bench.tasks import brain_age
+    from bench.trial import local_context
+
+    calls: list[int] = []
+    features = ShellMomentRidge.features
+    monkeypatch.setattr(ShellMomentRidge, "features",
+                        lambda self, x: calls.append(len(x)) or features(self, x))
+    monkeypatch.setattr(brain_age, "_SHELL_FEATURES", {})
+    monkeypatch.setattr(brain_age, "_RANGES", {})
+    task = get_task("brain-age")
+    base = {**task.defaults, "cohort": str(tiny_cohort), "shape": SHAPE, "net": "shell_ridge",
+            "mask_channel": True, "moments": 2, "shells": 2, "regressor": "kernel_ridge",
+            "eval_batch_size": 16}
+
+    def run(i: int, **over: object) -> dict:
+        ctx = local_context(0, "cpu", tmp_path / str(i), "val_mae", data_dir=None)
+        return train(task, {**base, **over}, ctx, evaluate=True)
+
+    first = run(0)
+    assert sum(calls) == N  # every subject once, in batches of 16: train, val and test
+    other = run(1, kr_alpha=0.5)  # another regressor on the same features: none computed
+    assert sum(calls) == N and other["val_mae"] != first["val_mae"]
+    again = run(2)  # the same configuration: the same figures from the cache
+    for key in ("val_mae", "test_mae", "concept_r_csfv", "train_loss"):
+        assert again[key] == first[key], key
+    run(3, shells=3)  # another shell cut: computed again
+    assert sum(calls) == 2 * N
+    run(5, bins=8)  # a histogram: computed again, its range from the training brains
+    assert sum(calls) == 3 * N
+    (key, (_, ranged)), = [(k, v) for k, v in brain_age._RANGES.items()]
+    trial8 = brain_age.BrainAgeTrial({**base, "bins": 8}, local_context(
+        0, "cpu", tmp_path / "6", "val_mae", data_dir=None))
+    assert sum(calls) == 3 * N  # cached
+    x = trial8.vols[trial8.idx["train"]].float()
+    brain = x[:, 0][x[:, 1] > 0.5]
+    exact = np.quantile(brain.numpy(), [0.005, 0.995])  # from a subsample: near these
+    assert ranged == pytest.approx(tuple(exact), abs=0.03 * (exact[1] - exact[0]))
+    assert tuple(trial8.model.hist_range.tolist()) == pytest.approx(ranged)
+    # the cached features are the model's own: its forward on the images agrees
+    trial = brain_age.BrainAgeTrial({**base, "shells": 3}, local_context(
+        0, "cpu", tmp_path / "4", "val_mae", data_dir=None))
+    assert sum(calls) == 3 * N
+    c_cached, _ = trial._forward("test")
+    c_images, _ = brain_age.forward_all(trial.model, trial.vols, trial.idx["test"], 16)
+    np.testing.assert_allclose(c_cached, c_images, rtol=1e-5, atol=1e-6)
+    # the bottleneck's ceiling on the test split: the regressor fed the true volumes
+    test = trial.sp["test"]
+    ceiling = trial.sc.age_back(np.asarray(trial.reg.predict(trial.sc.concepts(
+        trial.c_all[test]))))
+    got = trial.test()
+    assert got["test_mae_true_concepts"] == pytest.approx(
+        float(np.abs(ceiling - trial.a_all[test]).mean()))
+    assert got["test_mae_true_concepts"] != got["test_mae"]
 
 
 # ---------------------------------------------------------------- the report's models

@@ -39,6 +39,7 @@ CACHE_VERSION = 2  # 2: normalised at the native resolution, then resized
 RESIZE_MODES = ("resample", "crop")
 NORMALIZE_MODES = ("percentile", "zscore", "none")
 _MEMORY: dict[str, Cohort] = {}
+_SKIPS_SAID: set[tuple[str, ...]] = set()  # (folder, *bad files) this process has reported
 ADDED_LATER = ("mask_channel", "moments")  # CohortSpec fields that older cache keys lack
 
 
@@ -315,8 +316,11 @@ def load_cohort(spec: CohortSpec, on_bad_file: str = "error") -> Cohort:
         if on_bad_file == "error":
             raise DataError(f"cohort {spec.root}: {len(cohort.bad)} bad file(s)/row(s) "
                             f"(set on_bad_file=skip to drop them):\n  {listing}")
-        warnings.warn(f"cohort {spec.root}: skipped {len(cohort.bad)} bad file(s)/row(s):\n  "
-                      f"{listing}", BadFilesWarning, stacklevel=2)
+        said = (str(spec.root), *cohort.bad)  # once a process: not again for each trial,
+        if said not in _SKIPS_SAID:  # nor for each shape or channel set of one folder
+            _SKIPS_SAID.add(said)
+            warnings.warn(f"cohort {spec.root}: skipped {len(cohort.bad)} bad file(s)/row(s):"
+                          f"\n  {listing}", BadFilesWarning, stacklevel=2)
     if len(cohort.meta) == 0:
         raise DataError(f"cohort {spec.root}: no usable subject")
     return cohort

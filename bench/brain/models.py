@@ -65,6 +65,18 @@ class CNN3d(nn.Module):
         return self.head(self.features(x))
 
 
+def erode(m: torch.Tensor) -> torch.Tensor:
+    """Binary erosion of a bool [B,1,X,Y,Z] by the 3^3 cube, the image's edge not counted as
+    outside (a voxel stays when its in-image neighbours are all set): three 1-D ANDs of
+    shifted views, 15x faster on the CPU than a 3^3 min-pool, and exact."""
+    for d in (2, 3, 4):
+        n, y = m.shape[d], m.clone()
+        y.narrow(d, 0, n - 1).logical_and_(m.narrow(d, 1, n - 1))
+        y.narrow(d, 1, n - 1).logical_and_(m.narrow(d, 0, n - 1))
+        m = y
+    return m
+
+
 class ShellMomentRidge(nn.Module):
     """Tissue volumes as a ridge regression, fitted in closed form, on the per-voxel
     monomials (degree <= 3) of the input channels summed within `shells` depth shells of
@@ -79,7 +91,14 @@ class ShellMomentRidge(nn.Module):
     `fit` sets the buffers; the state (and a checkpoint) is those buffers alone. Ridge's
     alpha is chosen from 1e-6 (a floor) to 1e3: the standardised monomials are nearly
     collinear (a brain fraction of 0 or 1 equals its square), and leave-one-out mostly
-    picks the floor."""
+    picks the floor.
+
+    `bins` k >= 2 adds, per shell, a soft histogram of the intensity (channel 0) in k bins
+    weighted by the brain fraction (each voxel split between its two nearest bin centres,
+    linearly; bins spread over `hist_range`, set by `set_range` from the training images
+    and part of the state): a volume can then be a sum over voxels of any piecewise-linear
+    function of the intensity, which a cubic cannot follow at 2 mm, where a voxel's
+    intensity is nearly its tissue's (RESULTS, "eighth session")."""
 
     DEGREE = 3
     mean: torch.Tensor
@@ -87,14 +106,18 @@ class ShellMomentRidge(nn.Module):
     coef: torch.Tensor
     intercept: torch.Tensor
     alpha: torch.Tensor
+    hist_range: torch.Tensor  # with bins only
 
     def __init__(self, in_channels: int, mask_index: int, out_dim: int, shells: int = 3,
-                 thickness: int = 1):
+                 thickness: int = 1, bins: int = 0):
         super().__init__()
         self.mask_index, self.n_shells, self.thickness = mask_index, shells, thickness
+        self.bins = bins
         self.combos = [c for k in range(1, self.DEGREE + 1)
                        for c in combinations_with_replacement(range(in_channels), k)]
-        n = shells * len(self.combos)
+        n = shells * (len(self.combos) + bins)
+        if bins:  # a buffer only then: the state of a model without bins is unchanged
+            self.register_buffer("hist_range", torch.tensor([0.0, 1.0], dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(n, dtype=torch.float64))
         self.register_buffer("coef", torch.zeros(n, out_dim, dtype=torch.float64))
@@ -102,35 +125,60 @@ class ShellMomentRidge(nn.Module):
         self.register_buffer("alpha", torch.zeros(out_dim, dtype=torch.float64))
 
     def shells(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,C,S,S,S] -> [B,n,S,S,S]: the brain (mask channel > 0.5) cut by erosion (3^3
-        min-pool) into layers `thickness` voxels thick from its surface, the last shell the
+        """[B,C,S,S,S] -> [B,n,S,S,S]: the brain (mask channel > 0.5) cut by erosion (`erode`,
+        the 3^3 cube) into layers `thickness` voxels thick from its surface, the last shell the
         rest (n=3: the outer layer, the next one, the interior; n=1: the brain)."""
-        inside = (x[:, self.mask_index] > 0.5).to(torch.float32)[:, None]
-
-        def erode(m: torch.Tensor) -> torch.Tensor:
-            return -nn.functional.max_pool3d(-m, 3, stride=1, padding=1)
-
+        inside = (x[:, self.mask_index] > 0.5)[:, None]
         out, outer = [], inside
         for _ in range(self.n_shells - 1):
             inner = outer
             for _ in range(self.thickness):
                 inner = erode(inner)
-            out.append(outer - inner)
+            out.append(outer & ~inner)
             outer = inner
-        return torch.cat([*out, outer], 1)
+        return torch.cat([*out, outer], 1).to(torch.float32)
+
+    def set_range(self, lo: float, hi: float) -> None:
+        """The intensities the histogram's first and last bin centres sit at."""
+        if not hi > lo:
+            raise ValueError(f"histogram range: need hi > lo, got {lo}, {hi}")
+        self.hist_range.copy_(torch.tensor([lo, hi], dtype=torch.float64))
+
+    def histogram(self, x: torch.Tensor, shells: torch.Tensor) -> torch.Tensor:
+        """[B, shells, bins]: per shell, the brain fraction of each voxel split between the
+        two bins whose centres bracket its intensity (linearly; outside the range, the end
+        bin takes it all), summed in float32 (as the monomials), returned as float64."""
+        k, n = self.bins, self.n_shells
+        lo, hi = (float(v) for v in self.hist_range)
+        t = (x[:, 0].clamp(lo, hi) - lo) * ((k - 1) / (hi - lo))
+        left = t.floor().clamp(0, k - 2)
+        upper = t - left
+        rank = torch.arange(1, n + 1, dtype=shells.dtype, device=x.device).view(1, n, 1, 1, 1)
+        which = (shells * rank).sum(1)  # 1..n: a brain voxel's shell (they are disjoint)
+        weight = x[:, self.mask_index] * (which > 0)  # the brain fraction; 0 outside
+        idx = ((which - 1).clamp(min=0) * k + left).long().flatten(1)
+        out = torch.zeros(len(x), n * k, dtype=torch.float32, device=x.device)
+        out.scatter_add_(1, idx, ((1 - upper) * weight).flatten(1))
+        out.scatter_add_(1, idx + 1, (upper * weight).flatten(1))
+        return out.double().reshape(len(x), n, k)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,C,S,S,S] -> [B, shells x monomials]: float32 sums, returned as float64."""
+        """[B,C,S,S,S] -> [B, shells x (monomials + bins)]: float32 sums, returned as
+        float64."""
         with torch.autocast(x.device.type, enabled=False):  # sums of float32, not bf16
             x = x.to(torch.float32)
             shells = self.shells(x)
-            out = []
-            for combo in self.combos:
-                mono = x[:, combo[0]]
-                for i in combo[1:]:
-                    mono = mono * x[:, i]
+            out: list[torch.Tensor] = []
+            monos: dict[tuple[int, ...], torch.Tensor] = {}
+            for combo in self.combos:  # in order of degree: one product each
+                mono = x[:, combo[0]] if len(combo) == 1 else monos[combo[:-1]] * x[:, combo[-1]]
+                if len(combo) < self.DEGREE:  # a prefix of higher degrees: kept
+                    monos[combo] = mono
                 out.append(torch.einsum("bxyz,bsxyz->bs", mono, shells))
-            return torch.stack(out, 2).reshape(len(x), -1).to(torch.float64)
+            feats = torch.stack(out, 2).to(torch.float64)  # [B, shells, monomials]
+            if self.bins:
+                feats = torch.cat([feats, self.histogram(x, shells)], 2)
+            return feats.reshape(len(x), -1)
 
     def fit(self, feats: np.ndarray, y: np.ndarray) -> ShellMomentRidge:
         """Ridge per output on standardised features, alpha by leave-one-out (RidgeCV)."""

@@ -68,6 +68,11 @@ PARAMS = {
                   help="net=shell_ridge: depth shells of the brain, layers shape/32 voxels "
                        "thick (6 mm in a 200 mm field of view) from its surface, the last "
                        "one the rest"),
+    "bins": Int(0, 0, 64, since="2026-12-02",
+                help="net=shell_ridge: 0, or k >= 2 bins of a soft histogram of the "
+                     "intensity per shell, added to the monomials (bin centres spread over "
+                     "the training brains' 0.5-99.5th intensity percentiles; a volume can "
+                     "then follow any piecewise-linear function of the intensity)"),
     "on_bad_file": Choice("error", ["error", "skip"]),
     # 622 subjects: 466 in train+val after the 25% test split, the report's training set
     "sim_n": Int(622, 10, 100_000, help="simulated cohort: subjects"),
@@ -133,12 +138,15 @@ METRICS = {
     "val_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, "
                                      "validation", "val"),
     "val_mae_true_concepts": Metric(YEARS, "MAE of the regressor fed the TRUE volumes, "
-                                    "validation (the bottleneck's ceiling)", "val"),
+                                    "validation (mode=independent: the bottleneck's "
+                                    "ceiling)", "val"),
     "test_mae": Metric(YEARS, "mean absolute error of the predicted age, test", "test"),
     "test_bias": Metric(YEARS, "mean signed error (predicted - true), test", "test"),
     "test_r2": Metric("", "coefficient of determination of the age, test", "test"),
     "test_mae_mean_predictor": Metric(YEARS, "MAE of predicting the training mean age, test",
                                       "test"),
+    "test_mae_true_concepts": Metric(YEARS, "MAE of the regressor fed the TRUE volumes, test "
+                                     "(mode=independent: the bottleneck's ceiling)", "test"),
     **{f"test_mae_{b}_{b + 9}": Metric(YEARS, f"test MAE of subjects aged {b}-{b + 9}", "test")
        for b in BUCKETS},
     **{f"concept_mae_{c}": Metric(ML, f"MAE of the predicted {c}, test", "test")
@@ -191,6 +199,11 @@ def _mode_rules(params: Mapping[str, Any]) -> list[str]:
                 bad.append(f"net: shell_ridge (volumes fitted in closed form, shells cut "
                            f"from the brain mask) needs {key}={want!r}, got "
                            f"{params[key]!r}")
+    bins = int(params["bins"])
+    if bins == 1 or (bins and params["net"] != "shell_ridge"):
+        bad.append(f"bins: a histogram of k >= 2 bins is a feature of net=shell_ridge: bins "
+                   f"must be 0, or 2-64 with net=shell_ridge, got bins={bins} with "
+                   f"net={params['net']!r}")
     if int(params["moments"]) > 1 and params["normalize"] == "none":
         bad.append(f"moments: powers of an intensity need a normalised image (normalize: "
                    f"percentile or zscore), got moments={params['moments']} with "
@@ -219,10 +232,12 @@ def concept_names(params: Mapping[str, Any]) -> list[str]:
 
 def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
     """Before a run: every image of the cohort read in full (and cached), so a broken cohort
-    exits 2 listing every bad file instead of failing each trial."""
+    exits 2 listing every bad file instead of failing each trial; and the splits made, so
+    one that would be empty (a small cohort, `train_size=0`) does too."""
+    from bench.brain.splits import make_splits
     from bench.tasks.brain_age import load_data  # torch: only when a run is checked
 
-    load_data(params, data_dir)
+    make_splits(load_data(params, data_dir).meta, params)
 
 
 TASK = declare_task(
