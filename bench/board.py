@@ -324,11 +324,14 @@ def check_selection(rows: pd.DataFrame, task: str, study: str | None,
                     variant: str | None) -> None:
     """An unknown study or variant is an error (exit 2) naming the known ones."""
     from bench.errors import ConfigError
+    from bench.params import did_you_mean
 
     for col, value in (("study", study), ("variant", variant)):
-        if value is not None and value not in known(rows, col):
-            raise ConfigError(f"--{col} {value!r}: no rows of task {task!r} have it; known: "
-                              f"{', '.join(known(rows, col)) or '(none yet)'}")
+        names = known(rows, col)
+        if value is not None and value not in names:
+            raise ConfigError(f"--{col} {value!r}: no rows of task {task!r} have it; "
+                              f"{did_you_mean(value, names)}known: "
+                              f"{', '.join(names) or '(none yet)'}")
 
 
 def as_mapping(x: Any) -> Mapping[str, Any]:

@@ -123,6 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = run_options(args)
     backend = get_backend(opts.backend)
     plan = make_plan(opts)
+    for note in plan.notes:
+        print(note, file=sys.stderr)
     grid = plan.variant.grid if plan.variant else {}
     for key in sorted(set(grid) & set(opts.overrides)):  # allowed (a slice), but say so
         print(f"note: --set {key} fixes the variant's grid axis {key!r} (its values "
@@ -150,9 +152,12 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
     print(f"\n{result.storage_note}: {line}{target}")
     if result.ran:
         print("this run: " + ", ".join(f"{v} {k}" for k, v in sorted(result.ran.items())))
-    if result.exit_code in (130, 143):
+    if result.exit_code in (130, 143) and counts.get("SUSPENDED"):
         print("stopped: interrupted trials were saved at their last finished epoch; run the "
               "same command again to resume them", file=sys.stderr)
+    elif result.exit_code in (130, 143):  # between trials, or before the first
+        print("stopped: no trial was left half-done; run the same command again to go on",
+              file=sys.stderr)
     rows = leaderboard.read_trials(args.out, plan.task.name, study=plan.study_name)
     secs = board.sections(rows, plan.task)
     if not secs or secs[-1].table.empty:
@@ -230,8 +235,11 @@ def cmd_board(args: argparse.Namespace) -> int:
                                  for m in given.split(",") if m.strip()))
     unknown = [m for m in metrics if m not in task.metrics]
     if unknown:
+        from bench.params import did_you_mean
+
+        hints = "".join(did_you_mean(m, task.metrics) for m in unknown)
         raise ConfigError(f"--metrics: {', '.join(unknown)} not metrics of {task.name!r}; "
-                          f"known: {', '.join(sorted(task.metrics))}")
+                          f"{hints}known: {', '.join(sorted(task.metrics))}")
     print(board.render(secs, task, args.format, args.top, metrics))
     return 0
 
@@ -254,7 +262,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           f"({', '.join(sorted(sel['study'].unique()))}); name one with --study")
     metric = args.metric or str(sel["metric"].dropna().iloc[0])
     if metric not in task.metrics:
-        raise ConfigError(f"--metric {metric!r}: not a metric of {task.name!r}; known: "
+        from bench.params import did_you_mean
+
+        raise ConfigError(f"--metric {metric!r}: not a metric of {task.name!r}; "
+                          f"{did_you_mean(metric, task.metrics)}known: "
                           f"{', '.join(sorted(task.metrics))}")
     direction = str(sel["direction"].dropna().iloc[0]) if metric == sel["metric"].iloc[0] \
         else ("minimize" if args.minimize else "maximize") if args.metric else "maximize"

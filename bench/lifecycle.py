@@ -408,6 +408,20 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def config_failure(spec: TaskSpec, out: Path, metric: str, direction: str,
+                   identity: Mapping[str, Any], params: Mapping[str, Any], broken: list[str],
+                   device: Any = None) -> Outcome:
+    """A sampled point that breaks a cross-parameter rule: a FAIL row naming the rules,
+    written at once (every backend), and its outcome."""
+    t = now()
+    row = build_row(identity, params, state="FAIL", objective=None, metric=metric,
+                    direction=direction, metrics={}, error="ConfigError: " + "; ".join(broken),
+                    started_at=t, finished_at=t, device=device)
+    outcome = Outcome("FAIL", None, {}, row["error"], row)
+    outcome.row_error = write_row(out, spec, row)
+    return outcome
+
+
 def execute_trial(spec: TaskSpec, params: Mapping[str, Any], ctx: TrialContext,
                   identity: Mapping[str, Any], out: Path, direction: str,
                   evaluate: bool = False, rows: RowWriter | None = None) -> Outcome:

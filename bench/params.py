@@ -182,15 +182,23 @@ def Text(default: str | None, *, nullable: bool = False, help: str = "",  # noqa
 
 
 # ------------------------------------------------------------ checks over a parameter set
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    """'did you mean `x`? ' for the one or two names nearest a typo, else ''."""
+    import difflib
+
+    cutoff = 0.75 if len(word) > 4 else 0.6  # a short word's one swap: vea -> vae (0.67)
+    by_lower = {n.lower(): n for n in names}  # VAE -> vae
+    near = [by_lower[n] for n in difflib.get_close_matches(word.lower(), list(by_lower), n=2,
+                                                           cutoff=cutoff)]
+    return f"did you mean {' or '.join(f'`{n}`' for n in near)}? " if near else ""
+
+
 def unknown(key: str, task: str, names: Iterable[str]) -> str:
     """The message for a key that is not one of the task's parameters: the nearest
     names first (a typo), then every known one."""
-    import difflib
-
     names = sorted(names)
-    near = difflib.get_close_matches(key, names, n=2, cutoff=0.75)
-    hint = f"did you mean {' or '.join(f'`{n}`' for n in near)}? " if near else ""
-    return f"`{key}` is not a parameter of task {task!r}; {hint}known: {', '.join(names)}"
+    return (f"`{key}` is not a parameter of task {task!r}; {did_you_mean(key, names)}"
+            f"known: {', '.join(names)}")
 
 
 def problems(task: str, decls: Mapping[str, Decl], values: Mapping[str, Any],

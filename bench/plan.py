@@ -36,6 +36,7 @@ from bench.space import (
     Variant,
     load_space,
     merge_params,
+    probe_rules,
     space_for,
 )
 
@@ -136,6 +137,7 @@ class Plan:
     storage_url: str  # a URL, or "journal:<path>"
     pruner: str
     overrides: Mapping[str, Any]  # --set values (and --smoke's budget) in their types
+    notes: list[str] = field(default_factory=list)  # said before the run starts (stderr)
 
     @property
     def variant_name(self) -> str:
@@ -242,6 +244,9 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
             errs += (task.problems(params, "parameters") if plan.enumerated or not
                      plan.searched() else value_problems(task.name, task.params, params,
                                                          "parameters"))
+    if not errs and not plan.enumerated:  # a search: its rules over the whole space
+        errs, plan.notes = probe_rules(task, plan.searched(), plan.params)
+        errs = [f"parameters: {e}" for e in errs]
     if errs:
         raise ConfigError(sorted(set(errs), key=errs.index))
     task.require_extra()
@@ -259,11 +264,16 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     return plan
 
 
+# the parameters a task's data check reads (datasets, cohorts and their splits): one check
+# per distinct combination of the run's known parameter sets
+DATA_KEYS = ("dataset", "cohort", "shape", "sim_n", "sim_seed", "split_seed", "val_fraction",
+             "test_fraction", "train_size", "test_size", "split_column", "on_bad_file")
+
+
 def _distinct_data(param_sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out, keys = [], set()
     for p in param_sets:
-        key = json.dumps({k: p.get(k) for k in ("dataset", "cohort", "shape", "sim_n",
-                                                "sim_seed")}, default=str)
+        key = json.dumps({k: p.get(k) for k in DATA_KEYS}, default=str)
         if key not in keys:
             keys.add(key)
             out.append(p)

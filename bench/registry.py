@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, ConfigError, UnknownTaskError
-from bench.params import THROUGHPUT, Decl, Metric, defaults, problems
+from bench.params import THROUGHPUT, Decl, Metric, defaults, did_you_mean, problems
 
 if TYPE_CHECKING:
     from bench.lifecycle import EpochTrial
@@ -243,7 +243,8 @@ def get_task(name: str) -> Task:
         _load_builtin_tasks()
     if name not in _TASKS:
         known = ", ".join(sorted(_TASKS)) or "(none)"
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}")
+        raise UnknownTaskError(f"unknown task {name!r}; {did_you_mean(name, _TASKS)}known "
+                               f"tasks: {known}")
     return _TASKS[name]
 
 

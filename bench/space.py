@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import yaml
 
 from bench.errors import BenchError, ConfigError
 from bench.names import name_problem
-from bench.params import Decl, looks_numeric, unknown
+from bench.params import Decl, did_you_mean, looks_numeric, unknown
 from bench.reference import parse_reference
 from bench.registry import Task, get_task
 
@@ -105,6 +105,27 @@ class Param:
         assert self.step is not None
         return [self.low + i * self.step for i in range(n)]
 
+    def probe_values(self) -> list[Any]:
+        """Values spanning the support, for probing cross-parameter rules before a search
+        (`probe_rules`): every choice; every value of a set of up to 64 (an int range, a
+        float range with `step`); else 9 values from bound to bound, evenly (geometrically
+        when `log`) spaced, on the step grid."""
+        if self.type == "categorical":
+            return list(self.choices)
+        n = self.grid_size()
+        if n is not None and n <= 64:
+            return self.grid_values()
+        lo, hi = self.low, self.high
+        if self.log and lo > 0:
+            vals = [lo * (hi / lo) ** (i / 8) for i in range(9)]
+        else:
+            vals = [lo + (hi - lo) * i / 8 for i in range(9)]
+        if self.step:  # down onto the grid (a hair's tolerance: 2.9999... is 3 steps)
+            vals = [lo + math.floor((v - lo) / self.step + 1e-9) * self.step for v in vals]
+        if self.type == "int":
+            vals = [min(max(round(v), int(lo)), int(hi)) for v in vals]
+        return list(dict.fromkeys(vals))
+
     def values_to_check(self) -> list[Any]:
         """The values whose validity implies every sampled value's: choices, or the bounds."""
         if self.type == "categorical":
@@ -152,7 +173,8 @@ class Space:
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
             known = ", ".join(self.variants) or "(none)"
-            raise ConfigError(f"{self.source}: unknown variant {name!r}; known variants: {known}")
+            raise ConfigError(f"{self.source}: unknown variant {name!r}; "
+                              f"{did_you_mean(name, self.variants)}known variants: {known}")
         return self.variants[name]
 
 
@@ -370,7 +392,8 @@ def _parse_metric(where: str, value: Any, task: Task | None, errs: list[str]) ->
     if value is None or task is None:
         return
     if value not in task.metrics:
-        errs.append(f"{where}: {value!r} is not a metric of task {task.name!r}; known: "
+        errs.append(f"{where}: {value!r} is not a metric of task {task.name!r}; "
+                    f"{did_you_mean(str(value), task.metrics)}known: "
                     f"{', '.join(sorted(task.metrics))}")
 
 
@@ -474,6 +497,66 @@ def load_space(path: str | Path, expect_task: str | None = None) -> Space:
     return parse_space(raw, str(path), expect_task)
 
 
+RULE_PROBES = 4096  # points of a searched space on which the rules are checked before a run
+
+
+def probe_points(searched: Mapping[str, Param],
+                 merge: Callable[[dict[str, Any]], dict[str, Any]]
+                 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(point, merged parameters) spanning a searched space: each parameter's
+    `probe_values`, over their product or, when that is larger, RULE_PROBES points drawn
+    from it (seeded: the same every run)."""
+    import random
+
+    keys, pools = list(searched), [p.probe_values() for p in searched.values()]
+    rng = random.Random(0)
+    points = (itertools.product(*pools) if math.prod(len(p) for p in pools) <= RULE_PROBES
+              else (tuple(rng.choice(pool) for pool in pools) for _ in range(RULE_PROBES)))
+    for values in points:
+        point = dict(zip(keys, values, strict=True))
+        yield point, merge(point)
+
+
+def probe_rules(task: Task, searched: Mapping[str, Param],
+                merge: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The task's cross-parameter rules over a searched space (`probe_points`), before
+    anything runs: (errors, notes). When every probed point breaks a rule no trial could
+    run: an error, naming the rule when it reads the same at every point (a fixed value
+    breaks it whatever is sampled), else the first point's. When some points do, a note:
+    the sampler will propose such points (TPE and Ray's searchers take no hard
+    constraints), and each becomes a FAIL trial whose row names its rule."""
+    if task.rules is None or not searched:
+        return [], []
+    counts: dict[str, int] = {}
+    n = n_bad = 0
+    first: tuple[dict[str, Any], list[str]] | None = None
+    for point, params in probe_points(searched, merge):
+        n += 1
+        broken = list(dict.fromkeys(task.rules(params)))
+        if broken:
+            n_bad += 1
+            first = first or (point, broken)
+            for rule in broken:
+                counts[rule] = counts.get(rule, 0) + 1
+    if first is None:
+        return [], []
+    keys = ", ".join(searched)
+    point, broken = first
+    text = "; ".join(broken)
+    shown = [f"{k}={v}" for k, v in point.items() if re.search(rf"\b{re.escape(k)}\b", text)]
+    example = f"e.g. at {', '.join(shown)}: {text}" if shown else f"e.g. {text}"
+    if n_bad == n:
+        always = [r for r in counts if counts[r] == n]
+        if always:
+            return [f"every point of the searched space ({keys}; {n} probed) breaks this "
+                    f"rule, so no trial could run: {r}" for r in always], []
+        return [f"each of the {n} points probed in the searched space ({keys}) breaks a rule, "
+                f"so no trial could run; {example}"], []
+    return [], [f"note: {n_bad} of {n} probed points of the searched space ({keys}) break a "
+                f"rule; the sampler may propose such points, and each becomes a FAIL trial "
+                f"whose row names the rule; {example}"]
+
+
 def validate_file(path: str | Path, overrides: Iterable[str] = ()) -> tuple[list[str], str]:
     """Every problem of a space file and of `--set` overrides against its task, and a summary."""
     problems: list[str] = []
@@ -488,6 +571,22 @@ def validate_file(path: str | Path, overrides: Iterable[str] = ()) -> tuple[list
             parse_overrides(overrides, get_task(task_name))
         except BenchError as exc:
             problems.extend(getattr(exc, "problems", [str(exc)]))
+    if space is not None and not problems:  # each search over its whole space
+        task = get_task(space.task)
+        given = parse_overrides(overrides, task)
+        searches: list[Variant | None] = [None] if space.params else []
+        searches += [v for v in space.variants.values() if not v.enumerated]
+        for v in searches:
+            searched = v.params if v else space.params
+            where = f"{space.source}: " + (f"variants.{v.name}: " if v else "params: ")
+
+            def merge(point: dict[str, Any], v: Variant | None = v) -> dict[str, Any]:
+                assert space is not None
+                return merge_params(task, space, v, point, given)
+
+            errs, _ = probe_rules(task, {k: p for k, p in searched.items() if k not in given},
+                                  merge)
+            problems.extend(where + e for e in errs)
     summary = f"{len(space.params)} params, {len(space.variants)} variants" if space else ""
     return problems, summary
 

@@ -69,6 +69,10 @@ def test_validate_lists_every_error_and_exits_2(tmp_path: Path) -> None:
     (["run", "nope"], "unknown task 'nope'; known tasks:"),
     (["run", "vae", "--set", "betta=1", "--set", "epochs=x"], "`betta` is not a parameter"),
     (["run", "vae", "--variant", "nope"], "unknown variant 'nope'; known variants: beta-sweep"),
+    (["run", "vea"], "unknown task 'vea'; did you mean `vae`? known tasks:"),
+    (["run", "VAE"], "unknown task 'VAE'; did you mean `vae`? known tasks:"),
+    (["run", "vae", "--variant", "beta-swep"],
+     "unknown variant 'beta-swep'; did you mean `beta-sweep`? known variants: beta-sweep"),
     (["run", "vae", "--set", "model=gan", "--set", "beta=-1"],
      "--set model=gan: must be one of vae, ae, got 'gan'"),
     (["run", "synthetic", "--trials", "-1"], "--trials: must be in [0, 100000], got -1"),
@@ -117,6 +121,16 @@ def test_every_bad_value_is_listed_within_seconds_before_any_data(tmp_path: Path
     for key in ("epochs=-1", "lr=-0.1", "batch_size=0", "width=0", "train_size=-5"):
         assert f"--set {key}: must be" in res.stderr, res.stderr
     assert "not found" not in res.stderr, "values are checked before the data"
+    assert not out.exists()
+
+
+def test_a_search_whose_fixed_values_break_a_rule_exits_2_before_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "lb"  # the default space searches 17 parameters, not these two
+    res = bench_cli("run", "brain-age", "--out", str(out), "--smoke", "--set", "moments=2",
+                    "--set", "normalize=none")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "every point of the searched space" in res.stderr, res.stderr
+    assert "moments: powers of an intensity need a normalised image" in res.stderr
     assert not out.exists()
 
 

@@ -268,6 +268,24 @@ def test_a_signal_during_a_row_write_keeps_the_row(out: Path, tmp_path: Path, si
     assert_invariant(out, trials)
 
 
+@pytest.mark.parametrize("moment,suspends", [("trial-start", True), ("tell", False)])
+def test_ctrl_c_says_whether_a_trial_was_saved_half_done(out: Path, tmp_path: Path,
+                                                         moment: str, suspends: bool) -> None:
+    marker = tmp_path / "paused"
+    proc = spawn(out, "--trials", "3", env={"BENCH_PAUSE": moment,
+                                            "BENCH_PAUSE_FILE": str(marker),
+                                            "BENCH_PAUSE_S": "1"})
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    trials = sqlite_trials(out)
+    assert any(t.user_attrs.get("suspended") for t in trials) == suspends
+    saved = "interrupted trials were saved at their last finished epoch" in err
+    assert saved == suspends, err
+    assert ("no trial was left half-done" in err) == (not suspends), err
+
+
 def _one_row(uid: str) -> dict:
     from bench.lifecycle import build_row, now
     from bench.registry import get_task

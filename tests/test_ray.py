@@ -70,6 +70,43 @@ def test_fractional_gpus_validated() -> None:
     assert "--cpus-per-trial" in text and "--max-failures" in text
 
 
+def test_the_schedulers_horizon_is_the_tasks_epochs_of_a_trial(tmp_path: Path) -> None:
+    def steps(task: str, **kw: Any) -> int:
+        return ray_backend.max_steps(make_plan(RunOptions(task=task, out=tmp_path / "lb",
+                                                          **kw), check_data=False))
+
+    # net=shell_ridge is fitted in closed form and reports one epoch, whatever `epochs` is
+    assert steps("brain-age", variant="shell-ridge-search", overrides={"epochs": 30}) == 1
+    assert steps("brain-age", overrides={"epochs": 7}) == 7
+    assert steps("synthetic", overrides={"epochs": 5}) == 5
+    space = tmp_path / "s.yaml"
+    space.write_text("task: synthetic\nparams:\n  epochs: {type: int, low: 2, high: 9}\n")
+    assert steps("synthetic", space_file=space) == 9  # searched: its largest value
+    space.write_text("task: synthetic\nparams:\n  epochs: {type: int, low: 2, high: 5}\n"
+                     "variants:\n  g:\n    grid: {epochs: [3, 40]}\n")
+    assert steps("synthetic", space_file=space, variant="g") == 40  # a grid: its points
+    assert ray_backend._searcher(make_plan(RunOptions(
+        task="synthetic", out=tmp_path / "lb", space_file=space, variant="g"),
+        check_data=False)) is None  # Ray's grid_search runs a grid, not OptunaSearch
+
+
+def test_a_point_that_breaks_a_rule_gets_a_fail_row_naming_it(tmp_path: Path) -> None:
+    """As under the Optuna backend: the row first, then Ray's trial error."""
+    from bench.errors import TrialFailed
+
+    plan = make_plan(RunOptions(task="brain-age", variant="shell-ridge-search", backend="ray",
+                                overrides={"normalize": "none"}, out=tmp_path / "lb"),
+                     check_data=False)
+    point = {"moments": 2, "shells": 3, "concept_scaling": "zscore", "regressor": "mlp",
+             "kr_alpha": 0.1, "kr_gamma": 0.1}
+    with pytest.raises(TrialFailed, match="ConfigError: moments: powers of an intensity"):
+        ray_backend.run_trial(plan, str(tmp_path / "exp"), "abc12_00003", point)
+    rows = leaderboard.read_trials(tmp_path / "lb", "brain-age")
+    assert list(rows["state"]) == ["FAIL"] and list(rows["backend"]) == ["ray"]
+    assert rows["error"].iloc[0].startswith("ConfigError: moments: powers of an intensity")
+    assert rows["param_moments"].iloc[0] == 2
+
+
 # ---------------------------------------------------------------- a local cluster
 
 @pytest.fixture(scope="module")

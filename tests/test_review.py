@@ -85,8 +85,12 @@ def test_board_formats_and_typos(two_studies: Path) -> None:
                         (["--variant", "nope"], "known: default, grid")):
         bad = bench_cli("board", "synthetic", "--out", out, *args)
         assert bad.returncode == 2 and known in bad.stderr
+    bad = bench_cli("board", "synthetic", "--out", out, "--study", "synthetic.gird")
+    assert bad.returncode == 2 and "did you mean `synthetic.grid`" in bad.stderr
+    bad = bench_cli("board", "synthetic", "--out", out, "--metrics", "distanse")
+    assert bad.returncode == 2 and "did you mean `distance`? known:" in bad.stderr
     bad = bench_cli("board", "synthetc", "--out", out)
-    assert bad.returncode == 2 and "known tasks" in bad.stderr
+    assert bad.returncode == 2 and "did you mean `synthetic`? known tasks" in bad.stderr
 
 
 def test_holm_and_the_paired_test_choice() -> None:
@@ -132,6 +136,33 @@ def test_the_leaderboard_folder_reads_in_pandas_pyarrow_and_duckdb(two_studies: 
     rows = duckdb.sql(f"SELECT study, count(*) AS n FROM read_parquet('{folder}/*.parquet') "
                       "GROUP BY study ORDER BY study").fetchall()
     assert dict(rows) == {"far": 4, "synthetic": 6, "synthetic.grid": 12}
+
+
+def test_an_older_file_without_a_later_column_reads_as_the_readme_says(
+        two_studies: Path, tmp_path: Path) -> None:
+    """A file from before a metric was declared lacks its column: the README's three ways
+    read the folder with the column, null for that file (pandas alone would drop it)."""
+    import pyarrow.parquet as pq
+
+    from bench.registry import get_task
+
+    folder = tmp_path / "trials"
+    shutil.copytree(two_studies / "synthetic" / "trials", folder)
+    newest = sorted(folder.glob("*.parquet"))[0]
+    old = pq.read_table(newest).drop_columns(["metric_distance"])
+    pq.write_table(old, folder / "000-older.parquet")  # listed first
+    newest.unlink()
+    n = len(list(folder.glob("*.parquet")))
+    assert "metric_distance" not in pd.read_parquet(folder).columns  # the trap
+    df = pd.read_parquet(folder, schema=leaderboard.task_schema(get_task("synthetic")))
+    assert len(df) == n and df["metric_distance"].isna().sum() == 1
+    duckdb = pytest.importorskip("duckdb")
+    nulls = duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/*.parquet', "
+                       "union_by_name=true) WHERE metric_distance IS NULL").fetchall()
+    assert nulls == [(1,)]
+    shutil.copytree(folder, tmp_path / "lb" / "synthetic" / "trials")
+    rows = leaderboard.read_trials(tmp_path / "lb", "synthetic")
+    assert len(rows) == n and rows["metric_distance"].isna().sum() == 1
 
 
 def test_a_file_with_conflicting_columns_is_named_and_skipped(tmp_path: Path) -> None:

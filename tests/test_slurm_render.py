@@ -164,6 +164,15 @@ def test_cli_dry_run_checks_task_and_out(tmp_path: Path) -> None:
     assert "#SBATCH" not in r.stderr
 
 
+def test_cli_dry_run_plans_the_run_as_a_submission_does(tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    r = bench_cli("slurm", "submit", "brain-age", "--out", str(out), "--set", "moments=2",
+                  "--set", "normalize=none", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert "every point of the searched space" in r.stderr and "moments: powers" in r.stderr
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- quoting of benign values
 
 AWKWARD_SET = """label=it's "quoted" $HOME `id` \\ ; & | *"""

@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import bench_cli
 
 from bench.errors import ConfigError
 from bench.registry import get_task
@@ -217,6 +218,69 @@ def test_a_wide_grid_search_is_refused_before_it_is_built(tmp_path: Path) -> Non
         make_plan(RunOptions("synthetic", sampler="grid", space_file=path,
                              out=tmp_path / "lb"))
     assert not (tmp_path / "lb").exists()
+
+
+def test_rules_are_probed_over_a_searched_space_before_a_run(tmp_path: Path) -> None:
+    import re
+
+    from bench.plan import RunOptions, make_plan
+    from bench.space import Param
+
+    assert Param("n", "int", 1, 6).probe_values() == [1, 2, 3, 4, 5, 6]  # small: every one
+    assert Param("n", "int", 1, 1000).probe_values() == [1, 126, 251, 376, 500, 625, 750,
+                                                         875, 1000]
+    assert Param("a", "float", 1e-4, 1.0, log=True).probe_values() == pytest.approx(
+        [10 ** (-4 + i / 2) for i in range(9)])
+    assert Param("s", "float", 0.1, 0.3, step=0.1).probe_values() == pytest.approx(
+        [0.1, 0.2, 0.3])  # the upper end is probed (floor(1.999...) is not 2 steps)
+    assert Param("s", "float", 0.0, 100.0, step=0.3).probe_values()[-1] == pytest.approx(99.9)
+    assert Param("c", "categorical", choices=("x", "y")).probe_values() == ["x", "y"]
+    # shell-ridge-search searches moments 1-3: with normalize=none two values of three
+    # break a rule; a run goes ahead and says so
+    plan = make_plan(RunOptions("brain-age", variant="shell-ridge-search",
+                                overrides={"normalize": "none"}, out=tmp_path / "lb"),
+                     check_data=False)
+    assert len(plan.notes) == 1, plan.notes
+    n_bad = int(re.search(r"note: (\d+) of 4096 probed points", plan.notes[0]).group(1))
+    assert abs(n_bad / 4096 - 2 / 3) < 0.03
+    assert "e.g. at moments=" in plan.notes[0] and "need a normalised image" in plan.notes[0]
+    assert make_plan(RunOptions("brain-age", variant="shell-ridge-search",
+                                out=tmp_path / "lb"), check_data=False).notes == []
+    # a fixed value that breaks a rule at every point: refused, the rule named once
+    with pytest.raises(ConfigError) as err:
+        make_plan(RunOptions("brain-age", variant="shell-ridge-search",
+                             overrides={"mode": "joint"}, out=tmp_path / "lb"),
+                  check_data=False)
+    assert err.value.problems == [
+        "parameters: every point of the searched space (moments, shells, concept_scaling, "
+        "regressor, kr_alpha, kr_gamma; 4096 probed) breaks this rule, so no trial could "
+        "run: net: shell_ridge (volumes fitted in closed form, shells cut from the brain "
+        "mask) needs mode='independent', got 'joint'"]
+    assert not (tmp_path / "lb").exists()
+
+
+def test_a_rule_that_holds_only_inside_a_range_is_found_not_refused(tmp_path: Path) -> None:
+    """channels=3,16 needs depth 2 and width 3 exactly: width 3 is neither bound nor the
+    midpoint of [2, 32], and the run is not refused; with width not searched it is."""
+    from bench.plan import RunOptions, make_plan
+
+    space = write(tmp_path, "task: brain-age\nparams:\n  depth: {type: int, low: 1, high: 3}"
+                  "\n  width: {type: int, low: 2, high: 32}\n")
+    over = {"channels": "3,16"}
+    plan = make_plan(RunOptions("brain-age", space_file=space, overrides=over,
+                                out=tmp_path / "lb"), check_data=False)
+    assert len(plan.notes) == 1 and "e.g. at depth=1, width=2: channels:" in plan.notes[0]
+    with pytest.raises(ConfigError, match=r"each of the 3 points probed in the searched "
+                                          r"space \(depth\) breaks a rule, so no trial could "
+                                          r"run; e.g. at depth=1: channels"):
+        make_plan(RunOptions("brain-age", space_file=space, overrides={**over, "width": 8},
+                             out=tmp_path / "lb"), check_data=False)
+    # bench validate probes every search of a file the same way
+    bad = write(tmp_path, "task: brain-age\nfixed: {net: shell_ridge, mask_channel: true}\n"
+                "variants:\n  modes:\n    params: {mode: {type: categorical, choices: "
+                "[sequential, joint]}}\n")
+    res = bench_cli("validate", str(bad))
+    assert res.returncode == 2 and "variants.modes: each of the 2 points probed" in res.stderr
 
 
 def test_set_lists_every_bad_value_at_once() -> None:

@@ -74,6 +74,7 @@ from bench.lifecycle import (
     Outcome,
     RowWriter,
     build_row,
+    config_failure,
     execute_trial,
     now,
     write_row,
@@ -895,7 +896,8 @@ class Worker:
     def _execute(self, trial: optuna.Trial) -> Outcome:
         params, ctx, ident, bad = self.prepare(trial)
         if bad:  # a sampled combination that breaks a cross-parameter rule
-            return _config_failure(self.plan, ident, params, "; ".join(bad), ctx)
+            return config_failure(self.plan.task, self.plan.out, self.plan.metric,
+                                  self.plan.direction, ident, params, bad, ctx.device)
         return execute_trial(self.plan.task, params, ctx, ident, self.plan.out,
                              self.plan.direction, evaluate=self.evaluate, rows=self.rows)
 
@@ -989,17 +991,6 @@ class Worker:
     def _should_stop(self, deadline: float | None) -> bool:
         return (signals.stop_requested() or getattr(self.study, "_stop_flag", False)
                 or (deadline is not None and time.time() >= deadline))
-
-
-def _config_failure(plan: Plan, ident: dict[str, Any], params: dict[str, Any], error: str,
-                    ctx: TrialContext) -> Outcome:
-    t = now()
-    row = build_row(ident, params, state="FAIL", objective=None, metric=plan.metric,
-                    direction=plan.direction, metrics={}, error=f"ConfigError: {error}",
-                    started_at=t, finished_at=t, device=ctx.device)
-    out = Outcome("FAIL", None, {}, row["error"], row)
-    out.row_error = write_row(plan.out, plan.task, row)
-    return out
 
 
 # ---------------------------------------------------------------- the run

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from bench import signals
 from bench.fused import FusedGroup, Member, run_group
-from bench.lifecycle import Outcome
+from bench.lifecycle import Outcome, config_failure
 from bench.plan import Plan, fused_class
 
 MAX_AUTO = 64  # --fuse auto never stacks more members than this
@@ -215,10 +215,10 @@ class FusedRunner:
                 member = Member(params, ctx, ident, trial)
                 members[trial.number] = member
                 return member
-            from bench.backends.optuna import _config_failure
-
-            self.w.record(trial, _config_failure(self.plan, ident, params, "; ".join(bad),
-                                                 ctx))
+            plan = self.plan
+            self.w.record(trial, config_failure(plan.task, plan.out, plan.metric,
+                                                plan.direction, ident, params, bad,
+                                                ctx.device))
             trial = self._member(shape)
         return None
 

@@ -45,7 +45,7 @@ from ray.tune.trainable.function_trainable import FunctionTrainable
 from bench import leaderboard
 from bench.backends._base import Backend, RunResult, register_backend
 from bench.errors import ConfigError, TrialFailed
-from bench.lifecycle import execute_trial
+from bench.lifecycle import config_failure, execute_trial
 from bench.plan import (
     Plan,
     RunOptions,
@@ -172,8 +172,10 @@ def run_trial(plan: Plan, experiment_path: str, ray_trial_id: str,
              "trial_uid": uid, "trial_number": number, "backend": "ray",
              "sampler": plan.opts.sampler, "pruner": plan.pruner, "seed": seed}
     bad = plan.task.problems(params)
-    if bad:
-        raise TrialFailed("ConfigError: " + "; ".join(bad))
+    if bad:  # its FAIL row first, as the Optuna backend's
+        failed = config_failure(plan.task, plan.out, plan.metric, plan.direction, ident,
+                                params, bad, ctx.device)
+        raise TrialFailed(failed.error or "ConfigError")
     outcome = execute_trial(plan.task, params, ctx, ident, plan.out, plan.direction,
                             evaluate=plan.evaluates_every_trial())
     if outcome.row_error:
@@ -229,17 +231,23 @@ def _searcher(plan: Plan) -> Any:
     """OptunaSearch with the Optuna sampler of the same name; None: Ray's random/grid."""
     from ray.tune.search.optuna import OptunaSearch
 
-    if plan.opts.sampler in ("random", "grid") or not plan.searched():
-        return None
+    if plan.opts.sampler in ("random", "grid") or plan.enumerated or not plan.searched():
+        return None  # a variant's grid is Ray's grid_search (`param_space`)
     return OptunaSearch(sampler=make_sampler(plan.opts.sampler, plan.opts.seed, True))
 
 
 def max_steps(plan: Plan) -> int:
-    """The most steps a trial can report: its `epochs` (the largest, if epochs is searched)."""
-    searched = plan.searched().get("epochs")
-    if searched is not None and searched.high is not None:
-        return int(searched.high)
-    return max(1, int(plan.params({}).get("epochs") or 1))
+    """The most steps a trial can report: the task's epochs of a trial (`trained_epochs`:
+    params `epochs`, or the task's `epochs_of`), the largest over the variant's points or
+    the searched space."""
+    from bench.space import probe_points
+
+    if plan.enumerated:
+        assert plan.variant is not None
+        sets = [plan.params(point) for point in plan.variant.points()]
+    else:
+        sets = [params for _, params in probe_points(plan.searched(), plan.params)]
+    return max([1, *(plan.task.trained_epochs(p) for p in sets)])
 
 
 def _scheduler(plan: Plan) -> Any:

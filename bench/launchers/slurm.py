@@ -13,7 +13,9 @@
   requeue).
 
 The study is created (and an enumerated variant's trials enqueued) here, before sbatch,
-so array tasks starting together never race to do it. `--dry-run` prints the script.
+so array tasks starting together never race to do it. `--dry-run` plans the run as a
+submission does (every check of `bench run`) and prints the script; it creates and submits
+nothing.
 
 Every value that goes into a script is checked first (`check`), dry run or not: shell lines
 carry values through `shlex.quote`; `#SBATCH` lines cannot be shell-quoted, and sbatch stops
@@ -294,6 +296,8 @@ def prepare(o: SubmitOptions) -> int:
     from bench.backends._base import get_backend
 
     plan = _plan(o)  # ConfigError before anything is submitted
+    for note in plan.notes:  # e.g. part of the space breaks a rule: said once, here
+        print(note, file=sys.stderr)
     if o.mode != "optuna":
         return o.trials if o.trials is not None else plan.default_total()
     n = get_backend("optuna").prepare(plan)
@@ -320,7 +324,9 @@ def sbatch(script: str, script_path: Path) -> str:
 def submit(o: SubmitOptions) -> str:
     """Render, prepare the study and submit; returns the job id (the script if dry_run)."""
     check(o)  # before the study is created: a refused submission leaves nothing behind
-    if o.dry_run:
+    if o.dry_run:  # planned (so checked) as a submission is; nothing created or submitted
+        for note in _plan(o).notes:
+            print(note, file=sys.stderr)
         return render(o, o.trials if o.trials is not None else 0)
     n = prepare(o)
     script = render(o, n)
