@@ -78,7 +78,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.paths] or sorted(spaces_dir().glob("*.yaml"))
     problems: list[str] = []
     for path in paths:
-        found, summary = validate_file(path, args.set)
+        found, summary, notes = validate_file(path, args.set)
+        for note in notes:
+            print(note, file=sys.stderr)
         problems.extend(found)
         if not found:
             print(f"ok: {path} ({summary})")

@@ -264,10 +264,12 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
     return plan
 
 
-# the parameters a task's data check reads (datasets, cohorts and their splits): one check
-# per distinct combination of the run's known parameter sets
-DATA_KEYS = ("dataset", "cohort", "shape", "sim_n", "sim_seed", "split_seed", "val_fraction",
-             "test_fraction", "train_size", "test_size", "split_column", "on_bad_file")
+# the parameters the tasks' data checks read (data sets; brain cohorts, how they are read
+# and split): one check per distinct combination among the run's known parameter sets
+DATA_KEYS = ("dataset", "cohort", "shape", "sim_n", "sim_seed", "sim_shape", "metadata",
+             "file_pattern", "id_column", "age_column", "concepts", "resize", "normalize",
+             "mask_channel", "moments", "split_seed", "split_column", "val_fraction",
+             "test_fraction", "train_size", "test_size", "on_bad_file")
 
 
 def _distinct_data(param_sets: list[dict[str, Any]]) -> list[dict[str, Any]]:

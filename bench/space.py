@@ -115,6 +115,8 @@ class Param:
         n = self.grid_size()
         if n is not None and n <= 64:
             return self.grid_values()
+        if self.type == "int" and not self.step and self.high - self.low < 64:  # log too
+            return list(range(int(self.low), int(self.high) + 1))
         lo, hi = self.low, self.high
         if self.log and lo > 0:
             vals = [lo * (hi / lo) ** (i / 8) for i in range(9)]
@@ -520,10 +522,10 @@ def probe_points(searched: Mapping[str, Param],
 def probe_rules(task: Task, searched: Mapping[str, Param],
                 merge: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The task's cross-parameter rules over a searched space (`probe_points`), before
-    anything runs: (errors, notes). When every probed point breaks a rule no trial could
-    run: an error, naming the rule when it reads the same at every point (a fixed value
-    breaks it whatever is sampled), else the first point's. When some points do, a note:
-    the sampler will propose such points (TPE and Ray's searchers take no hard
+    anything runs: (errors, notes). A rule broken in the same words at every probed point
+    is an error: a fixed value breaks it whatever is sampled, so no trial could run. Other
+    broken rules give a note (even at every probed point: a point between the probes may
+    hold): the sampler will propose such points (TPE and Ray's searchers take no hard
     constraints), and each becomes a FAIL trial whose row names its rule."""
     if task.rules is None or not searched:
         return [], []
@@ -545,20 +547,21 @@ def probe_rules(task: Task, searched: Mapping[str, Param],
     text = "; ".join(broken)
     shown = [f"{k}={v}" for k, v in point.items() if re.search(rf"\b{re.escape(k)}\b", text)]
     example = f"e.g. at {', '.join(shown)}: {text}" if shown else f"e.g. {text}"
-    if n_bad == n:
-        always = [r for r in counts if counts[r] == n]
-        if always:
-            return [f"every point of the searched space ({keys}; {n} probed) breaks this "
-                    f"rule, so no trial could run: {r}" for r in always], []
-        return [f"each of the {n} points probed in the searched space ({keys}) breaks a rule, "
-                f"so no trial could run; {example}"], []
-    return [], [f"note: {n_bad} of {n} probed points of the searched space ({keys}) break a "
-                f"rule; the sampler may propose such points, and each becomes a FAIL trial "
-                f"whose row names the rule; {example}"]
+    always = [r for r in counts if counts[r] == n]
+    if always:  # the same words at every point: the searched values do not enter into it
+        return [f"every point of the searched space ({keys}; {n} probed) breaks this "
+                f"rule, so no trial could run: {r}" for r in always], []
+    share = f"every one of the {n}" if n_bad == n else f"{n_bad} of {n}"
+    return [], [f"note: {share} probed points of the searched space ({keys}) break a rule "
+                f"(points between the probes are not checked); the sampler may propose such "
+                f"points, and each becomes a FAIL trial whose row names the rule; {example}"]
 
 
-def validate_file(path: str | Path, overrides: Iterable[str] = ()) -> tuple[list[str], str]:
-    """Every problem of a space file and of `--set` overrides against its task, and a summary."""
+def validate_file(path: str | Path, overrides: Iterable[str] = ()
+                  ) -> tuple[list[str], str, list[str]]:
+    """Every problem of a space file and of `--set` overrides against its task, a summary,
+    and notes (searches in which some probed points break a rule)."""
+    notes: list[str] = []
     problems: list[str] = []
     space = None
     try:
@@ -584,11 +587,12 @@ def validate_file(path: str | Path, overrides: Iterable[str] = ()) -> tuple[list
                 assert space is not None
                 return merge_params(task, space, v, point, given)
 
-            errs, _ = probe_rules(task, {k: p for k, p in searched.items() if k not in given},
-                                  merge)
+            errs, said = probe_rules(task, {k: p for k, p in searched.items()
+                                            if k not in given}, merge)
             problems.extend(where + e for e in errs)
+            notes.extend(f"{where}{n}" for n in said)
     summary = f"{len(space.params)} params, {len(space.variants)} variants" if space else ""
-    return problems, summary
+    return problems, summary, notes
 
 
 def _declared_task(path: str | Path) -> str | None:

@@ -277,6 +277,12 @@ def test_bench_run_on_a_bad_cohort_exits_2_and_writes_nothing(tiny_cohort: Path,
     assert res.returncode == 2, res.stderr
     assert "a split is empty (train 46, val 0, test 14)" in res.stderr
     assert not out.exists()
+    space.write_text(space.read_text().replace("{val_fraction: [0.15, 0.001]}",
+                                               "{metadata: [metadata.csv, nope.csv]}"))
+    res = bench_cli("run", "brain-age", "--out", str(out), "--space", str(space), "--variant",
+                    "vf", timeout=300)  # so is every cohort a grid reads
+    assert res.returncode == 2 and "nope.csv" in res.stderr, res.stderr
+    assert not out.exists()
     # skipped: said once (not again at each trial), and the run goes on without them
     folder = copy_cohort(tiny_cohort, tmp_path / "one-bad")
     (folder / "sub-0007.nii.gz").write_bytes(b"garbage")
@@ -526,6 +532,11 @@ def test_shell_ridge_histogram_splits_each_voxels_brain_fraction_between_two_bin
         # each voxel's brain fraction is kept whole: the bins sum to the brain's
         np.testing.assert_allclose(got[i, :, -5:].sum(), v[1][shells[i].max(0) > 0].sum(),
                                    rtol=1e-5)
+    # the path CUDA takes (a tent per bin: sums in a fixed order) gives the same sums
+    lo, hi = 0.2, 1.0
+    t = (x[:, 0].clamp(lo, hi) - lo) * (4 / (hi - lo))
+    np.testing.assert_allclose(model.histogram_dense(t, x[:, 1], model.shells(x)).numpy(),
+                               got[:, :, -5:], rtol=1e-5, atol=1e-6)
     assert "hist_range" in model.state_dict() and "hist_range" not in ShellMomentRidge(
         3, 1, 2).state_dict()  # a model without bins keeps its old state's keys
     with pytest.raises(ValueError, match="need hi > lo"):
@@ -657,10 +668,20 @@ def test_shell_ridge_trials_of_one_cohort_and_shell_cut_compute_features_once(
     exact = np.quantile(brain.numpy(), [0.005, 0.995])  # from a subsample: near these
     assert ranged == pytest.approx(tuple(exact), abs=0.03 * (exact[1] - exact[0]))
     assert tuple(trial8.model.hist_range.tolist()) == pytest.approx(ranged)
+    # the range does not depend on the batch size (an execution parameter)
+    assert brain_age.intensity_range(trial8.vols, trial8.idx["train"], 1, 5) == \
+        brain_age.intensity_range(trial8.vols, trial8.idx["train"], 1, 16)
+    # a restored range (a checkpoint's) is the one the predictions use
+    before, _ = trial8._forward("test")
+    trial8.model.set_range(ranged[0], ranged[1] * 2)
+    after, _ = trial8._forward("test")
+    assert sum(calls) == 4 * N and not np.allclose(before, after)
+    trial8.model.set_range(*ranged)
+    np.testing.assert_array_equal(trial8._forward("test")[0], before)
     # the cached features are the model's own: its forward on the images agrees
     trial = brain_age.BrainAgeTrial({**base, "shells": 3}, local_context(
         0, "cpu", tmp_path / "4", "val_mae", data_dir=None))
-    assert sum(calls) == 3 * N
+    assert sum(calls) == 4 * N
     c_cached, _ = trial._forward("test")
     c_images, _ = brain_age.forward_all(trial.model, trial.vols, trial.idx["test"], 16)
     np.testing.assert_allclose(c_cached, c_images, rtol=1e-5, atol=1e-6)

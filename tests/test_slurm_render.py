@@ -171,6 +171,12 @@ def test_cli_dry_run_plans_the_run_as_a_submission_does(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stdout == "", r.stdout
     assert "every point of the searched space" in r.stderr and "moments: powers" in r.stderr
     assert not out.exists()
+    # a valid one prints its script and reads, generates and writes no data
+    cache = tmp_path / "cache"
+    r = bench_cli("slurm", "submit", "brain-age", "--out", str(out), "--dry-run", cwd=tmp_path,
+                  env={"BENCH_CACHE": str(cache)})
+    assert r.returncode == 0 and "#SBATCH" in r.stdout, r.stderr
+    assert not out.exists() and not cache.exists()
 
 
 # ---------------------------------------------------------------- quoting of benign values

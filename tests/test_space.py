@@ -263,6 +263,7 @@ def test_a_rule_that_holds_only_inside_a_range_is_found_not_refused(tmp_path: Pa
     """channels=3,16 needs depth 2 and width 3 exactly: width 3 is neither bound nor the
     midpoint of [2, 32], and the run is not refused; with width not searched it is."""
     from bench.plan import RunOptions, make_plan
+    from bench.space import Param
 
     space = write(tmp_path, "task: brain-age\nparams:\n  depth: {type: int, low: 1, high: 3}"
                   "\n  width: {type: int, low: 2, high: 32}\n")
@@ -270,17 +271,27 @@ def test_a_rule_that_holds_only_inside_a_range_is_found_not_refused(tmp_path: Pa
     plan = make_plan(RunOptions("brain-age", space_file=space, overrides=over,
                                 out=tmp_path / "lb"), check_data=False)
     assert len(plan.notes) == 1 and "e.g. at depth=1, width=2: channels:" in plan.notes[0]
-    with pytest.raises(ConfigError, match=r"each of the 3 points probed in the searched "
-                                          r"space \(depth\) breaks a rule, so no trial could "
-                                          r"run; e.g. at depth=1: channels"):
-        make_plan(RunOptions("brain-age", space_file=space, overrides={**over, "width": 8},
-                             out=tmp_path / "lb"), check_data=False)
+    # broken at every probed point, in words that name the searched values: a note, not
+    # a refusal (a value between the probes might hold)
+    plan = make_plan(RunOptions("brain-age", space_file=space, overrides={**over, "width": 8},
+                                out=tmp_path / "lb"), check_data=False)
+    assert plan.notes[0].startswith("note: every one of the 3 probed points of the searched "
+                                    "space (depth) break a rule"), plan.notes
+    # a log-scale int range of up to 64 values is probed at every value
+    assert Param("w", "int", 2, 32, log=True).probe_values() == list(range(2, 33))
     # bench validate probes every search of a file the same way
     bad = write(tmp_path, "task: brain-age\nfixed: {net: shell_ridge, mask_channel: true}\n"
                 "variants:\n  modes:\n    params: {mode: {type: categorical, choices: "
                 "[sequential, joint]}}\n")
-    res = bench_cli("validate", str(bad))
-    assert res.returncode == 2 and "variants.modes: each of the 2 points probed" in res.stderr
+    res = bench_cli("validate", str(bad))  # mode is searched: every point fails, and says
+    assert res.returncode == 0 and "variants.modes: note: every one of the 2 probed points" \
+        in res.stderr, res.stderr  # its value ("got 'joint'"): a note
+    bad.write_text(bad.read_text().replace("net: shell_ridge, mask_channel: true",
+                                           "net: shell_ridge, mask_channel: false"))
+    res = bench_cli("validate", str(bad))  # mask_channel, fixed: the same words everywhere
+    assert res.returncode == 2 and "variants.modes: every point of the searched space (mode; "\
+        "2 probed) breaks this rule, so no trial could run: net: shell_ridge" in res.stderr \
+        and "needs mask_channel=True, got False" in res.stderr, res.stderr
 
 
 def test_set_lists_every_bad_value_at_once() -> None:

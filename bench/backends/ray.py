@@ -175,7 +175,9 @@ def run_trial(plan: Plan, experiment_path: str, ray_trial_id: str,
     if bad:  # its FAIL row first, as the Optuna backend's
         failed = config_failure(plan.task, plan.out, plan.metric, plan.direction, ident,
                                 params, bad, ctx.device)
-        raise TrialFailed(failed.error or "ConfigError")
+        unwritten = f"; its row could not be written: {failed.row_error}" \
+            if failed.row_error else ""
+        raise TrialFailed((failed.error or "ConfigError") + unwritten)
     outcome = execute_trial(plan.task, params, ctx, ident, plan.out, plan.direction,
                             evaluate=plan.evaluates_every_trial())
     if outcome.row_error:

@@ -151,6 +151,8 @@ class ShellMomentRidge(nn.Module):
         k, n = self.bins, self.n_shells
         lo, hi = (float(v) for v in self.hist_range)
         t = (x[:, 0].clamp(lo, hi) - lo) * ((k - 1) / (hi - lo))
+        if x.is_cuda:  # CUDA's scatter_add adds in no fixed order: reruns would differ
+            return self.histogram_dense(t, x[:, self.mask_index], shells)
         left = t.floor().clamp(0, k - 2)
         upper = t - left
         rank = torch.arange(1, n + 1, dtype=shells.dtype, device=x.device).view(1, n, 1, 1, 1)
@@ -161,6 +163,15 @@ class ShellMomentRidge(nn.Module):
         out.scatter_add_(1, idx, ((1 - upper) * weight).flatten(1))
         out.scatter_add_(1, idx + 1, (upper * weight).flatten(1))
         return out.double().reshape(len(x), n, k)
+
+    def histogram_dense(self, t: torch.Tensor, frac: torch.Tensor,
+                        shells: torch.Tensor) -> torch.Tensor:
+        """`histogram` as one tent function per bin (t: the intensity in bin units): k
+        passes instead of a scatter, but sums in a fixed order (deterministic on CUDA)."""
+        weighted = shells * frac[:, None]
+        out = [torch.einsum("bxyz,bsxyz->bs", (1 - (t - j).abs()).clamp_(min=0), weighted)
+               for j in range(self.bins)]
+        return torch.stack(out, 2).double()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[B,C,S,S,S] -> [B, shells x (monomials + bins)]: float32 sums, returned as

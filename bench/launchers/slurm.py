@@ -14,8 +14,8 @@
 
 The study is created (and an enumerated variant's trials enqueued) here, before sbatch,
 so array tasks starting together never race to do it. `--dry-run` plans the run as a
-submission does (every check of `bench run`) and prints the script; it creates and submits
-nothing.
+submission does (every check of `bench run` but the data's: it reads, downloads or
+generates no data set) and prints the script; it creates and submits nothing.
 
 Every value that goes into a script is checked first (`check`), dry run or not: shell lines
 carry values through `shlex.quote`; `#SBATCH` lines cannot be shell-quoted, and sbatch stops
@@ -271,8 +271,9 @@ def render(o: SubmitOptions, trials: int) -> str:
     return fill((templates_dir() / name).read_text(), values)
 
 
-def _plan(o: SubmitOptions) -> Any:
-    """The run as `bench run` would plan it (every check before anything is submitted)."""
+def _plan(o: SubmitOptions, check_data: bool = True) -> Any:
+    """The run as `bench run` would plan it (every check before anything is submitted;
+    `check_data=False`: all but the data's, which may read or generate a data set)."""
     from bench.plan import RunOptions, make_plan
     from bench.registry import get_task
     from bench.space import parse_overrides
@@ -287,7 +288,7 @@ def _plan(o: SubmitOptions) -> Any:
                       study=o.study, storage=storage, out=_abs(o.out), workers=o.workers,
                       space_file=o.space_file, data_dir=o.data_dir, backend=o.mode,
                       extra={"worker_id": "submit"} if o.mode == "optuna" else {})
-    return make_plan(opts)
+    return make_plan(opts, check_data=check_data)
 
 
 def prepare(o: SubmitOptions) -> int:
@@ -324,8 +325,8 @@ def sbatch(script: str, script_path: Path) -> str:
 def submit(o: SubmitOptions) -> str:
     """Render, prepare the study and submit; returns the job id (the script if dry_run)."""
     check(o)  # before the study is created: a refused submission leaves nothing behind
-    if o.dry_run:  # planned (so checked) as a submission is; nothing created or submitted
-        for note in _plan(o).notes:
+    if o.dry_run:  # checked as a submission is, but the data (a login node need not hold
+        for note in _plan(o, check_data=False).notes:  # it); nothing created or submitted
             print(note, file=sys.stderr)
         return render(o, o.trials if o.trials is not None else 0)
     n = prepare(o)

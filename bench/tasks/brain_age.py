@@ -92,7 +92,7 @@ from bench.trial import TrialContext
 _DEVICE_VOLS: dict[tuple[int, str], torch.Tensor] = {}
 # net=shell_ridge's features of every subject, per cohort and shell cut (`shell_features`)
 _SHELL_FEATURES: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-_RANGES: dict[tuple[int, int, int], tuple[torch.Tensor, tuple[float, float]]] = {}
+_RANGES: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[float, float]]] = {}
 
 
 # ---------------------------------------------------------------- cohort and splits
@@ -127,33 +127,42 @@ def device_volumes(vols: torch.Tensor, device: torch.device) -> torch.Tensor:
 def intensity_range(vols: torch.Tensor, idx: torch.Tensor, mask_index: int,
                     batch: int) -> tuple[float, float]:
     """The 0.5th and 99.5th percentiles of the intensity (channel 0) of the brain voxels of
-    the subjects `idx` (every 97th voxel: quantiles of at most 16.7M values)."""
+    the subjects `idx`, from every 97th brain voxel of each subject (so the same whatever
+    the batch size)."""
     sample = []
     for part in idx.split(batch):
         x = vols[part].float()
-        sample.append(x[:, 0][x[:, mask_index] > 0.5][::97])
-    q = torch.quantile(torch.cat(sample), torch.tensor([0.005, 0.995], device=vols.device))
+        sample += [v[0][v[mask_index] > 0.5][::97] for v in x]
+    q = torch.quantile(torch.cat(sample).double(),
+                       torch.tensor([0.005, 0.995], dtype=torch.float64, device=vols.device))
     return float(q[0]), float(q[1])
 
 
+def fit_range(ridge: ShellMomentRidge, cohort: torch.Tensor, vols: torch.Tensor,
+              train: torch.Tensor, batch: int) -> None:
+    """With bins: the histogram's range from the training subjects `train` (once per
+    process for a cohort and split)."""
+    if not ridge.bins:
+        return
+    key = (id(cohort), str(vols.device), ridge.mask_index, hash(train.cpu().numpy().tobytes()))
+    if key not in _RANGES:
+        _RANGES[key] = (cohort, intensity_range(vols, train, ridge.mask_index, batch))
+    ridge.set_range(*_RANGES[key][1])
+
+
 def shell_features(ridge: ShellMomentRidge, cohort: torch.Tensor, vols: torch.Tensor,
-                   batch: int, train: torch.Tensor) -> torch.Tensor:
+                   batch: int) -> torch.Tensor:
     """`ridge.features` of every subject of `vols` (`cohort`'s volumes on the device) [N, F],
-    computed once per process for a cohort, shell cut and histogram (they do not depend on
-    the fit): a trial's splits are rows of it, and the trials of a search that share them
-    share it (at 96^3 the features are nearly all of a trial's time). With bins, the
-    histogram's range is set first, from the training subjects `train`. Keyed by the
-    cohort's CPU tensor, which is held (so its id is not reused); the device copy is not."""
-    hist: tuple[float, ...] = ()
-    if ridge.bins:
-        rkey = (id(cohort), ridge.mask_index, hash(train.cpu().numpy().tobytes()))
-        if rkey not in _RANGES:
-            _RANGES[rkey] = (cohort, intensity_range(vols, train, ridge.mask_index, batch))
-        ridge.set_range(*_RANGES[rkey][1])
-        hist = (ridge.bins, *_RANGES[rkey][1])
-    key = (id(cohort), ridge.mask_index, ridge.n_shells, ridge.thickness, *hist)
+    computed once per process for a cohort, device, shell cut and histogram (its bins and
+    the range the model holds now: a checkpoint's, once loaded); they do not depend on the
+    fit: a trial's splits are rows of it, and the trials of a search that share them share
+    it (at 96^3 the features are nearly all of a trial's time). Keyed by the cohort's CPU
+    tensor, which is held (so its id is not reused); the device copy is not."""
+    hist = (ridge.bins, *ridge.hist_range.tolist()) if ridge.bins else ()
+    key = (id(cohort), str(vols.device), ridge.mask_index, ridge.n_shells, ridge.thickness,
+           *hist)
     if key not in _SHELL_FEATURES:
-        if len(_SHELL_FEATURES) >= 32:  # each is small ([N, <= 6 x 34] float64)
+        if len(_SHELL_FEATURES) >= 32:  # each is small ([N, <= 6 x 98] float64)
             _SHELL_FEATURES.clear()
         rows = torch.arange(len(vols), device=vols.device).split(batch)
         with torch.no_grad():
@@ -294,9 +303,10 @@ class BrainAgeTrial(EpochTrial):
                                      int(params["shells"]), shell_voxels(int(params["shape"])),
                                      int(params["bins"]))
             self.model = ridge.to(ctx.device)
-            self.feats = shell_features(ridge, cohort.volumes, self.vols,
-                                        int(params["eval_batch_size"]), self.idx["train"])
-            feats = self.feats[self.idx["train"]]
+            self.cohort_volumes = cohort.volumes
+            fit_range(ridge, cohort.volumes, self.vols, self.idx["train"],
+                      int(params["eval_batch_size"]))
+            feats = self._shell_features()[self.idx["train"]]
             ridge.fit(feats.cpu().numpy(), self.y["train"][:, :-1])
             fitted = ridge.predict(feats).double().cpu().numpy()  # the fit's training loss,
             self.fit_loss = scaled_loss(fitted, None, self.y["train"], params)  # reported
@@ -326,10 +336,17 @@ class BrainAgeTrial(EpochTrial):
         return fit_regressor(self.params, self.ctx.seed, x_train, self.y["train"][:, -1],
                              x_val, self.y["val"][:, -1])
 
+    def _shell_features(self) -> torch.Tensor:
+        """net=shell_ridge's features of every subject at the model's current state (a
+        restored checkpoint's histogram range included), from the process's cache."""
+        assert isinstance(self.model, ShellMomentRidge)
+        return shell_features(self.model, self.cohort_volumes, self.vols,
+                              int(self.params["eval_batch_size"]))
+
     def _forward(self, split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
         if isinstance(self.model, ShellMomentRidge):  # its features are computed once
             with torch.no_grad():
-                c = self.model.predict(self.feats[self.idx[split]])
+                c = self.model.predict(self._shell_features()[self.idx[split]])
             return c.double().cpu().numpy(), None
         return forward_all(self.model, self.vols, self.idx[split],
                            int(self.params["eval_batch_size"]), self.params["model"] == "direct")
