@@ -172,12 +172,13 @@ def read_trial(out: str | Path, task: str, uid: str) -> dict[str, Any] | None:
         return None
 
 
-def _read_files(paths: Iterable[Path]) -> list[pa.Table]:
-    """Each readable file as a table; one that cannot be read is named and skipped."""
+def _read_files(paths: Iterable[Path]) -> list[tuple[Path, pa.Table]]:
+    """(path, table) of each readable file; one that cannot be read is named and skipped
+    (so a table is never paired with another file's name, which the cache keys rows by)."""
     tables = []
     for path in paths:
         try:
-            tables.append(pq.read_table(path))
+            tables.append((path, pq.read_table(path)))
         except (OSError, pa.ArrowException) as exc:
             warnings.warn(f"{path}: unreadable leaderboard file skipped ({exc})", stacklevel=4)
     return tables
@@ -241,8 +242,7 @@ def _read_dir(folder: Path, cache: Path | None = None) -> pd.DataFrame:
             mask = pa.array([f in valid for f in cached.column("_file").to_pylist()])
             cached = cached.filter(mask)
     fresh = sorted(set(listing) - valid)
-    tables = [(str(folder / name), t) for name, t in
-              zip(fresh, _read_files(folder / n for n in fresh), strict=False)]
+    tables = [(str(path), t) for path, t in _read_files(folder / n for n in fresh)]
     tables = [(n, _keyed(t, Path(n).name, listing)) for n, t in tables] if cache else tables
     if cached is not None and cached.num_rows:
         tables.insert(0, (str(cache), cached))

@@ -77,3 +77,34 @@ def test_write_replaces_atomically_and_cleans_up_on_failure(tmp_path: Path, monk
     folder = tmp_path / "t" / "trials"
     assert sorted(os.listdir(folder)) == ["x.parquet"]
     assert leaderboard.read_trials(tmp_path, "t")["objective"].tolist() == [1.0]
+
+
+def test_an_unreadable_row_file_never_shifts_the_cached_rows(tmp_path: Path) -> None:
+    """A file that cannot be read (cut short mid-copy) is skipped without pairing the
+    next file's rows with its name in the read cache: every read, and every read after
+    the file is whole again, gives each trial once with its own objective."""
+    import warnings
+
+    from bench.cli import main
+
+    out = tmp_path / "lb"
+    assert main(["run", "synthetic", "--trials", "3", "--out", str(out), "--quiet"]) == 0
+    truth = leaderboard.read_trials(out, "synthetic").set_index("trial_uid")["objective"]
+    files = sorted((out / "synthetic" / "trials").glob("*.parquet"))
+    assert len(files) == 3
+    first = files[0]
+    whole = first.read_bytes()
+    first.write_bytes(whole[:300])
+    cache = out / "synthetic" / ".cache"
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    for _ in range(2):  # the first read writes the cache, the second reads it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = leaderboard.read_trials(out, "synthetic").set_index("trial_uid")
+        assert len(rows) == 2 and rows.index.is_unique
+        assert rows["objective"].to_dict() == {u: truth[u] for u in rows.index}
+    first.write_bytes(whole)
+    rows = leaderboard.read_trials(out, "synthetic").set_index("trial_uid")
+    assert rows["objective"].sort_index().to_dict() == truth.sort_index().to_dict()
