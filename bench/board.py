@@ -42,14 +42,19 @@ class Section:
     references: list[dict[str, Any]] = field(default_factory=list)  # per-config reference
     findings: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""
+    same_name: bool = False  # another study of the leaderboard has this name (another uid)
 
 
 def configurations(done: pd.DataFrame, params: list[str], metric_cols: list[str],
                    direction: str) -> pd.DataFrame:
     """COMPLETE rows of one study grouped by configuration, ranked by the objective
     (vectorised: a study of 100,000 trials groups in well under a second)."""
-    if done.empty:
-        return pd.DataFrame()
+    if done.empty:  # every trial failed, or none finished: the columns, no rows
+        cols = {"rank": "int64", "config_hash": "object", "mean": "float64", "std": "object",
+                "n": "int64", **{p: "object" for p in params}}
+        for c in metric_cols:
+            cols.update({c: "float64", f"{c}_std": "float64"})
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in cols.items()})
     g = done.groupby("config_hash", sort=False)
     values = ["objective", *metric_cols]
     stats = g[values].agg(["mean", "std", "count"])
@@ -112,6 +117,9 @@ def sections(rows: pd.DataFrame, task: Task, all_params: bool = False) -> list[S
     out = []
     for (study, uid), g in rows.groupby(["study", "study_uid"], sort=True):
         out.append(_section(str(study), str(uid), g, task, all_params))
+    names = [s.study for s in out]
+    for sec in out:  # two studies of one name (one deleted and made again): told apart
+        sec.same_name = names.count(sec.study) > 1
     return out
 
 
@@ -186,9 +194,26 @@ def header(sec: Section) -> str:
     b = sec.budget
     n = b.get("epochs")
     epochs = f"; {n} epoch{'' if n == 1 else 's'}" if n else ""
-    return (f"study {sec.study!r} ({kind}; {sec.direction} {sec.metric}"
+    uid = f" (uid {sec.study_uid or 'unrecorded'})" if sec.same_name else ""
+    return (f"study {sec.study!r}{uid} ({kind}; {sec.direction} {sec.metric}"
             f"{' in ' + sec.unit if sec.unit else ''}): {counts}{epochs}; "
             f"{b.get('hours', 0):.2f} device-hours")
+
+
+NO_EFFECT = "n/a"  # a parameter without effect in that configuration (Decl.only_with)
+
+
+def _settings(sec: Section, t: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each configuration's parameters (its first COMPLETE row's), by name."""
+    cols = [c for c in sec.done.columns if c.startswith("param_")] if len(sec.done) else []
+    if not cols or "config_hash" not in t:
+        return [{} for _ in range(len(t))]
+    firsts = sec.done.groupby("config_hash")[cols].first()
+    # a row older than a parameter has no value for it: not a value that makes another
+    # parameter idle (rows from before `net` existed are CNN rows)
+    return [{c.removeprefix("param_"): v for c, v in firsts.loc[h].items()
+             if not (v is None or (isinstance(v, float) and math.isnan(v)))}
+            if h in firsts.index else {} for h in t["config_hash"]]
 
 
 def display_table(sec: Section, task: Task, metrics: list[str] | None = None,
@@ -200,9 +225,12 @@ def display_table(sec: Section, task: Task, metrics: list[str] | None = None,
                         "n": t["n"]})
     if sec.references:
         out["reference"] = [r.get("text", "") for r in sec.references[: len(t)]]
+    settings = _settings(sec, t)
     for p in sec.params:
         name = p.removeprefix("param_")
-        out[name] = [cell(v, task.params.get(name)) for v in t[p]]
+        decl = task.params.get(name)
+        out[name] = [NO_EFFECT if decl is not None and decl.idle_because(c) else cell(v, decl)
+                     for v, c in zip(t[p], settings, strict=True)]
     for m in metrics or []:
         col = f"metric_{m}"
         if col in t:
@@ -222,13 +250,41 @@ def render(secs: list[Section], task: Task, fmt: str = "table", top: int | None 
     for s in secs:
         shown = display_table(s, task, metrics, top)
         if fmt == "markdown":
-            parts.append(f"### {header(s)}\n\n" + shown.to_markdown(index=False))
+            parts.append(f"### {header(s)}\n\n" + (shown.to_markdown(index=False)
+                                                    if len(shown) else "no COMPLETE trial yet"))
         else:
             parts.append(header(s) + "\n" + (shown.to_string(index=False) if len(shown)
                                              else "  no COMPLETE trial yet"))
+        mixed = eval_settings_note(s, metrics or [], top)
+        if mixed:
+            parts.append(mixed)
         if s.findings:
             parts.append(findings_text(s))
     return "\n\n".join(parts)
+
+
+def eval_settings_note(sec: Section, metrics: list[str], top: int | None = None) -> str:
+    """A note when the test metrics shown were computed with different `bench eval --set`
+    settings (iwae_k=5 beside the study's 200): which ranks used which."""
+    shown = [m for m in metrics if f"metric_{m}" in sec.done and m.startswith("test_")]
+    if not shown or "eval_params" not in sec.done or sec.table.empty:
+        return ""
+    t = sec.table.head(top) if top else sec.table
+    evaluated = sec.done[sec.done[[f"metric_{m}" for m in shown]].notna().any(axis=1)]
+    by_rank: dict[str, list[int]] = {}
+    for rank, h in zip(t["rank"], t["config_hash"], strict=True):
+        for raw in sorted(set(evaluated.loc[evaluated["config_hash"] == h, "eval_params"]
+                              .fillna("{}"))):
+            given = json.loads(raw) if raw else {}
+            what = (", ".join(f"{k}={v}" for k, v in sorted(given.items())) if given
+                    else "the trials' own settings")
+            by_rank.setdefault(what, []).append(int(rank))
+    if len(by_rank) < 2:
+        return ""
+    return ("note: these test metrics were computed with different evaluation settings "
+            "(bench eval --set), so they are not comparable across them: "
+            + "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {what}"
+                        for what, r in by_rank.items()))
 
 
 def findings_text(sec: Section) -> str:
@@ -269,16 +325,27 @@ def records(sec: Section, task: Task, top: int | None = None) -> list[dict[str, 
     for i, r in enumerate(t.to_dict("records")):
         rec = {"study": sec.study, "study_uid": sec.study_uid, "variant": sec.variant,
                "metric": sec.metric, "unit": sec.unit, "direction": sec.direction,
-               "rank": int(r["rank"]), "n": int(r["n"]), "mean": r["mean"], "std": r["std"],
+               "rank": int(r["rank"]), "n": int(r["n"]), "mean": _finite(r["mean"]),
+               "std": _finite(r["std"]),
                "config_hash": r["config_hash"], "seeds": seeds.get(r["config_hash"], []),
                "params": {p.removeprefix("param_"): _native(r[p], task.params.get(
                    p.removeprefix("param_"))) for p in sec.params},
-               "metrics": {c.removeprefix("metric_"): {"mean": r[c], "std": r.get(f"{c}_std")}
+               "metrics": {c.removeprefix("metric_"): {"mean": _finite(r[c]),
+                                                       "std": _finite(r.get(f"{c}_std"))}
                            for c in r if c.startswith("metric_") and not c.endswith("_std")}}
         if sec.references:
             rec["reference"] = sec.references[i]
         out.append(rec)
     return out
+
+
+def _finite(x: Any) -> Any:
+    """A number for JSON: NaN or infinity (no spread, no value) as null, which every JSON
+    parser reads (NaN is not JSON)."""
+    if x is None:
+        return None
+    x = x.item() if hasattr(x, "item") else x
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _native(value: Any, decl: Any) -> Any:

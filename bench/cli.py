@@ -45,11 +45,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{task.name}: {task.doc}")
         print(f"  objective: {space.direction} {space.metric}   space: {space.source}")
         if task.requires:
-            print(f"  needs: pip install -e '.[{task.requires[0]}]'")
+            import importlib.util
+
+            missing = [m for m in task.requires[1] if importlib.util.find_spec(m) is None]
+            if missing:
+                print(f"  needs: pip install -e '.[{task.requires[0]}]' ({', '.join(missing)} "
+                      "not installed)")
         for p in space.params.values():
             rng = (", ".join(map(str, p.choices)) if p.type == "categorical"
                    else f"[{_num(p.low)}, {_num(p.high)}]")
-            print(f"  param {p.name}: {p.type} {rng}{' log' if p.log else ''}")
+            step = f" step {_num(p.step)}" if p.type != "categorical" and p.step else ""
+            print(f"  param {p.name}: {p.type} {rng}{step}{' log' if p.log else ''}")
         for v in space.variants.values():
             what = (f"grid {dict(v.grid)}" if v.grid else
                     f"search {', '.join(v.params)}" if v.params else "one point")
@@ -117,6 +123,17 @@ def _fuse(value: str | None) -> int | str | None:
         return value  # make_plan names the rule
 
 
+def _at_least_1(text: str) -> int:
+    """argparse type: a whole number >= 1 (exit 2 naming the value otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.backends._base import get_backend
     from bench.plan import make_plan
@@ -154,7 +171,7 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
     print(f"\n{result.storage_note}: {line}{target}")
     if result.ran:
         print("this run: " + ", ".join(f"{v} {k}" for k, v in sorted(result.ran.items())))
-    if result.exit_code in (130, 143) and counts.get("SUSPENDED"):
+    if result.exit_code in (130, 143) and result.ran.get("SUSPENDED"):
         print("stopped: interrupted trials were saved at their last finished epoch; run the "
               "same command again to resume them", file=sys.stderr)
     elif result.exit_code in (130, 143):  # between trials, or before the first
@@ -176,18 +193,21 @@ def _summary(result: Any, args: argparse.Namespace) -> None:
 def _evaluate(task_name: str, out: Path, study: str | None, variant: str | None, top: int,
               overrides: dict[str, Any], device: str, data_dir: Path | None) -> int:
     from bench import leaderboard
-    from bench.evaluate import evaluate_rows, finalists
+    from bench.evaluate import check_eval, evaluate_rows, finalists
     from bench.registry import get_task
 
     task = get_task(task_name)
+    check_eval(task, overrides)  # before anything is said to be under way
     rows = leaderboard.read_trials(out, task.name, study=study, variant=variant)
     chosen = finalists(rows, top)
     if chosen.empty:
         where = f"study {study!r}" if study else f"variant {variant!r}" if variant else "any study"
         raise BenchError(f"no COMPLETE trial of {task.name!r} in {where} under {out} to "
                          "evaluate")
+    settings = (", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) if overrides
+                else "each trial's own evaluation settings")
     print(f"evaluating {len(chosen)} trial(s) of the top {top} configuration(s) on the test "
-          "set")
+          f"set, with {settings}")
     evaluate_rows(task, chosen, out, overrides, device, data_dir,
                   echo=lambda text: print(text, flush=True))
     return 0
@@ -311,7 +331,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(path)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    return 0
+    return 1 if result.no_rows else 0  # as `bench board` on an empty leaderboard
 
 
 def cmd_data_brain_sim(args: argparse.Namespace) -> int:
@@ -419,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task")
     p.add_argument("--study", help="default: the task's search study (TASK)")
     p.add_argument("--variant")
-    p.add_argument("--top", type=int, default=3, help="configurations to evaluate (default 3)")
+    p.add_argument("--top", type=_at_least_1, default=3,
+                   help="configurations to evaluate (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluation parameters, e.g. test_size=1000 iwae_k=50")
     p.add_argument("--device", default="auto")
@@ -441,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and n over seeds")
     p.add_argument("task")
     p.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
-    p.add_argument("--top", type=int, help="the best N configurations of each study")
+    p.add_argument("--top", type=_at_least_1, help="the best N configurations of each study")
     p.add_argument("--study")
     p.add_argument("--variant")
     p.add_argument("--metrics", action="append",
@@ -492,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that only read a leaderboard: an OSError there says nothing of a study's state
+READ_ONLY = {"cmd_list", "cmd_validate", "cmd_board", "cmd_compare", "cmd_report",
+             "cmd_plot"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -505,7 +531,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `bench board ... | head`
         return 0
     except OSError as exc:  # a full disk or a read-only folder under the study or the rows
+        import errno
+
         where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR):  # a path given is not usable
+            print(f"error: {where}{exc.strerror or exc} (check --out, --storage and the "
+                  "paths given)", file=sys.stderr)
+            return 2
+        if getattr(args.func, "__name__", "") in READ_ONLY:  # nothing of a study was touched
+            print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"error: {where}{exc.strerror or exc}. Finished trials keep their rows; free "
               "space or fix the permissions, then rerun: the next run repairs the study",
               file=sys.stderr)

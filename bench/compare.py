@@ -105,8 +105,13 @@ def compare(rows: pd.DataFrame, metric: str, direction: str, params: list[str]) 
     rows["config"] = [label(r, params) for _, r in rows.iterrows()]
     table = by_seed(rows, metric)
     if table.empty:
-        raise ConfigError(f"no COMPLETE trial has the metric {metric!r}; `bench eval` adds the "
-                          "test metrics")
+        complete = int((rows["state"] == "COMPLETE").sum()) if "state" in rows else 0
+        states = ", ".join(f"{n} {s}" for s, n in rows["state"].value_counts().items()) \
+            if "state" in rows else "no rows"
+        hint = ("`bench eval` adds the test metrics" if metric.startswith("test_") else
+                f"the study has {states}")
+        raise ConfigError(f"no COMPLETE trial has the metric {metric!r} ({complete} COMPLETE); "
+                          f"{hint}")
     means = table.mean(axis=1)
     best = means.idxmax() if direction == "maximize" else means.idxmin()
     hashes = rows.groupby("config")["config_hash"].first()

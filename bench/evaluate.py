@@ -60,12 +60,9 @@ class Evaluated:
     metrics: dict[str, float]
 
 
-def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[str, Any],
-                  device: str = "auto", data_dir: Path | None = None,
-                  echo: Any = None) -> list[Evaluated]:
-    """Test metrics for each row's trial from its checkpoint, written into its row. A trial
-    that cannot be evaluated (its checkpoint deleted, ...) is reported and the others go
-    on; the error lists every such trial at the end (exit 1)."""
+def check_eval(task: Task, overrides: Mapping[str, Any]) -> None:
+    """ConfigError unless the task has test metrics and `overrides` are valid evaluation
+    parameters (the others would change the trained model)."""
     if not task.has_test_metrics:
         raise ConfigError(f"task {task.name!r} has no test-set metrics to evaluate (its "
                           f"metrics: {', '.join(sorted(task.metrics))})")
@@ -78,6 +75,15 @@ def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[
                         "with them")
     if problems:
         raise ConfigError(problems)
+
+
+def evaluate_rows(task: Task, rows: pd.DataFrame, out: Path, overrides: Mapping[str, Any],
+                  device: str = "auto", data_dir: Path | None = None,
+                  echo: Any = None) -> list[Evaluated]:
+    """Test metrics for each row's trial from its checkpoint, written into its row. A trial
+    that cannot be evaluated (its checkpoint deleted, ...) is reported and the others go
+    on; the error lists every such trial at the end (exit 1)."""
+    check_eval(task, overrides)
     dev = resolve_device(device)
     schema = leaderboard.task_schema(task)
     done: list[Evaluated] = []

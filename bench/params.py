@@ -56,6 +56,10 @@ class Decl:
     # configuration, so the studies and rows from before it stay one configuration with
     # those after it (a study continues; a board groups old and new rows)
     since: str | None = None
+    # the parameter has an effect only where each named parameter has one of the listed
+    # values (`net=cnn` for a CNN's width): a run that searches it where it has none is
+    # told so (bench.space.probe_rules)
+    only_with: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -97,22 +101,29 @@ class Decl:
                 if looks_numeric(value) and self.kind in ("int", "float") else "")
         if self.kind == "choice":
             ok = any(type(value) is type(c) and value == c for c in self.choices)
-            return None if ok else f"must be {self.rule()}, got {value!r}"
+            return None if ok else f"must be {self.rule()}, got {shown(value)}"
         if self.kind == "bool":
-            return None if isinstance(value, bool) else f"must be {self.rule()}, got {value!r}"
+            return None if isinstance(value, bool) else \
+                f"must be {self.rule()}, got {shown(value)}"
         if self.kind == "str":
-            return None if isinstance(value, str) else f"must be {self.rule()}, got {value!r}"
+            return None if isinstance(value, str) else \
+                f"must be {self.rule()}, got {shown(value)}"
         if self.kind == "int" and not (is_number(value) and float(value).is_integer()):
-            return f"must be {self.rule()}, got {value!r}{hint}"
+            return f"must be {self.rule()}, got {shown(value)}{hint}"
         if self.kind == "float" and not is_number(value):
-            return f"must be {self.rule()}, got {value!r}{hint}"
+            return f"must be {self.rule()}, got {shown(value)}{hint}"
         x = float(value)
         if not math.isfinite(x):
-            return f"must be {self.rule()} (finite), got {value!r}"
+            return f"must be {self.rule()} (finite), got {shown(value)}"
         if (self.low is not None and x < self.low) or (self.high is not None and x > self.high) \
                 or (self.above is not None and x <= self.above):
-            return f"must be {self.rule()}, got {value!r}"
+            return f"must be {self.rule()}, got {shown(value)}"
         return None
+
+    def idle_because(self, params: Mapping[str, Any]) -> str | None:
+        """Why this parameter has no effect in `params` ("only with net=cnn; here
+        net='shell_ridge'"), or None when it has one."""
+        return unmet(self.only_with, params)
 
     def coerce(self, value: Any) -> Any:
         """A valid value in its column type: 3 -> 3.0 for floats, 3.0 -> 3 for ints."""
@@ -137,7 +148,7 @@ class Decl:
         """A `--set` value: a YAML scalar, except that `1e-3` is a number (YAML 1.1: str)."""
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an int of over 4,300 digits
             return text
         if isinstance(value, str) and looks_numeric(value):
             number = float(value)
@@ -147,11 +158,43 @@ class Decl:
         return value
 
 
+def unmet(only_with: tuple[tuple[str, tuple[Any, ...]], ...],
+          params: Mapping[str, Any]) -> str | None:
+    """The first condition of `only_with` that `params` do not meet, in words ("only with
+    net=cnn; here net='shell_ridge'"), or None when they meet every one."""
+    for key, allowed in only_with:
+        if key in params and params[key] not in allowed:
+            return (f"only with {key}={'|'.join(str(a) for a in allowed)}; here "
+                    f"{key}={params[key]!r}")
+    return None
+
+
+def shown(value: Any, most: int = 80, raw: bool = False) -> str:
+    """`repr(value)` (`str` with `raw`) for a message, cut to `most` characters (a
+    5,000-digit --set value is named, not printed)."""
+    text = str(value) if raw else repr(value)
+    return text if len(text) <= most else f"{text[:most - 20]}... ({len(text):,} characters)"
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 # ------------------------------------------------------------ constructors
+def only_with(decls: Mapping[str, Any], names: Iterable[str], **conditions: Iterable[Any]
+              ) -> dict[str, Any]:
+    """`decls` (parameters or metrics) with `names` declared to apply only where each
+    condition's parameter takes one of its values (`only_with(P, ["width"], net=["cnn"])`):
+    a parameter has an effect there only, a metric is reported there only."""
+    import dataclasses
+
+    out = dict(decls)
+    for name in names:
+        out[name] = dataclasses.replace(out[name], only_with=out[name].only_with + tuple(
+            (k, tuple(v)) for k, v in conditions.items()))
+    return out
+
+
 def Int(default: int | None, low: int | None = None, high: int | None = None, *,  # noqa: N802
         nullable: bool = False, help: str = "", execution: bool = False,
         since: str | None = None) -> Decl:
@@ -227,11 +270,18 @@ def defaults(decls: Mapping[str, Decl]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric a task reports: its unit (for tables and axes) and what it measures."""
+    """A metric a task reports: its unit (for tables and axes) and what it measures;
+    `only_with`: the parameter values under which the task reports it (an AE has no
+    ELBO), so that a run ranked by it elsewhere is refused before it starts."""
 
     unit: str = ""
     help: str = ""
     split: str = ""  # train | val | test | "" (a cost or a count)
+    only_with: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def missing_because(self, params: Mapping[str, Any]) -> str | None:
+        """Why a trial of `params` does not report this metric, or None when it does."""
+        return unmet(self.only_with, params)
 
     def label(self, name: str) -> str:
         return f"{name} ({self.unit})" if self.unit else name

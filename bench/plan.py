@@ -34,6 +34,7 @@ from bench.space import (
     Param,
     Space,
     Variant,
+    idle_grid_note,
     load_space,
     merge_params,
     probe_rules,
@@ -194,6 +195,11 @@ class Plan:
             return self.variant.n_points() * self.variant.seeds
         return DEFAULT_SMOKE_TRIALS if self.opts.smoke else DEFAULT_SEARCH_TRIALS
 
+    def point_problems(self, params: Mapping[str, Any]) -> list[str]:
+        """Why a trial of `params` cannot run (a cross-parameter rule, or an objective it
+        would not report); [] when it can."""
+        return self.task.problems(params) or self.task.objective_problems(self.metric, params)
+
     def evaluates_every_trial(self) -> bool:
         """Enumerated variants are compared point by point: each trial gets its test metrics."""
         return self.enumerated
@@ -241,12 +247,17 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
         key = json.dumps(params, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
-            errs += (task.problems(params, "parameters") if plan.enumerated or not
-                     plan.searched() else value_problems(task.name, task.params, params,
-                                                         "parameters"))
+            if plan.enumerated or not plan.searched():
+                errs += task.problems(params, "parameters") or [
+                    f"parameters: {e}" for e in task.objective_problems(metric, params)]
+            else:
+                errs += value_problems(task.name, task.params, params, "parameters")
     if not errs and not plan.enumerated:  # a search: its rules over the whole space
-        errs, plan.notes = probe_rules(task, plan.searched(), plan.params)
+        errs, plan.notes = probe_rules(task, plan.searched(), plan.params,
+                                       lambda p: task.objective_problems(metric, p))
         errs = [f"parameters: {e}" for e in errs]
+    elif not errs and variant is not None:  # a grid: an axis that has no effect at any point
+        plan.notes = idle_grid_note(task, variant.grid, param_sets)
     if errs:
         raise ConfigError(sorted(set(errs), key=errs.index))
     task.require_extra()
@@ -259,27 +270,9 @@ def make_plan(opts: RunOptions, check_data: bool = True) -> Plan:
                 "implementation: BatchNorm statistics, or a 3-D model that fills the device "
                 "alone); run it without --fuse, or several trials per GPU with --workers N")
     if check_data and task.data is not None:
-        for params in _distinct_data(param_sets):
-            task.data(params, opts.data_dir)
+        for data_params in task.data_sets(param_sets):
+            task.data(data_params, opts.data_dir)
     return plan
-
-
-# the parameters the tasks' data checks read (data sets; brain cohorts, how they are read
-# and split): one check per distinct combination among the run's known parameter sets
-DATA_KEYS = ("dataset", "cohort", "shape", "sim_n", "sim_seed", "sim_shape", "metadata",
-             "file_pattern", "id_column", "age_column", "concepts", "resize", "normalize",
-             "mask_channel", "moments", "split_seed", "split_column", "val_fraction",
-             "test_fraction", "train_size", "test_size", "on_bad_file")
-
-
-def _distinct_data(param_sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out, keys = [], set()
-    for p in param_sets:
-        key = json.dumps({k: p.get(k) for k in DATA_KEYS}, default=str)
-        if key not in keys:
-            keys.add(key)
-            out.append(p)
-    return out
 
 
 def _option_problems(opts: RunOptions) -> list[str]:

@@ -135,6 +135,16 @@ def _tile(imgs: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- per-study facts
+def config_labels(rows: pd.DataFrame) -> dict[str, str]:
+    """config_hash -> 'k=v k=v' over the parameters that differ between configurations."""
+    params = [c for c in rows.columns if c.startswith("param_")]
+    firsts = rows.groupby("config_hash")[params].first()
+    cols = [c for c in firsts.columns if firsts[c].astype(str).nunique() > 1]
+    return {str(h): " ".join(f"{c.removeprefix('param_')}={r[c]:.3g}" if isinstance(r[c], float)
+                             else f"{c.removeprefix('param_')}={r[c]}" for c in cols) or "all"
+            for h, r in firsts.iterrows()}
+
+
 def objective_of(rows: pd.DataFrame) -> str:
     """The metric the study optimised, as its rows record it."""
     return str(rows["metric"].dropna().iloc[0]) if rows["metric"].notna().any() else "objective"
@@ -167,8 +177,8 @@ def _history_panel(ax: Any, task: str, rows: pd.DataFrame) -> None:
     done = rows[(rows["state"] == "COMPLETE") & rows["objective"].notna()]
     pruned = rows[(rows["state"] == "PRUNED") & rows["objective"].notna()]
     failed = rows[rows["state"] == "FAIL"]
-    ax.scatter(done["trial_number"], done["objective"], s=22, color="C0", label="complete")
     if not done.empty:
+        ax.scatter(done["trial_number"], done["objective"], s=22, color="C0", label="complete")
         best = done["objective"].cummax() if _direction(rows) == "maximize" \
             else done["objective"].cummin()
         ax.step(done["trial_number"], best, where="post", color="C3", label="running best")
@@ -179,6 +189,13 @@ def _history_panel(ax: Any, task: str, rows: pd.DataFrame) -> None:
         ax.scatter(failed["trial_number"], np.full(len(failed), 0.03), marker="v", s=36,
                    color="C1", transform=ax.get_xaxis_transform(), clip_on=False, zorder=5,
                    label="failed (no objective)")
+    numbers = rows["trial_number"].dropna()
+    if len(numbers):  # every trial on the axis, the failed ones too (drawn in axes units,
+        lo, hi = float(numbers.min()), float(numbers.max())  # they do not widen it)
+        pad = max(0.5, 0.04 * (hi - lo))
+        ax.set_xlim(lo - pad, hi + pad)
+    if done.empty and pruned.empty:  # no objective to draw: no value axis to read
+        ax.set_yticks([])
     counts = rows["state"].value_counts()
     ax.set_title(", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in leaderboard.STATES))
     ax.set_xlabel("trial number")
@@ -347,6 +364,7 @@ GENERIC: list[tuple[str, Callable[[PlotInput], list[Path]]]] = [
 class PlotResult:
     paths: list[Path]
     notes: list[str]
+    no_rows: bool = False  # the leaderboard holds no trial of the selection
 
 
 def study_folder(study: str, uid: str, several: bool) -> str:
@@ -368,6 +386,9 @@ def make_plots(task: str, out: str | Path, study: str | None = None, variant: st
     rows = filter_rows(rows, study, variant)
     result = PlotResult([], [])
     if rows.empty:
+        result.notes.append(f"no trials of {task!r} under {out}: nothing to plot "
+                            f"(`bench run {task} --out {out}` adds some)")
+        result.no_rows = True
         return result
     uids = rows["study_uid"].fillna("") if "study_uid" in rows else ""
     rows = rows.assign(study_uid=uids)

@@ -51,6 +51,9 @@ class Progress:
     def _ended(self, number: int, state: str, objective: float | None, error: str | None,
                worker: int) -> None:
         self.running.pop(worker, None)
+        if state == "SUSPENDED":  # saved half-done, resumed by a later run: not done
+            self._refresh()
+            return
         self.done += 1
         if state == "COMPLETE" and objective is not None and math.isfinite(objective) \
                 and self._better(objective):

@@ -15,6 +15,7 @@ checks of `bench run` answer without loading torch (about a second on 2 cores).
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,27 @@ class Task:
     requires: tuple[str, Sequence[str]] | None = None  # (extra, modules)
     modules: tuple[str, ...] = ()  # imported before the task's figures or fused class are used
     epochs_of: Callable[[Mapping[str, Any]], int] | None = None  # when not params["epochs"]
+    data_keys: tuple[str, ...] | None = None  # what `data` reads (None: every parameter)
+
+    def data_sets(self, param_sets: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The parameter sets among `param_sets` that the data check must see: one per
+        distinct combination of `data_keys` (of every parameter when the task names none)."""
+        out, seen = [], set()
+        for p in param_sets:
+            keys = self.data_keys if self.data_keys is not None else sorted(p)
+            key = json.dumps([[k, p.get(k)] for k in keys], default=str)
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+        return out
+
+    def objective_problems(self, metric: str, params: Mapping[str, Any]) -> list[str]:
+        """[why] when a trial of `params` would not report `metric` (its objective), so it
+        could only fail; [] when it would."""
+        decl = self.metrics.get(metric)
+        why = decl.missing_because({**self.defaults, **params}) if decl is not None else None
+        return [f"the objective {metric} is reported {why}: rank this configuration by a "
+                "metric it reports (a space's or variant's `metric:`)"] if why else []
 
     def trained_epochs(self, params: Mapping[str, Any]) -> int:
         """The epochs a trial of `params` runs (the progress bar's total)."""
@@ -134,6 +156,7 @@ def declare_task(
     smoke: Mapping[str, Any] | None = None, rules: Rules | None = None,
     data: DataCheck | None = None, requires: tuple[str, Sequence[str]] | None = None,
     modules: Sequence[str] = (), epochs_of: Callable[[Mapping[str, Any]], int] | None = None,
+    data_keys: Sequence[str] | None = None,
 ) -> Task:
     """Declare the task `name`, trained by `impl` (an `EpochTrial` subclass or its
     "module:Class", imported on first use).
@@ -144,7 +167,9 @@ def declare_task(
     combinations of values, `data` the presence of the data, both before anything runs;
     `modules` are imported before the task's figures or fused implementation are looked up
     (default: the module of a "module:Class" `impl`); `epochs_of(params)` the epochs a trial
-    runs where that is not `params["epochs"]` (a model fitted in closed form runs one).
+    runs where that is not `params["epochs"]` (a model fitted in closed form runs one);
+    `data_keys` the parameters `data` reads, so that a run checks each distinct combination
+    once (default: each distinct parameter set).
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
@@ -157,10 +182,26 @@ def declare_task(
     bad = problems(name, params, smoke or {}, "smoke")
     if bad:
         raise ValueError("; ".join(bad))
+    conditions = [(n, d.only_with) for n, d in params.items()] + [
+        (n, m.only_with) for n, m in metrics.items()]
+    for pname, only in conditions:
+        for key, allowed in only:
+            bad = ([f"{key} is not a parameter"] if key not in params else
+                   [f"{key}={a!r}: {params[key].problem(a)}" for a in allowed
+                    if params[key].problem(a)])
+            if bad:
+                raise ValueError(f"task {name!r}: {pname}: only_with: {'; '.join(bad)}")
+    if data_keys is not None:
+        unknown = [k for k in data_keys if k not in params]
+        if unknown:
+            raise ValueError(f"task {name!r}: data_keys {unknown} are not declared parameters")
+        if data is None:
+            raise ValueError(f"task {name!r}: data_keys without a data check")
     if not modules and isinstance(impl, str):
         modules = (impl.partition(":")[0],)
     task = Task(name, impl, metric, direction, dict(params), {**metrics, **HARNESS_METRICS},
-                doc, dict(smoke or {}), rules, data, requires, tuple(modules), epochs_of)
+                doc, dict(smoke or {}), rules, data, requires, tuple(modules), epochs_of,
+                None if data_keys is None else tuple(data_keys))
     _TASKS[name] = task
     return task
 
@@ -171,6 +212,7 @@ def register_task(
     rules: Rules | None = None, data: DataCheck | None = None,
     requires: tuple[str, Sequence[str]] | None = None,
     epochs_of: Callable[[Mapping[str, Any]], int] | None = None,
+    data_keys: Sequence[str] | None = None,
 ) -> Callable[[type[EpochTrial]], type[EpochTrial]]:
     """Register an `EpochTrial` subclass as the task `name` (the class decorator form of
     `declare_task`, for tasks outside `bench.specs`; the docstring's first line is the doc)."""
@@ -179,7 +221,7 @@ def register_task(
         doc = (cls.__doc__ or "").strip().splitlines()
         declare_task(name, cls, metric=metric, direction=direction, params=params,
                      metrics=metrics, doc=doc[0] if doc else "", smoke=smoke, rules=rules,
-                     data=data, requires=requires, epochs_of=epochs_of)
+                     data=data, requires=requires, epochs_of=epochs_of, data_keys=data_keys)
         return cls
 
     return wrap

@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import yaml
 
 from bench.errors import BenchError, ConfigError
 from bench.names import name_problem
-from bench.params import Decl, did_you_mean, looks_numeric, unknown
+from bench.params import Decl, did_you_mean, looks_numeric, shown, unknown
 from bench.reference import parse_reference
 from bench.registry import Task, get_task
 
@@ -485,9 +485,12 @@ def _check_points(source: str, task: Task, fixed: Mapping[str, Any],
 def load_space(path: str | Path, expect_task: str | None = None) -> Space:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read search space: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file: byte {exc.start} is not UTF-8 "
+                          f"({exc.object[exc.start:exc.start + 1]!r})") from None
     try:
         raw = safe_load(text)
     except ConfigError as exc:
@@ -496,6 +499,8 @@ def load_space(path: str | Path, expect_task: str | None = None) -> Space:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{path}: invalid YAML: {at}{getattr(exc, 'problem', exc)}") from None
+    except ValueError as exc:  # Python's int(): a number of over 4,300 digits
+        raise ConfigError(f"{path}: invalid value: {str(exc).split(';')[0]}") from None
     return parse_space(raw, str(path), expect_task)
 
 
@@ -520,33 +525,48 @@ def probe_points(searched: Mapping[str, Param],
 
 
 def probe_rules(task: Task, searched: Mapping[str, Param],
-                merge: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[list[str], list[str]]:
+                merge: Callable[[dict[str, Any]], dict[str, Any]],
+                more: Callable[[dict[str, Any]], list[str]] | None = None
+                ) -> tuple[list[str], list[str]]:
     """The task's cross-parameter rules over a searched space (`probe_points`), before
     anything runs: (errors, notes). A rule broken in the same words at every probed point
     is an error: a fixed value breaks it whatever is sampled, so no trial could run. Other
     broken rules give a note (even at every probed point: a point between the probes may
     hold): the sampler will propose such points (TPE and Ray's searchers take no hard
-    constraints), and each becomes a FAIL trial whose row names its rule."""
-    if task.rules is None or not searched:
+    constraints), and each becomes a FAIL trial whose row names its rule. `more(params)`
+    adds problems checked the same way (the objective a point would not report). A
+    searched parameter that has no effect at any probed point (`Decl.only_with`) gives a
+    note too."""
+    idle: dict[str, str] = {k: "" for k in searched
+                            if k in task.params and task.params[k].only_with}
+    if not searched or (task.rules is None and more is None and not idle):
         return [], []
     counts: dict[str, int] = {}
     n = n_bad = 0
     first: tuple[dict[str, Any], list[str]] | None = None
     for point, params in probe_points(searched, merge):
         n += 1
-        broken = list(dict.fromkeys(task.rules(params)))
+        for k in list(idle):
+            why = task.params[k].idle_because(params)
+            if why is None:
+                del idle[k]
+            else:
+                idle[k] = idle[k] or why
+        broken = list(dict.fromkeys((task.rules(params) if task.rules is not None else [])
+                                    + (more(params) if more is not None else [])))
         if broken:
             n_bad += 1
             first = first or (point, broken)
             for rule in broken:
                 counts[rule] = counts.get(rule, 0) + 1
+    notes = [_idle_note(idle, n)] if idle else []
     if first is None:
-        return [], []
+        return [], notes
     keys = ", ".join(searched)
     point, broken = first
     text = "; ".join(broken)
-    shown = [f"{k}={v}" for k, v in point.items() if re.search(rf"\b{re.escape(k)}\b", text)]
-    example = f"e.g. at {', '.join(shown)}: {text}" if shown else f"e.g. {text}"
+    named = [f"{k}={v}" for k, v in point.items() if re.search(rf"\b{re.escape(k)}\b", text)]
+    example = f"e.g. at {', '.join(named)}: {text}" if named else f"e.g. {text}"
     always = [r for r in counts if counts[r] == n]
     if always:  # the same words at every point: the searched values do not enter into it
         return [f"every point of the searched space ({keys}; {n} probed) breaks this "
@@ -554,7 +574,30 @@ def probe_rules(task: Task, searched: Mapping[str, Param],
     share = f"every one of the {n}" if n_bad == n else f"{n_bad} of {n}"
     return [], [f"note: {share} probed points of the searched space ({keys}) break a rule "
                 f"(points between the probes are not checked); the sampler may propose such "
-                f"points, and each becomes a FAIL trial whose row names the rule; {example}"]
+                f"points, and each becomes a FAIL trial whose row names the rule; {example}"
+                ] + notes
+
+
+def idle_grid_note(task: Task, grid: Mapping[str, Any],
+                   param_sets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A note naming each grid axis that has no effect at any of its points (`only_with`)."""
+    idle: dict[str, str] = {}
+    for k in grid:
+        decl = task.params.get(k)
+        whys = [decl.idle_because(p) for p in param_sets] if decl is not None else [None]
+        if whys and all(whys):
+            idle[k] = str(whys[0])
+    return [_idle_note(idle, len(param_sets), "grid axes", "points of the grid")] if idle else []
+
+
+def _idle_note(idle: Mapping[str, str], n: int, who: str = "searched parameters",
+               what: str = "probed points of the space") -> str:
+    by_reason: dict[str, list[str]] = {}
+    for name, why in idle.items():
+        by_reason.setdefault(why, []).append(name)
+    said = "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
+    return (f"note: {who} that have no effect at any of the {n} {what}, so "
+            f"its trials differ only in the others (fix them, or leave them out): {said}")
 
 
 def validate_file(path: str | Path, overrides: Iterable[str] = ()
@@ -587,18 +630,37 @@ def validate_file(path: str | Path, overrides: Iterable[str] = ()
                 assert space is not None
                 return merge_params(task, space, v, point, given)
 
+            def objective(params: dict[str, Any], v: Variant | None = v) -> list[str]:
+                assert space is not None
+                return task.objective_problems((v.metric if v else None) or space.metric,
+                                               params)
+
             errs, said = probe_rules(task, {k: p for k, p in searched.items()
-                                            if k not in given}, merge)
+                                            if k not in given}, merge, objective)
             problems.extend(where + e for e in errs)
             notes.extend(f"{where}{n}" for n in said)
+        # each enumerated point as `bench run --variant V [--set ...]` would run it
+        for v in space.variants.values():
+            if not v.enumerated or v.n_points() > 1000:
+                continue
+            sets = [merge_params(task, space, v, point, given) for point in v.points()]
+            if given:
+                where = f"{space.source}: variants.{v.name} with --set"
+                metric = v.metric or space.metric
+                for params in sets:
+                    found = task.problems(params, where) or [
+                        f"{where}: {e}" for e in task.objective_problems(metric, params)]
+                    problems.extend(e for e in found if e not in problems)
+            notes.extend(f"{space.source}: variants.{v.name}: {n}"
+                         for n in idle_grid_note(task, v.grid, sets))
     summary = f"{len(space.params)} params, {len(space.variants)} variants" if space else ""
     return problems, summary, notes
 
 
 def _declared_task(path: str | Path) -> str | None:
     try:
-        raw = safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError, ConfigError):
+        raw = safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, ConfigError):
         return None
     name = raw.get("task") if isinstance(raw, Mapping) else None
     return name if isinstance(name, str) else None
@@ -614,7 +676,8 @@ def space_for(task: str) -> Space:
 
 def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> dict[str, Any]:
     """`key=value` strings -> typed dict; every unknown key and bad value reported at once."""
-    out, errs = {}, []
+    out: dict[str, Any] = {}
+    errs: list[str] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
@@ -628,7 +691,7 @@ def parse_overrides(pairs: Iterable[str], task: Task, source: str = "--set") -> 
         parsed = decl.parse_text(value)
         problem = decl.problem(parsed)
         if problem:
-            errs.append(f"{source} {key}={value}: {problem}")
+            errs.append(f"{source} {key}={shown(value, raw=True)}: {problem}")
         out[key] = parsed
     if errs:
         raise ConfigError(errs)

@@ -829,3 +829,30 @@ def test_an_unguarded_script_gets_an_error_not_a_hang(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert 'if __name__ == "__main__":' in res.stderr
     assert not list((tmp_path / "cache" / "brain-sim").glob("n64-*"))
+
+
+def test_bucket_panel_names_configurations_and_leaves_out_unevaluated_trials() -> None:
+    """The per-configuration panel of mae_by_bucket.png: one study (one variant), so its
+    bars are configurations, labelled by the parameters that differ; trials never evaluated
+    on the test set (no bucket metrics) have no bars, so they are not in the legend."""
+    from bench.brain.plots import _variant_buckets
+
+    nan = float("nan")
+    rows = pd.DataFrame({
+        "variant": ["s"] * 5, "direction": ["minimize"] * 5, "metric": ["val_mae"] * 5,
+        "config_hash": ["a", "a", "b", "c", "d"],
+        "param_moments": [1, 1, 2, 3, 3], "param_bins": [0, 0, 0, 0, 16],
+        "param_net": ["shell_ridge"] * 5,
+        "objective": [3.0, 3.2, 2.0, 1.0, 4.0],  # c is the best, but not evaluated
+        "metric_test_mae_10_19": [5.0, 7.0, 4.0, nan, 8.0],
+        "metric_test_mae_20_29": [1.0, 3.0, 2.0, nan, nan]})
+    table, title = _variant_buckets(rows)
+    assert list(table.index) == ["moments=2 bins=0", "moments=1 bins=0", "moments=3 bins=16"]
+    assert list(table.columns) == [10, 20]
+    assert table.loc["moments=1 bins=0"].tolist() == [6.0, 2.0]  # the mean over seeds
+    assert "configuration" in title and "val_mae" in title and "of 3" in title
+    rows["variant"] = ["s", "s", "t", "u", "u"]  # several variants: one bar group each
+    table, title = _variant_buckets(rows)
+    assert list(table.index) == ["t", "s", "u"] and "variant" in title
+    assert _variant_buckets(rows.drop(columns=["metric_test_mae_10_19",
+                                               "metric_test_mae_20_29"])) is None

@@ -65,6 +65,20 @@ def test_validate_lists_every_error_and_exits_2(tmp_path: Path) -> None:
         assert text in res.stderr, res.stderr
 
 
+def test_validate_set_checks_each_grid_point_as_a_run_would(tmp_path: Path) -> None:
+    """`bench validate FILE --set k=v` refuses what `bench run --variant V --set k=v` would:
+    a grid point that breaks a cross-parameter rule once the override is applied."""
+    space = tmp_path / "grid.yaml"
+    space.write_text("task: vae\nvariants:\n  archs:\n    grid: {arch: [conv, lrelu16]}\n")
+    assert bench_cli("validate", str(space), "--set", "dataset=mnist").returncode == 0
+    res = bench_cli("validate", str(space), "--set", "dataset=cifar10")
+    assert res.returncode == 2, res.stdout
+    assert res.stderr.count("variants.archs with --set: arch: lrelu16 is built for 28x28") == 1
+    run = bench_cli("run", "vae", "--space", str(space), "--variant", "archs", "--set",
+                    "dataset=cifar10", "--out", str(tmp_path / "lb"))
+    assert run.returncode == 2 and "arch: lrelu16 is built for 28x28" in run.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "nope"], "unknown task 'nope'; known tasks:"),
     (["run", "vae", "--set", "betta=1", "--set", "epochs=x"], "`betta` is not a parameter"),
@@ -81,6 +95,13 @@ def test_validate_lists_every_error_and_exits_2(tmp_path: Path) -> None:
     (["run", "synthetic", "--device", "tpu"],
      "--device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     (["run", "synthetic", "--device", "cuda:99"], "--device: cuda:99: "),
+    (["run", "vae", "--smoke", "--set", "model=ae"], "the objective val_elbo is reported "
+     "only with model=vae; here model='ae'"),
+    (["run", "vae", "--variant", "beta-sweep", "--set", "likelihood=mse"],
+     "parameters: the objective val_elbo is reported only with likelihood=bernoulli|gaussian"),
+    (["run", "synthetic", "--set", "noise=" + "9" * 5000],
+     "--set noise=999999999999999999999999999999999999999999999999999999999999... (5,000 "
+     "characters): must be a number >= 0"),
 ])
 def test_bad_run_input_exits_2_and_writes_nothing(tmp_path: Path, args, message) -> None:
     out = tmp_path / "lb"
@@ -245,3 +266,30 @@ def test_board_without_rows_says_so(tmp_path: Path) -> None:
     res = bench_cli("board", "vae", "--out", str(tmp_path))
     assert res.returncode == 1 and "no trials of 'vae'" in res.stderr
     assert "bench run vae --out" in res.stderr
+
+
+def test_a_space_file_that_is_not_text_or_holds_a_huge_number_exits_2(tmp_path: Path) -> None:
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe garbage")
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("task: synthetic\nparams:\n  x: {type: float, low: " + "9" * 5000
+                    + ", high: 2}\n")
+    for path, message in ((binary, "not a YAML text file: byte 0 is not UTF-8"),
+                          (huge, "invalid value: Exceeds the limit (4300 digits)")):
+        for args in (["validate", str(path)], ["run", "synthetic", "--space", str(path),
+                                               "--out", str(tmp_path / "lb")]):
+            res = bench_cli(*args)
+            assert res.returncode == 2 and f"{path}: {message}" in res.stderr, res.stderr
+            assert "Traceback" not in res.stderr and len(res.stderr) < 400
+    assert not (tmp_path / "lb").exists()
+
+
+def test_an_unusable_out_path_exits_2_without_advice_about_studies(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for args in (["board", "synthetic"], ["run", "synthetic", "--trials", "1"]):
+        res = bench_cli(*args, "--out", str(afile))
+        assert res.returncode == 2, res.stderr
+        assert "Not a directory" in res.stderr and "repairs" not in res.stderr
+    res = bench_cli("run", "synthetic", "--trials", "1", "--out", str(tmp_path / ("a" * 300)))
+    assert res.returncode == 2 and "File name too long" in res.stderr, res.stderr

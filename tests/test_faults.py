@@ -341,3 +341,71 @@ def test_the_row_writer_waits_for_the_next_trial_to_train_then_writes(tmp_path: 
     df = leaderboard.read_trials(tmp_path, "synthetic")
     assert sorted(df["trial_uid"]) == ["a", "b", "c", "d", "e"]
     assert (df["objective"] == 0.5).all()
+
+
+def test_ctrl_c_counts_this_runs_suspended_trials_not_the_studys(out: Path,
+                                                                 tmp_path: Path) -> None:
+    """A trial another worker left suspended (its slot resumes it) is not this run's: an
+    interrupt between this run's trials says that none was left half-done."""
+    marker = tmp_path / "paused"
+    env = {"BENCH_PAUSE": "trial-start", "BENCH_PAUSE_FILE": str(marker), "BENCH_PAUSE_S": "1"}
+    first = spawn(out, "--trials", "3", "--worker-id", "1", env=env)
+    wait_for(marker, first)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "were saved at their last finished epoch" in err, err
+    assert sum(bool(t.user_attrs.get("suspended")) for t in sqlite_trials(out)) == 1
+    marker.unlink()
+    second = spawn(out, "--trials", "3", "--worker-id", "2", env={**env, "BENCH_PAUSE": "tell"})
+    wait_for(marker, second)
+    second.send_signal(signal.SIGINT)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 130, err
+    assert sum(bool(t.user_attrs.get("suspended")) for t in sqlite_trials(out)) == 1, err
+    assert "no trial was left half-done" in err, err
+    assert "were saved at their last finished epoch" not in err, err
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_storage_restored_from_an_older_copy_is_refused_before_rows_are_overwritten(
+        out: Path, tmp_path: Path, storage: str) -> None:
+    """Trial rows are named from the study's uid and the trial number; a storage that lost
+    trials (an older backup put back, a journal cut short) would number new trials as the
+    lost ones and overwrite their rows. The run is refused (exit 2), and no row changes."""
+    from bench.cli import main
+
+    args = ["run", "synthetic", "--out", str(out), "--quiet"]
+    db = out / "synthetic" / "optuna.db"
+    if storage == "journal":
+        db = tmp_path / "study.journal"
+        args += ["--storage", str(db)]
+    assert main([*args, "--trials", "3"]) == 0
+    old = db.read_bytes()
+    assert main([*args, "--trials", "5"]) == 0
+    before = leaderboard.read_trials(out, "synthetic").set_index("trial_uid")["objective"]
+    assert len(before) == 5
+    db.write_bytes(old)
+    proc = spawn(out, "--trials", "5", "--seed", "7", *args[5:])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "the storage was restored from an older copy or cut short" in err
+    after = leaderboard.read_trials(out, "synthetic").set_index("trial_uid")["objective"]
+    assert after.sort_index().to_dict() == before.sort_index().to_dict()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_workers_start_is_a_clean_stop(out: Path, sig: int, code: int) -> None:
+    """--workers 2 stopped while its workers are still importing: the signal waits for each
+    worker's handler (no KeyboardInterrupt traceback, no 'crashed' worker), exit 130/143."""
+    proc = spawn(out, "--trials", "5", "--workers", "2")
+    deadline = time.time() + 30
+    while time.time() < deadline and not subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True).stdout:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers are importing torch
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "crashed" not in err, err
+    finished = [t for t in journal_trials(out) if t.state.is_finished()]  # --workers N:
+    assert len(leaderboard.read_trials(out, "synthetic")) == len(finished)  # a journal

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import needs_mnist
 
@@ -130,8 +131,13 @@ def test_importances_cover_the_searched_params(vae_board: Path) -> None:
 
 def test_empty_leaderboard_plots_nothing(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert plot(capsys, "vae", tmp_path / "empty") == []
-    assert plots.make_plots("synthetic", tmp_path / "empty").paths == []
+    """Nothing to plot is said, and exits 1 as `bench board` does (not a silent 0)."""
+    capsys.readouterr()
+    assert main(["plot", "vae", "--out", str(tmp_path / "empty")]) == 1
+    assert "no trials of 'vae' under" in capsys.readouterr().err
+    result = plots.make_plots("synthetic", tmp_path / "empty")
+    assert result.paths == [] and result.no_rows
+    assert not (tmp_path / "empty").exists()
 
 
 def test_only_failed_trials_draw_history_only(tmp_path: Path,
@@ -183,3 +189,24 @@ def test_history_and_importances_from_mixed_rows(tmp_path: Path) -> None:
     assert_image(path)
     assert set(plots.importances("synthetic", inp.complete(), min_trials=3)) == {"x", "y"}
     assert plots.importances("synthetic", inp.complete().assign(objective=1.0)) == {}
+
+
+def test_history_axis_covers_failed_trials_too() -> None:
+    """Failed trials have no objective and are drawn along the bottom edge (axes units);
+    the trial axis still spans them, also when every trial failed."""
+    from matplotlib.figure import Figure
+
+    from bench.plots import _history_panel
+
+    for states, objectives in ((["FAIL", "FAIL", "FAIL", "COMPLETE", "COMPLETE"],
+                                [None, None, None, 480.0, 1.0]),
+                               (["FAIL", "FAIL"], [None, None])):
+        rows = pd.DataFrame({"trial_number": range(len(states)), "state": states,
+                             "objective": objectives, "metric": "loss",
+                             "direction": "minimize"})
+        ax = Figure().subplots()
+        _history_panel(ax, "synthetic", rows)
+        lo, hi = ax.get_xlim()
+        assert lo < 0 and hi > len(states) - 1, (lo, hi)
+        labels = ax.get_legend_handles_labels()[1]
+        assert ("complete" in labels) == ("COMPLETE" in states)

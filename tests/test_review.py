@@ -251,3 +251,74 @@ def test_a_one_configuration_study_says_which_configuration_it_is(tmp_path: Path
     header = shown[1].split()
     assert header[:3] == ["rank", "loss", "n"] and {"x", "y", "noise"} <= set(header), shown
     assert "epochs" not in header, "a default value is not shown"
+
+
+def test_board_shows_n_a_for_a_parameter_without_effect_in_its_configuration() -> None:
+    """brain-age's kr_alpha acts only with regressor=kernel_ridge: the board prints n/a for
+    the mlp configurations' sampled kr_alpha instead of a value that did nothing."""
+    done = pd.DataFrame({"config_hash": ["a", "b", "a"], "param_regressor":
+                         ["mlp", "kernel_ridge", "mlp"], "param_kr_alpha": [0.5, 0.02, 0.5],
+                         "param_mode": ["independent"] * 3, "param_model": ["bottleneck"] * 3})
+    table = pd.DataFrame({"rank": [1, 2], "config_hash": ["a", "b"], "mean": [1.0, 2.0],
+                          "std": [None, None], "n": [2, 1], "param_regressor": ["mlp",
+                          "kernel_ridge"], "param_kr_alpha": [0.5, 0.02]})
+    sec = board.Section("s", "u", "v", "val_mae", "minimize", "years", {}, table,
+                        ["param_regressor", "param_kr_alpha"], done=done)
+    shown = board.display_table(sec, get_task("brain-age"))
+    assert shown["kr_alpha"].tolist() == ["n/a", "0.02"]
+    assert shown["regressor"].tolist() == ["mlp", "kernel_ridge"]
+    done["param_regressor"] = [None, "kernel_ridge", None]  # a row from before the column:
+    assert board.display_table(sec, get_task("brain-age"))["kr_alpha"].tolist() == [
+        "0.5", "0.02"]  # no value, so nothing known to make kr_alpha idle
+    done["param_regressor"] = ["mlp", "kernel_ridge", "mlp"]
+    done["param_model"] = "direct"  # no regressor at all: both n/a
+    assert board.display_table(sec, get_task("brain-age"))["regressor"].tolist() == [
+        "n/a", "n/a"]
+
+
+def test_a_study_whose_trials_all_failed_leaves_the_board_readable(tmp_path: Path) -> None:
+    """One all-FAIL study among others: every board format, the report and compare still
+    answer (the study says it has no COMPLETE trial); JSON is strict JSON (no NaN)."""
+    out = tmp_path / "lb"
+    assert run(out, "--study", "allf", "--trials", "2", "--set", "fail=nan",
+               "--set", "fail_at=3") == 1
+    assert run(out, "--study", "ok", "--trials", "2") == 0
+    table = bench_cli("board", "synthetic", "--out", str(out))
+    assert table.returncode == 0, table.stderr
+    allf = table.stdout[table.stdout.index("study 'allf'"):table.stdout.index("study 'ok'")]
+    assert "2 FAIL" in allf and "no COMPLETE trial yet" in allf
+    md = bench_cli("board", "synthetic", "--out", str(out), "--format", "markdown")
+    assert md.returncode == 0 and "no COMPLETE trial yet" in md.stdout, md.stderr
+    js = bench_cli("board", "synthetic", "--out", str(out), "--format", "json")
+    assert js.returncode == 0, js.stderr
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    records = json.loads(js.stdout, parse_constant=strict)
+    assert [r["study"] for r in records] == ["ok", "ok"]
+    assert all(r["std"] is None and r["metrics"]["loss"]["std"] is None for r in records)
+    csv = bench_cli("board", "synthetic", "--out", str(out), "--format", "csv")
+    assert csv.returncode == 0, csv.stderr  # ranks stay integers beside the empty study
+    import io
+
+    ranks = pd.read_csv(io.StringIO(csv.stdout))["rank"]
+    assert ranks.tolist() == [1, 2] and ranks.dtype == np.int64, csv.stdout
+    report = bench_cli("report", "synthetic", "--out", str(out))
+    assert report.returncode == 0 and (out / "synthetic" / "report.html").exists()
+    cmp = bench_cli("compare", "synthetic", "--out", str(out), "--study", "allf")
+    assert cmp.returncode == 2 and "the study has 2 FAIL" in cmp.stderr, cmp.stderr
+
+
+def test_board_says_when_test_metrics_come_from_different_eval_settings() -> None:
+    done = pd.DataFrame({"config_hash": ["a", "b", "c"], "metric_test_iwae_ll": [-384.2, -90.1,
+                         None], "eval_params": ['{"iwae_k": 5}', "{}", None]})
+    table = pd.DataFrame({"rank": [1, 2, 3], "config_hash": ["a", "b", "c"],
+                          "mean": [1.0, 2.0, 3.0], "std": [None] * 3, "n": [1, 1, 1]})
+    sec = board.Section("s", "u", "v", "val_elbo", "maximize", "nats", {}, table, [],
+                        done=done)
+    note = board.eval_settings_note(sec, ["test_iwae_ll"])
+    assert "rank 1: iwae_k=5" in note and "rank 2: the trials' own settings" in note
+    assert board.eval_settings_note(sec, ["val_elbo"]) == ""  # not a test metric
+    done["eval_params"] = ["{}", "{}", None]
+    assert board.eval_settings_note(sec, ["test_iwae_ll"]) == ""  # one setting: no note

@@ -364,3 +364,45 @@ def test_ray_mode_runs_a_ray_cluster_inside_one_allocation(tmp_path: Path) -> No
     assert "Ray experiment 'synthetic'" in logs(tmp_path)
     leftover = subprocess.run(["pgrep", "-f", f"/tmp/ray-{job}/"], capture_output=True)
     assert leftover.returncode == 1, "the job's Ray processes outlived it"
+
+
+def test_a_variant_slot_resumes_its_suspended_point(tmp_path: Path) -> None:
+    """A Slurm slot running a variant takes enqueued points: a point suspended by SIGUSR2
+    belongs to that slot (its worker_id), so the restarted slot resumes it and every
+    (point, seed) finishes exactly once."""
+    import os
+    import signal
+    import sys
+
+    from bench.launchers.slurm import SubmitOptions, prepare
+
+    out, journal = tmp_path / "lb", tmp_path / "study.journal"
+    sets = ["sleep_s=0.3", "epochs=6"]
+    assert prepare(SubmitOptions(task="synthetic", variant="grid", study="synthetic",
+                                 storage=str(journal), overrides=sets, out=out)) == 12
+    cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--variant", "grid",
+           "--study", "synthetic", "--storage", str(journal), "--worker-id", "w0",
+           "--trials", "12", "--set", "sleep_s=0.3", "--set", "epochs=6", "--out", str(out),
+           "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and any(t.state.name == "RUNNING" and t.intermediate_values
+                                    for t in journal_trials(journal)):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, text
+    [held] = [t for t in journal_trials(journal) if t.user_attrs.get("suspended")]
+    assert held.user_attrs["worker_id"] == "w0"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    trials = journal_trials(journal)
+    assert len(trials) == 12 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(trials[held.number].intermediate_values) == list(range(6))
+    rows = leaderboard.read_trials(out, "synthetic")
+    assert len(rows) == 12 and rows.groupby(["param_x", "param_y", "seed"]).size().eq(1).all()
+    uid = held.user_attrs["bench"]["uid"]
+    assert rows.set_index("trial_uid").loc[uid, "attempts"] == 2

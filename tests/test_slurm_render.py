@@ -258,3 +258,41 @@ def test_awkward_values_in_ray_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_gpus_per_worker_must_be_whole_and_finite(tmp_path: Path, gpus: float) -> None:
     (p,) = problems_of(options(tmp_path, gpus_per_worker=gpus))  # nan once raised ValueError
     assert p.startswith("--gpus-per-worker: a whole number >= 0")
+
+
+def test_a_journal_storage_url_reaches_every_worker_as_an_absolute_path(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """`--storage journal:PATH` (README's form) and a bare PATH are the same journal file,
+    made absolute; the prefix is not taken for part of a relative path."""
+    monkeypatch.chdir(tmp_path)
+    want = f"journal:{tmp_path / 'sj' / 'x.journal'}"
+    assert slurm.optuna_storage(options(tmp_path, storage="journal:sj/x.journal")) == want
+    assert slurm.optuna_storage(options(tmp_path, storage="sj/x.journal")) == want[8:]
+    args = shlex.split(slurm.run_args(options(tmp_path, storage="journal:sj/x.journal")))
+    assert args[args.index("--storage") + 1] == want
+    pg = "postgresql://u:p@h/db"
+    assert slurm.optuna_storage(options(tmp_path, storage=pg)) == pg
+
+
+def test_submit_checks_the_device_and_dry_run_shows_the_submitted_total(
+        tmp_path: Path) -> None:
+    out = str(tmp_path / "lb")
+    bad = bench_cli("slurm", "submit", "synthetic", "--out", out, "--device", "gpu",
+                    cwd=tmp_path)
+    assert bad.returncode == 2 and "--device: must be auto, cpu, cuda" in bad.stderr
+    assert not Path(out).exists()
+    for extra, total in ((["--variant", "grid"], 12), ([], 20)):  # no --trials: the default
+        dry = bench_cli("slurm", "submit", "synthetic", "--out", out, "--dry-run", *extra,
+                        cwd=tmp_path)
+        assert dry.returncode == 0, dry.stderr
+        assert f"quota=$(( {total} / 1 " in dry.stdout
+    assert not Path(out).exists()
+
+
+def test_status_of_a_study_that_does_not_exist_exits_2_and_creates_nothing(
+        tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    res = bench_cli("slurm", "status", "synthetic", "--out", str(out), "--study", "typo",
+                    cwd=tmp_path)
+    assert res.returncode == 2 and "no study 'typo' in journal:" in res.stderr, res.stderr
+    assert not out.exists()

@@ -300,3 +300,37 @@ def test_set_lists_every_bad_value_at_once() -> None:
         parse_overrides(["lr=-0.1", "batch_size=0", "width=0", "train_size=-5", "epochs=-1",
                          "model=gan"], task)
     assert len(err.value.problems) == 6
+
+
+def test_a_search_is_told_which_searched_parameters_have_no_effect(tmp_path: Path) -> None:
+    """brain-age's default space searches the CNN; with net=shell_ridge fixed, the CNN's
+    parameters do nothing at any point, and the run (and `bench validate`) says so; the
+    regressor's kr_alpha acts at some points (regressor is searched), so it is not named."""
+    from bench.space import validate_file
+
+    raw = yaml.safe_load(Path(space_for("brain-age").source).read_text())
+    path = str(tmp_path / "search.yaml")  # the default search, without the variants
+    Path(path).write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "variants"},
+                                         sort_keys=False))
+    problems, _, notes = validate_file(path, ["net=shell_ridge", "mask_channel=true"])
+    assert problems == []
+    [idle] = [n for n in notes if "no effect" in n]
+    named = idle.split("leave them out): ")[1]
+    assert named.startswith("depth, width, ") and "lr, lr_schedule" in named
+    assert named.endswith("(only with net=cnn; here net='shell_ridge')")
+    assert "kr_alpha" not in named and "regressor" not in named
+    problems, _, notes = validate_file(path, [])  # net=cnn: every searched one acts
+    assert problems == [] and not [n for n in notes if "no effect" in n]
+    res = bench_cli("validate", path, "--set", "net=shell_ridge", "--set", "mask_channel=true")
+    assert res.returncode == 0 and "depth, width" in res.stderr, res.stderr
+
+
+def test_a_grid_axis_without_effect_at_every_point_is_noted() -> None:
+    from bench.space import validate_file
+
+    _, _, notes = validate_file(space_for("vae").source, ["model=ae"])
+    [beta] = [n for n in notes if "variants.beta-sweep:" in n]
+    assert "grid axes that have no effect at any of the 7 points" in beta
+    assert beta.endswith("beta (only with model=vae; here model='ae')")
+    _, _, notes = validate_file(space_for("vae").source, [])
+    assert not [n for n in notes if "no effect" in n]

@@ -25,7 +25,7 @@ from bench.lifecycle import (
     execute_trial,
     new_trial_uid,
 )
-from bench.registry import MissingExtraError, get_task, list_tasks
+from bench.registry import HARNESS_METRICS, MissingExtraError, get_task, list_tasks
 from bench.space import merge_params, space_for
 from bench.trial import local_context
 
@@ -60,11 +60,12 @@ def smoke_params(name: str, **extra):
 
 
 def run_smoke(name: str, tmp: Path, seed: int = 0, device: str = "cpu", folder: str = "",
-              evaluate: bool = True, stop_after: int | None = None, **extra):
+              evaluate: bool = True, stop_after: int | None = None, metric: str = "",
+              **extra):
     task, params = smoke_params(name, **extra)
     space = space_for(name)
     art = tmp / (folder or f"art-{seed}-{new_trial_uid()}")
-    ctx = local_context(seed, device, art, space.metric, checkpoint_every_s=3600)
+    ctx = local_context(seed, device, art, metric or space.metric, checkpoint_every_s=3600)
     if stop_after is not None:
         ctx.stop_check = lambda: ctx.steps_done >= stop_after
     ident = {"task": name, "study": "contract", "variant": "default",
@@ -173,3 +174,81 @@ def test_task_contract_on_cuda(name: str, tmp_path: Path) -> None:
     cpu, _ = run_smoke(name, tmp_path / "cpu")
     # bf16 and different kernels: the same seed lands close, not bit-identical
     assert outcome.objective == pytest.approx(cpu.objective, rel=0.25, abs=0.1)
+
+
+class _Reads(dict):
+    """A parameter set that records which keys are read."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", [t.name for t in list_tasks() if t.data is not None])
+def test_a_data_check_reads_only_its_declared_data_keys(name: str) -> None:
+    """A run checks one parameter set per distinct combination of the task's `data_keys`,
+    so a key the check reads but does not declare would leave some data unchecked."""
+    task, params = smoke_params(name)
+    recorded = _Reads(params)
+    task.data(recorded, None)
+    assert recorded.read, name
+    assert task.data_keys is None or recorded.read <= set(task.data_keys), (
+        name, sorted(recorded.read - set(task.data_keys or ())))
+
+
+def test_data_sets_keeps_one_parameter_set_per_distinct_data_keys() -> None:
+    from bench.registry import Task
+
+    def check(params, data_dir):
+        return None
+
+    sets = [{"dataset": "a", "lr": 1}, {"dataset": "a", "lr": 2}, {"dataset": "b", "lr": 1}]
+    keyed = Task("t", "m:C", "x", "minimize", {}, {}, data=check, data_keys=("dataset",))
+    assert keyed.data_sets(sets) == [sets[0], sets[2]]
+    every = Task("t", "m:C", "x", "minimize", {}, {}, data=check)  # no keys: every parameter
+    assert every.data_sets(sets + [dict(sets[1])]) == sets
+
+
+@pytest.mark.parametrize("name, where, idle, metric", [
+    ("vae", {"model": "ae"}, {"beta": (0.1, 4.0), "kl": ("analytic", "mc")}, "val_recon"),
+    ("brain-age", {"net": "shell_ridge", "mask_channel": True, "moments": 2, "epochs": 1},
+     {"lr": (1e-4, 1e-2), "width": (2, 8)}, ""),
+])
+def test_a_parameter_declared_idle_changes_nothing(name: str, where: dict, idle: dict,
+                                                   metric: str, tmp_path: Path) -> None:
+    """`only_with` is true: where its condition fails, two values of the parameter give
+    the same trial, metric for metric (what the run's 'no effect' note promises)."""
+    task = usable(name)
+    for key, (a, b) in idle.items():
+        assert task.params[key].idle_because({**task.defaults, **where}), key
+        runs = [run_smoke(name, tmp_path, folder=f"{key}-{v}", metric=metric, evaluate=False,
+                          **where, **{key: v})[0] for v in (a, b)]
+        assert all(r.state == "COMPLETE" for r in runs), [r.error for r in runs]
+        measured = [{k: v for k, v in r.metrics.items() if k not in HARNESS_METRICS}
+                    for r in runs]  # the clock's figures differ from run to run
+        assert measured[0] == measured[1] and len(measured[0]) > 3, key
+
+
+def test_only_with_names_declared_parameters_and_valid_values() -> None:
+    from bench.params import Choice, Int, Metric, only_with
+    from bench.registry import declare_task
+
+    params = {"epochs": Int(1, 1), "net": Choice("a", ["a", "b"]), "w": Int(1, 1)}
+    metrics = {"m": Metric("x", "a metric")}
+    with pytest.raises(ValueError, match=r"w: only_with: nett is not a parameter"):
+        declare_task("t-only-with", "m:C", metric="m", direction="minimize", metrics=metrics,
+                     params=only_with(params, ["w"], nett=["a"]))
+    with pytest.raises(ValueError, match=r"w: only_with: net='c': must be one of a, b"):
+        declare_task("t-only-with", "m:C", metric="m", direction="minimize", metrics=metrics,
+                     params=only_with(params, ["w"], net=["c"]))
+    decl = only_with(params, ["w"], net=["a"])["w"]
+    assert decl.idle_because({"net": "a"}) is None
+    assert decl.idle_because({"net": "b"}) == "only with net=a; here net='b'"

@@ -42,10 +42,12 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sqlite3
 import sys
 import time
 import uuid
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -194,7 +196,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.RDBStorage(url,
                                               engine_kwargs={"connect_args": {"timeout": 60}})
-        # A server database: heartbeats let a crashed worker's trial be failed and retried.
+        # A server database: heartbeats let a crashed worker's trial be failed and retried
+        # (Optuna marks heartbeat_interval experimental: said once per run, not to users).
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
+                                message=".*heartbeat")
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=10, grace_period=30,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
@@ -210,6 +215,21 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise BenchError(f"cannot open the study storage {describe_storage(url)}: "
                              f"{str(exc).splitlines()[0]}") from None
         raise
+
+
+def study_exists(plan: Plan) -> bool:
+    """Whether the plan's storage holds its study, asked without creating either (a file
+    storage is read directly; a server database is asked by name)."""
+    path = storage_file(plan.storage_url)
+    if path is not None:
+        return (study_in_journal(path, plan.study_name)
+                if plan.storage_url.startswith("journal:")
+                else study_in_sqlite(path, plan.study_name))
+    try:
+        open_storage(plan.storage_url).get_study_id_from_name(plan.study_name)
+        return True
+    except KeyError:
+        return False
 
 
 def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
@@ -234,9 +254,25 @@ def open_study(plan: Plan, worker: int = 0) -> optuna.Study:
     check_identity(plan, study)
     check_overrides(plan, study)
     n_existing = len(study.get_trials(deepcopy=False))
+    _refuse_lost_trials(plan, study, n_existing)
     if n_existing:  # workers must not propose the same points, nor a rerun replay its first
         study.sampler = _sampler(plan, worker, n_existing)
     return study
+
+
+def _refuse_lost_trials(plan: Plan, study: optuna.Study, n_existing: int) -> None:
+    """A row of the trial this storage would number next means the storage has lost
+    trials (restored from an older copy, or a journal cut short): new trials would take
+    those numbers, and so the rows and artifacts of the trials that were lost. Refused."""
+    uid = derived_uid(study, n_existing)
+    if leaderboard.trial_exists(plan.out, plan.task.name, uid):
+        raise ConfigError(
+            f"study {plan.study_name!r} in {describe_storage(plan.storage_url)} holds "
+            f"{n_existing} trials, but the leaderboard {plan.task_dir} has the row of its "
+            f"trial {n_existing} ({leaderboard.trial_path(plan.out, plan.task.name, uid)}): "
+            "the storage was restored from an older copy or cut short, and new trials would "
+            "overwrite the rows of the trials it lost. Restore the newer storage, or run "
+            "under another --study")
 
 
 def _sampler(plan: Plan, worker: int, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -587,7 +623,12 @@ def _uid(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> str:
     uid = _info(t).get("uid")
     if uid:
         return str(uid)
-    seed = f"{study.user_attrs.get(STUDY_UID, study.study_name)}:{t.number}"
+    return derived_uid(study, t.number)
+
+
+def derived_uid(study: optuna.Study, number: int) -> str:
+    """The row id of trial `number` of `study` (from the study's uid and the number)."""
+    seed = f"{study.user_attrs.get(STUDY_UID, study.study_name)}:{number}"
     return hashlib.sha256(seed.encode()).hexdigest()[:16]
 
 
@@ -833,6 +874,9 @@ class Worker:
                 # trial goes back to WAITING, the next ask() anywhere claims it atomically
                 # and resumes it from its saved state (same number, uid and parameters)
                 self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+            self.ran["SUSPENDED"] += 1  # this run's: the Ctrl-C message says it was saved
+            if self.progress:
+                self.progress.end_trial(trial.number, outcome, worker=trial.number)
             return "SUSPENDED"
         attrs: dict[str, Any] = self._identity_due(trial)
         attrs.update({f"{METRIC}{k}": v for k, v in outcome.metrics.items()})
@@ -891,7 +935,7 @@ class Worker:
             self.progress.start_trial(trial.number, plan.task.trained_epochs(params),
                                       worker=number)
         ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
-        return params, ctx, ident, plan.task.problems(params)
+        return params, ctx, ident, plan.point_problems(params)
 
     def _execute(self, trial: optuna.Trial) -> Outcome:
         params, ctx, ident, bad = self.prepare(trial)
@@ -957,7 +1001,10 @@ class Worker:
                     storage.record_heartbeat(t._trial_id)  # claimed: its old one is
                     # stale, and another host's stale pass would fail it at once
         if self.plan.enumerated:
-            return _pop_waiting(self.study)
+            trial = _pop_waiting(self.study)
+            if trial is not None and self.slot is not None:  # the slot resumes it, and
+                trial.set_user_attr("worker_id", self.slot)  # counts it as its own
+            return trial
         with self.claiming() as got:  # other runs count and ask too
             return self.claim() if got else None
 
@@ -1067,6 +1114,10 @@ class OptunaBackend(Backend):
             return self._run_slot(plan, str(slot))
         result = RunResult(plan, f"study {plan.study_name!r} in "
                                  f"{describe_storage(plan.storage_url)}")
+        if plan.opts.trials == 0 and not study_exists(plan):  # asks for nothing: a study
+            result.note("nothing to do: --trials 0 asks for no trial; no study was created")
+            result.target = 0  # created here would hold this run's configuration for good
+            return result
         leaderboard.clean_stale_tmp(plan.out, plan.task.name)
         with study_lock(plan) as lock:
             study = open_study(plan)
@@ -1088,10 +1139,14 @@ class OptunaBackend(Backend):
                 n_new = max(0, target - len(study.get_trials(
                     deepcopy=False, states=FINISHED + (TrialState.RUNNING,))))
             if not resume and n_new == 0:
-                result.note(f"nothing to do: the study has {_finished(study)} finished trials "
-                            f"of its {target}; `--add N` runs N more")
+                done = _finished(study)
+                result.note(f"nothing to do: the study has {done} finished trials, "
+                            + (f"more than the {target} asked for (--trials is the study's "
+                               "total, not a number to run)" if done > target else
+                               f"of its {target}") + "; `--add N` runs N more")
             deadline = time.time() + plan.opts.timeout_s if plan.opts.timeout_s else None
-            bar = progress(plan, len(resume) + n_new, study) if progress else None
+            bar = progress(plan, len(resume) + n_new, study) if progress and (resume or n_new) \
+                else None
             try:
                 if plan.opts.workers == 1:
                     worker = Worker(plan, study, bar, target=target)
@@ -1105,6 +1160,13 @@ class OptunaBackend(Backend):
                 if bar:
                     bar.close()
             result.counts = _counts(study)
+            if deadline is not None and time.time() >= deadline and result.exit_code == 0:
+                left = (len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                        if plan.enumerated else max(0, target - _finished(study)))
+                if left:
+                    result.note(f"stopped by --timeout {plan.opts.timeout_s:g} s (no new trial "
+                                f"starts after it): {left} of the study's {target} trials are "
+                                "left; run the same command again to go on")
         _finish(plan, result)
         return result
 
@@ -1158,7 +1220,8 @@ def _worker_main(plan: Plan, resume: list[int], n_new: int, index: int,
                  deadline: float | None, queue: Any, target: int | None) -> None:
     os.setpgrp()  # the terminal's Ctrl-C reaches the parent only; it forwards one signal
     signals.install(quiet=True)
-    signals.die_with_parent()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # see
+    signals.die_with_parent()  # _run_processes: one forwarded while starting comes now
     # a worker holds the study's lock shared for its whole life, as its parent does: if the
     # parent is killed and a run starts while this worker finishes its trial, that run sees
     # the study in use and does not repair (fail) the trial from under it
@@ -1208,8 +1271,17 @@ def _run_processes(plan: Plan, resume: list[int], n_new: int, deadline: float | 
                                                     result.target),
                          name=f"bench-worker-{i}")
              for i, n in enumerate(split(n_new, k)) if n > 0 or shares[i]]
-    for p in procs:
-        p.start()
+    # Started with SIGINT and SIGTERM blocked (a child inherits the mask): a signal that
+    # arrives while a worker is still importing waits, and is taken by its handler once
+    # it is installed (_worker_main unblocks them), instead of a traceback and a "crash";
+    # the parent's own signal, if one came meanwhile, is delivered when it unblocks here
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     forwarded = 0
     try:
         while any(p.is_alive() for p in procs):

@@ -171,7 +171,7 @@ def run_trial(plan: Plan, experiment_path: str, ray_trial_id: str,
              "study_uid": trial_uid(experiment_path, ""), "variant": plan.variant_name,
              "trial_uid": uid, "trial_number": number, "backend": "ray",
              "sampler": plan.opts.sampler, "pruner": plan.pruner, "seed": seed}
-    bad = plan.task.problems(params)
+    bad = plan.point_problems(params)
     if bad:  # its FAIL row first, as the Optuna backend's
         failed = config_failure(plan.task, plan.out, plan.metric, plan.direction, ident,
                                 params, bad, ctx.device)

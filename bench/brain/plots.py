@@ -53,8 +53,11 @@ def _concept_names(df: pd.DataFrame) -> list[str]:
 
 
 def _label(row: Any) -> str:
-    variant = row.get("variant") or "search"
-    return f"trial {str(row['trial_uid'])[:8]} ({variant})"
+    """'trial #N (variant)', as curves.png names trials; the default space's search is
+    'search'."""
+    variant = row.get("variant")
+    variant = "search" if variant in (None, "", "default") else variant
+    return f"trial #{int(row['trial_number'])} ({variant})"
 
 
 def _mae(a: pd.Series, b: pd.Series | float) -> float:
@@ -116,28 +119,52 @@ def _bucket_table(df: pd.DataFrame, split: str) -> pd.DataFrame:
              n=("model", "size"))
 
 
-def _variant_buckets(rows: pd.DataFrame) -> pd.DataFrame | None:
+def _variant_buckets(rows: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+    """Test MAE per age bucket of the best 6 variants (or configurations, in one variant)
+    among the trials evaluated on the test set, ranked by their mean objective; and the
+    panel's title. None when no trial was evaluated."""
+    from bench.plots import config_labels, objective_of
+
     cols = sorted((c for c in rows.columns if BUCKET.match(c) and rows[c].notna().any()),
                   key=lambda c: int(BUCKET.match(c).group(1)))  # type: ignore[union-attr]
     if not cols:
         return None
-    key = "variant" if rows["variant"].nunique() > 1 else "config_hash"
-    grouped = rows.groupby(key)
-    order = grouped["objective"].mean().sort_values().index[:6]
+    done = rows[rows[cols].notna().any(axis=1)]  # evaluated: an unevaluated trial has no bars
+    by_variant = done["variant"].nunique() > 1
+    key = "variant" if by_variant else "config_hash"
+    grouped = done.groupby(key)
+    asc = (done["direction"].iloc[0] if "direction" in done else "minimize") == "minimize"
+    order = grouped["objective"].mean().sort_values(ascending=asc).index[:6]
     table = grouped[cols].mean().loc[order]
     table.columns = [int(BUCKET.match(c).group(1)) for c in cols]  # type: ignore[union-attr]
-    return table
+    if not by_variant:
+        labels = config_labels(done[done["config_hash"].isin(order)])
+        table.index = [labels[str(h)] for h in table.index]
+    what = "variant" if by_variant else "configuration"
+    return table, (f"test MAE per {what}: the best {len(table)} evaluated\n"
+                   f"by {objective_of(done)}, of {grouped.ngroups}")
 
 
-def _bars(ax: Any, table: pd.DataFrame, title: str) -> None:
-    """One bar group per bucket (the table's columns), one bar per row of the table."""
+def _wrap(label: str, width: int = 30) -> str:
+    """A legend label on lines of at most `width` characters, broken between words."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
+def _bars(ax: Any, table: pd.DataFrame, title: str, legend_beside: bool = False) -> None:
+    """One bar group per bucket (the table's columns), one bar per row of the table; long
+    labels go in a legend beside the axes, where it hides no bar."""
     x = np.arange(len(table.columns))
     width = 0.8 / max(len(table), 1)
     for k, (name, vals) in enumerate(table.iterrows()):
-        ax.bar(x + k * width, vals.to_numpy(float), width, label=str(name)[:28])
+        ax.bar(x + k * width, vals.to_numpy(float), width, label=_wrap(str(name)))
     ax.set_xticks(x + 0.4 - width / 2, [f"{b}-{b + 9}" for b in table.columns])
     ax.set(xlabel="age bucket (years)", ylabel="MAE (years)", title=title)
-    ax.legend(fontsize=7)
+    if legend_beside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=7)
 
 
 def mae_by_bucket(path: Path, row: Any, df: pd.DataFrame, rows: pd.DataFrame) -> list[Path]:
@@ -147,18 +174,19 @@ def mae_by_bucket(path: Path, row: Any, df: pd.DataFrame, rows: pd.DataFrame) ->
     panels = (len(SPLITS) if row is not None else 0) + (variants is not None)
     if panels == 0:
         return []
-    with figure(path, 1, panels, panel_in=(5.2, 3.8)) as (fig, axes):
+    with figure(path, 1, panels, panel_in=(5.6, 3.8)) as (fig, axes):
         k = 0
         if row is not None:
             for split in SPLITS:
                 t = _bucket_table(df, split)
                 table = t[["model", "mean_predictor"]].T
                 table.columns = list(t.index)
+                table.index = ["model", "mean-age predictor"]
                 counts = ", ".join(f"{b}: {n}" for b, n in t["n"].items())
                 _bars(axes[0][k], table, f"{split}, best {_label(row)}\nsubjects {counts}")
                 k += 1
         if variants is not None:
-            _bars(axes[0][k], variants, "test MAE per variant (best 6 by objective)")
+            _bars(axes[0][k], *variants, legend_beside=True)
     return [path]
 
 

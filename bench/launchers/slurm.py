@@ -117,6 +117,18 @@ def _abs(p: Path | str) -> Path:
     return Path(p).expanduser().resolve()
 
 
+def optuna_storage(o: SubmitOptions) -> str:
+    """The storage every worker opens: a URL as given, a journal file (`PATH` or
+    `journal:PATH`) made absolute, or the default journal beside the leaderboard."""
+    if not o.storage:
+        return default_storage(o)
+    if "://" in o.storage:
+        return o.storage
+    if o.storage.startswith("journal:"):
+        return f"journal:{_abs(o.storage.removeprefix('journal:'))}"
+    return str(_abs(o.storage))
+
+
 def default_storage(o: SubmitOptions) -> str:
     """A journal file beside the leaderboard (as `bench run --workers N` uses)."""
     return str(_abs(o.out) / o.task / "optuna.journal")
@@ -191,6 +203,12 @@ def check(o: SubmitOptions) -> None:
         errs.append("--gpus-per-trial/--cpus-per-trial: ray mode only (optuna mode runs one "
                     "trial at a time per worker with the worker's resources)")
     errs += script_problems(o)
+    if o.device is not None and not any(e.startswith("--device") for e in errs):
+        from bench.plan import device_problem  # spelling only: the nodes have the devices
+
+        problem = device_problem(o.device, here=False)
+        if problem:
+            errs.append(f"--device: {problem}")
     if errs:
         raise ConfigError(errs)
 
@@ -199,8 +217,7 @@ def run_args(o: SubmitOptions) -> str:
     """The `bench run` arguments every worker shares."""
     args = [o.task, "--out", str(_abs(o.out))]
     if o.mode == "optuna":
-        args += ["--storage", o.storage if o.storage and "://" in o.storage
-                 else str(_abs(o.storage)) if o.storage else default_storage(o)]
+        args += ["--storage", optuna_storage(o)]
     elif o.storage:
         args += ["--storage", o.storage]
     for flag, value in (("--study", o.study), ("--variant", o.variant),
@@ -278,10 +295,7 @@ def _plan(o: SubmitOptions, check_data: bool = True) -> Any:
     from bench.registry import get_task
     from bench.space import parse_overrides
 
-    storage = None
-    if o.mode == "optuna":
-        storage = o.storage if o.storage and "://" in o.storage else (
-            str(_abs(o.storage)) if o.storage else default_storage(o))
+    storage = optuna_storage(o) if o.mode == "optuna" else None
     opts = RunOptions(task=o.task, trials=o.trials, variant=o.variant,
                       sampler=o.sampler or "tpe", pruner=o.pruner, seed=o.seed or 0,
                       overrides=parse_overrides(o.overrides, get_task(o.task)),
@@ -326,9 +340,11 @@ def submit(o: SubmitOptions) -> str:
     """Render, prepare the study and submit; returns the job id (the script if dry_run)."""
     check(o)  # before the study is created: a refused submission leaves nothing behind
     if o.dry_run:  # checked as a submission is, but the data (a login node need not hold
-        for note in _plan(o, check_data=False).notes:  # it); nothing created or submitted
+        plan = _plan(o, check_data=False)  # it); nothing created or submitted
+        for note in plan.notes:
             print(note, file=sys.stderr)
-        return render(o, o.trials if o.trials is not None else 0)
+        # the total a submission asks for (one that finds the study begun runs the rest)
+        return render(o, o.trials if o.trials is not None else plan.default_total())
     n = prepare(o)
     script = render(o, n)
     log_folder(o).mkdir(parents=True, exist_ok=True)
@@ -349,9 +365,13 @@ def status(o: SubmitOptions) -> str:
     """Trials of the study by state and by worker slot, plus what squeue says of the jobs."""
     from optuna.trial import TrialState
 
-    from bench.backends.optuna import open_study
+    from bench.backends.optuna import open_study, study_exists
 
-    plan = _plan(o)
+    plan = _plan(o, check_data=False)
+    if not study_exists(plan):  # a typo must not create the study it names
+        raise ConfigError(f"no study {plan.study_name!r} in {plan.storage_url}: --study names "
+                          "a study that `bench slurm submit` created (with the same --out, "
+                          "--storage and --variant)")
     study = open_study(plan)
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.params import Bool, Choice, Float, Int, Metric, Text
+from bench.params import Bool, Choice, Float, Int, Metric, Text, only_with
 from bench.registry import declare_task
 
 CONCEPTS = ("csfv", "gmv", "wmv")  # per-concept metrics are declared for these names
@@ -125,6 +125,20 @@ PARAMS = {
     "split_seed": Int(0, 0),
     "eval_batch_size": Int(32, 1, execution=True),
 }
+# where a parameter has an effect (a run searching one where it has none is told so)
+CNN_PARAMS = ("depth", "width", "channels", "kernel", "padding", "pooling", "norm", "head",
+              "hidden", "dropout", "augment", "lr", "lr_schedule", "weight_decay",
+              "batch_size", "epochs")
+REGRESSED = {"model": ["bottleneck"], "mode": ["independent", "sequential"]}
+PARAMS = only_with(PARAMS, CNN_PARAMS, net=["cnn"])
+PARAMS = only_with(PARAMS, ["shells", "bins"], net=["shell_ridge"])
+PARAMS = only_with(PARAMS, ["mode"], model=["bottleneck"])
+PARAMS = only_with(PARAMS, ["concept_weight"], model=["bottleneck"], mode=["joint"])
+PARAMS = only_with(PARAMS, ["regressor"], **REGRESSED)
+PARAMS = only_with(PARAMS, ["kr_alpha", "kr_gamma"], regressor=["kernel_ridge"], **REGRESSED)
+PARAMS = only_with(PARAMS, ["mlp_hidden", "mlp_layers", "mlp_epochs", "mlp_batch_size",
+                            "mlp_lr", "mlp_weight_decay"], regressor=["mlp"], **REGRESSED)
+PARAMS = only_with(PARAMS, ["ridge_alpha"], regressor=["ridge"], **REGRESSED)
 DEFAULTS = {k: d.default for k, d in PARAMS.items()}
 SMOKE = {"shape": 24, "sim_n": 40, "sim_shape": None, "epochs": 2, "batch_size": 8,
          "mlp_epochs": 5}  # sim_shape None: generated at 24^3, not at the YAML's 96^3
@@ -240,8 +254,14 @@ def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
     make_splits(load_data(params, data_dir).meta, params)
 
 
+# every parameter data_check reads (the cohort, how it is read, how it is split)
+DATA_KEYS = ("cohort", "shape", "sim_n", "sim_seed", "sim_shape", "metadata", "file_pattern",
+             "id_column", "age_column", "concepts", "resize", "normalize", "mask_channel",
+             "moments", "split_seed", "split_column", "val_fraction", "test_fraction",
+             "train_size", "test_size", "on_bad_file")
+
 TASK = declare_task(
     "brain-age", "bench.tasks.brain_age:BrainAgeTrial", metric="val_mae", direction="minimize",
     params=PARAMS, metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check,
-    requires=("brain", ("nibabel", "nilearn")), epochs_of=trained_epochs,
+    requires=("brain", ("nibabel", "nilearn")), epochs_of=trained_epochs, data_keys=DATA_KEYS,
     doc="Brain age from T1 MRI via a CNN -> tissue-volume bottleneck -> regressor (years MAE).")

@@ -95,5 +95,6 @@ def rules(params: Mapping[str, Any]) -> list[str]:
 TASK = declare_task(
     "priors", "bench.tasks.priors:PriorsTrial", metric="val_recon", direction="minimize",
     params=PARAMS, metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check,
+    data_keys=("dataset",),
     doc="Normal/Laplace/Uniform latents in auto-decoders, VADs and VAEs; recon in nats/image.",
     modules=("bench.tasks.priors", "bench.tasks.priors_plots", "bench.tasks.priors_fused"))

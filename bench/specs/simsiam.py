@@ -68,5 +68,5 @@ def data_check(params: Mapping[str, Any], data_dir: Path | None) -> None:
 
 TASK = declare_task(
     "simsiam", "bench.tasks.simsiam:SimSiamTrial", metric="val_knn_acc", direction="maximize",
-    params=PARAMS, metrics=METRICS, smoke=SMOKE, data=data_check,
+    params=PARAMS, metrics=METRICS, smoke=SMOKE, data=data_check, data_keys=("dataset",),
     doc="SimSiam self-supervised pretraining; kNN accuracy, loss and collapse monitors.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.datasets import DATASETS
-from bench.params import Choice, Float, Int, Metric
+from bench.params import Choice, Float, Int, Metric, only_with
 from bench.registry import declare_task
 
 ARCH_NAMES = ("conv", "lrelu16", "bn256")  # bench.nets.ARCHS
@@ -50,6 +50,8 @@ PARAMS = {
                   execution=True),
     "eval_batch_size": Int(1000, 1, execution=True),
 }
+PARAMS = only_with(PARAMS, ["beta", "kl", "kl_warmup_epochs"], model=["vae"])  # an AE: no KL
+PARAMS = only_with(PARAMS, ["depth", "width"], arch=["conv"])  # the others are fixed nets
 DEFAULTS = {k: d.default for k, d in PARAMS.items()}
 NATS = "nats"
 PIXEL = "per pixel"
@@ -75,6 +77,11 @@ METRICS = {
                            "test"),
     "test_active_units": Metric("units", "latent dims with Cov_x E[z] > 0.01 (test)", "test"),
 }
+LIKELIHOODS = ["bernoulli", "gaussian"]  # likelihood=mse has no log-likelihood
+METRICS = only_with(METRICS, ["train_kl", "val_kl", "test_kl"], model=["vae"])  # an AE: no KL
+METRICS = only_with(METRICS, ["val_recon", "test_recon"], likelihood=LIKELIHOODS)
+METRICS = only_with(METRICS, ["val_elbo", "test_elbo", "test_iwae_ll"], model=["vae"],
+                    likelihood=LIKELIHOODS)
 SMOKE = {"epochs": 2, "train_size": 512, "val_size": 256, "test_size": 64, "iwae_k": 8,
          "latent_dim": 4, "width": 8, "batch_size": 64}
 
@@ -100,5 +107,6 @@ def rules(params: Mapping[str, Any]) -> list[str]:
 TASK = declare_task(
     "vae", "bench.tasks.vae:VaeTrial", metric="val_elbo", direction="maximize",
     params=PARAMS, metrics=METRICS, smoke=SMOKE, rules=rules, data=data_check,
+    data_keys=("dataset",),
     doc="Convolutional VAE/AE on binarized MNIST; ELBO and IWAE log-likelihood in nats.",
     modules=("bench.tasks.vae", "bench.tasks.vae_plots", "bench.tasks.vae_fused"))

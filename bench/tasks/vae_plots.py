@@ -481,18 +481,10 @@ class Config:
         return int(self.row["param_latent_dim"])
 
 
-def config_labels(rows: pd.DataFrame) -> dict[str, str]:
-    """config_hash -> 'k=v k=v' over the parameters that differ between configurations."""
-    params = [c for c in rows.columns if c.startswith("param_")]
-    firsts = rows.groupby("config_hash")[params].first()
-    cols = [c for c in firsts.columns if firsts[c].astype(str).nunique() > 1]
-    return {str(h): " ".join(f"{c.removeprefix('param_')}={r[c]:g}" if isinstance(r[c], float)
-                             else f"{c.removeprefix('param_')}={r[c]}" for c in cols) or "all"
-            for h, r in firsts.iterrows()}
-
-
 def configs(inp: PlotInput) -> list[Config]:
     """Each configuration's lowest-seed COMPLETE trial with a checkpoint, in grid order."""
+    from bench.plots import config_labels
+
     done = inp.complete()
     done = done[[checkpoint(inp, r).exists() for _, r in done.iterrows()]]
     if done.empty:
@@ -725,7 +717,7 @@ def report_perturb(inp: PlotInput, spec: ReportFigures, cfgs: list[Config]) -> l
 def report_curves(inp: PlotInput, spec: ReportFigures) -> list[Path]:
     """Each metric of `spec.curves` per epoch: a line per configuration, mean over its seeds,
     band +-1 std."""
-    from bench.plots import axis_label, figure, integer_ticks
+    from bench.plots import axis_label, config_labels, figure, integer_ticks
 
     done = inp.complete()
     pts = inp.curves(list(done["trial_uid"])) if spec.curves and len(done) else None
