@@ -96,25 +96,13 @@ def test_worker_slot_suspends_on_usr2_and_resumes_without_slurm(tmp_path: Path) 
     """The mechanism under the Slurm jobs, with plain processes: SIGUSR2 mid-trial makes
     the slot save its trial and exit 75; the same command resumes that trial and finishes
     the slot's quota exactly."""
-    import os
-    import signal
     import sys
 
     out, journal = tmp_path / "lb", tmp_path / "study.journal"
     cmd = [sys.executable, "-m", "bench.cli", "run", "synthetic", "--storage", str(journal),
            "--worker-id", "w0", "--trials", "2", "--pruner", "none", "--set", "sleep_s=0.5",
            "--set", "epochs=6", "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ})
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and any(t.state.name == "RUNNING" and t.intermediate_values
-                                    for t in journal_trials(journal)):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR2)
-    text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 75, text
+    suspend_mid_trial(cmd, journal)
     assert not leaderboard.read_trials(out, "synthetic").shape[0]  # nothing finished yet
     (t,) = journal_trials(journal)
     assert t.state.name == "RUNNING" and t.user_attrs["suspended"] is True
@@ -126,6 +114,25 @@ def test_worker_slot_suspends_on_usr2_and_resumes_without_slurm(tmp_path: Path) 
     rows = leaderboard.read_trials(out, "synthetic").set_index("trial_uid")
     assert len(rows) == 2
     assert rows.loc[trials[0].user_attrs["bench"]["uid"], "attempts"] == 2
+
+
+def suspend_mid_trial(cmd: list[str], journal: Path) -> None:
+    """Start a worker slot, send it SIGUSR2 once a trial has reported an epoch, and check
+    that it saved that trial and exited 75 (what its Slurm job requeues on)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and any(t.state.name == "RUNNING" and t.intermediate_values
+                                    for t in journal_trials(journal)):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, text
 
 
 def journal_trials(path: Path) -> list:
@@ -370,8 +377,6 @@ def test_a_variant_slot_resumes_its_suspended_point(tmp_path: Path) -> None:
     """A Slurm slot running a variant takes enqueued points: a point suspended by SIGUSR2
     belongs to that slot (its worker_id), so the restarted slot resumes it and every
     (point, seed) finishes exactly once."""
-    import os
-    import signal
     import sys
 
     from bench.launchers.slurm import SubmitOptions, prepare
@@ -384,17 +389,7 @@ def test_a_variant_slot_resumes_its_suspended_point(tmp_path: Path) -> None:
            "--study", "synthetic", "--storage", str(journal), "--worker-id", "w0",
            "--trials", "12", "--set", "sleep_s=0.3", "--set", "epochs=6", "--out", str(out),
            "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ})
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and any(t.state.name == "RUNNING" and t.intermediate_values
-                                    for t in journal_trials(journal)):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR2)
-    text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 75, text
+    suspend_mid_trial(cmd, journal)
     [held] = [t for t in journal_trials(journal) if t.user_attrs.get("suspended")]
     assert held.user_attrs["worker_id"] == "w0"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -217,16 +217,17 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise
 
 
-def study_exists(plan: Plan) -> bool:
+def study_exists(plan: Plan, storage: Any = None) -> bool:
     """Whether the plan's storage holds its study, asked without creating either (a file
-    storage is read directly; a server database is asked by name)."""
+    storage is read directly; a server database is asked by name, through `storage` when
+    it is open already)."""
     path = storage_file(plan.storage_url)
     if path is not None:
         return (study_in_journal(path, plan.study_name)
                 if plan.storage_url.startswith("journal:")
                 else study_in_sqlite(path, plan.study_name))
     try:
-        open_storage(plan.storage_url).get_study_id_from_name(plan.study_name)
+        (storage or open_storage(plan.storage_url)).get_study_id_from_name(plan.study_name)
         return True
     except KeyError:
         return False
@@ -315,19 +316,9 @@ def _refuse_a_lost_study(plan: Plan, storage: Any = None) -> None:
     known = _recorded(plan)
     if known is None:
         return
-    path = storage_file(plan.storage_url)
-    if path is not None:
-        holds = (study_in_journal(path, plan.study_name)
-                 if plan.storage_url.startswith("journal:")
-                 else study_in_sqlite(path, plan.study_name))
-    elif storage is None:
+    if storage_file(plan.storage_url) is None and storage is None:
         return
-    else:
-        try:
-            storage.get_study_id_from_name(plan.study_name)
-            holds = True
-        except KeyError:
-            holds = False
+    holds = study_exists(plan, storage)
     if not holds:
         raise ConfigError(
             f"the leaderboard {plan.task_dir} recorded study {plan.study_name!r} (uid "
